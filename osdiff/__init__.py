@@ -1,0 +1,43 @@
+"""osdiff: one-step diffusion perceptual image compression.
+
+    import osdiff
+    codec = osdiff.load("osdiff-tiny")
+    data = codec.compress("photo.png", quality=2)   # bytes of an .osd file
+    image = codec.decompress(data)                  # PIL.Image
+
+Heavy modules (torch, diffusers, compressai) are imported on first use of a name below, so
+`osdiff info` and `--help` start fast.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .errors import OSDiffError, OSDiffWarning
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "OSDiffPipeline": ".pipeline",
+    "LatentCompressor": ".models.compressor",
+    "TinyAutoencoder": ".models.autoencoder",
+    "ConditioningEmbedding": ".models.conditioning",
+    "load": ".hub",
+    "available_models": ".hub",
+    "DEFAULT_MODEL": ".hub",
+}
+
+__all__ = ["OSDiffError", "OSDiffWarning", "__version__", *_LAZY]
+
+if TYPE_CHECKING:
+    from .hub import DEFAULT_MODEL, available_models, load
+    from .models.autoencoder import TinyAutoencoder
+    from .models.compressor import LatentCompressor
+    from .models.conditioning import ConditioningEmbedding
+    from .pipeline import OSDiffPipeline
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'osdiff' has no attribute {name!r}")

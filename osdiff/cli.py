@@ -1,0 +1,248 @@
+"""Command line: `osdiff compress|decompress|info`.
+
+Every failure the user can cause prints one line `osdiff: error: ...` on stderr and exits
+non-zero; outputs are written atomically and never overwrite without --force.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import OSDiffError, OSDiffWarning
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        print(f"osdiff: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="osdiff", description="One-step diffusion perceptual image compression.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="images -> .osd files")
+    c.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders of images")
+    c.add_argument("-o", "--output", metavar="OUT", help="output file (one input) or folder")
+    c.add_argument("-q", "--quality", type=int, default=None, help="quality level, 1 (fewest bits) .. the model's highest")
+    c.add_argument("-m", "--model", default=None, help="shipped model name or model folder (default osdiff-tiny)")
+    c.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
+
+    d = sub.add_parser("decompress", help=".osd files -> PNG images")
+    d.add_argument("inputs", nargs="+", metavar="IN", help=".osd files or folders of them")
+    d.add_argument("-o", "--output", metavar="OUT", help="output file (one input) or folder")
+    d.add_argument("-m", "--model", default=None, help="model name or folder (default: the model named in the file)")
+    d.add_argument("--steps", type=int, default=1, help="denoising steps (1 = one-step decoding; >1 uses DDIM)")
+    d.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
+
+    i = sub.add_parser("info", help="print the header of .osd files")
+    i.add_argument("inputs", nargs="+", metavar="FILE")
+    i.add_argument("--json", action="store_true", help="one JSON object per line")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"osdiff {__version__}"
+
+
+# ---- helpers ----------------------------------------------------------------------------
+def _expand(inputs: list[str], suffixes: tuple[str, ...]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in suffixes)
+            if not found:
+                raise OSDiffError(f"{p}: folder holds no {'/'.join(suffixes)} files")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise OSDiffError(f"{p}: no such file or folder")
+    return files
+
+
+def _outputs(files: list[Path], output: str | None, suffix: str, several: bool) -> list[Path]:
+    """Output path for each input: beside it, into folder OUT, or exactly OUT (one input)."""
+    if output is None:
+        return [f.with_suffix(suffix) for f in files]
+    out = Path(output)
+    if several or out.is_dir() or output.endswith(("/", os.sep)):
+        if out.exists() and not out.is_dir():
+            raise OSDiffError(f"{out}: several inputs need an output folder, this is a file")
+        return [out / f.with_suffix(suffix).name for f in files]
+    return [out]
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="file", file=sys.stderr)
+
+
+def _load(model: str | None):
+    from .hub import DEFAULT_MODEL, load
+
+    return load(model or DEFAULT_MODEL)
+
+
+def _run_each(files, outputs, work, desc: str) -> int:
+    """Run `work(src, dst)` for every pair; report failures one line each; count them."""
+    failures = 0
+    several = len(files) > 1
+    for src, dst in _progress(list(zip(files, outputs)), several, desc):
+        try:
+            work(src, dst)
+        except OSDiffError as exc:
+            failures += 1
+            print(f"osdiff: error: {exc}", file=sys.stderr)
+    return failures
+
+
+# ---- commands ---------------------------------------------------------------------------
+def cmd_compress(args) -> int:
+    from .fileio import check_writable, write_bytes_atomic
+    from .imageio import IMAGE_SUFFIXES
+
+    files = _expand(args.inputs, IMAGE_SUFFIXES)
+    outputs = _outputs(files, args.output, ".osd", len(files) > 1)
+    for dst in outputs:
+        check_writable(dst, args.force)
+    codec = _load(args.model)
+    codec._check_quality(args.quality)
+
+    def work(src: Path, dst: Path) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = codec.compress(src, args.quality)
+        for w in caught:
+            if issubclass(w.category, OSDiffWarning):
+                print(f"osdiff: warning: {src}: {w.message}", file=sys.stderr)
+        write_bytes_atomic(dst, data, force=args.force)
+        from .entropy.bitstream import parse
+
+        header, _ = parse(data)
+        bpp = len(data) * 8 / (header.width * header.height)
+        print(f"{src} -> {dst}: {len(data)} bytes, {bpp:.4f} bpp, quality {header.quality}")
+
+    return _run_each(files, outputs, work, "compress")
+
+
+def cmd_decompress(args) -> int:
+    from .fileio import check_writable, write_atomic
+
+    files = _expand(args.inputs, (".osd",))
+    outputs = _outputs(files, args.output, ".png", len(files) > 1)
+    for dst in outputs:
+        check_writable(dst, args.force)
+    if args.steps < 1 or args.steps > 1000:
+        raise OSDiffError("--steps must be from 1 to 1000")
+    codecs: dict[str, object] = {}
+
+    def work(src: Path, dst: Path) -> None:
+        from .entropy.bitstream import parse
+
+        data = _read(src)
+        header, _ = parse(data)
+        key = args.model or header.model_name
+        if key not in codecs:
+            codecs[key] = _load(key)
+        image = codecs[key].decompress(data, steps=args.steps)
+        fmt = (dst.suffix.lstrip(".") or "png").upper()
+        fmt = {"JPG": "JPEG", "TIF": "TIFF"}.get(fmt, fmt)
+
+        def save(tmp: Path) -> None:
+            try:
+                image.save(tmp, format=fmt)
+            except (KeyError, ValueError) as exc:
+                raise OSDiffError(f"{dst}: cannot write images of type .{dst.suffix.lstrip('.')} ({exc})") from None
+
+        write_atomic(dst, save, force=args.force)
+        print(f"{src} -> {dst}: {header.width}x{header.height}")
+
+    return _run_each(files, outputs, work, "decompress")
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise OSDiffError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def cmd_info(args) -> int:
+    from .entropy.bitstream import parse
+
+    failures = 0
+    for item in _expand(args.inputs, (".osd",)):
+        try:
+            data = _read(item)
+            header, strings = parse(data)
+        except OSDiffError as exc:
+            failures += 1
+            print(f"osdiff: error: {exc}", file=sys.stderr)
+            continue
+        fields = {"file": str(item), "bytes": len(data), **header.as_dict(),
+                  "bpp": round(len(data) * 8 / (header.width * header.height), 6),
+                  "string_bytes": [len(s) for s in strings]}
+        if args.json:
+            print(json.dumps(fields))
+        else:
+            print("\n".join(f"{k:>14}: {v}" for k, v in fields.items()))
+    return failures
+
+
+COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info}
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if args.command != "info":
+            _quiet_libraries()
+        failures = COMMANDS[args.command](args)
+    except OSDiffError as exc:
+        print(f"osdiff: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("osdiff: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: still one line unless asked for more
+        if os.environ.get("OSDIFF_DEBUG"):
+            raise
+        print(f"osdiff: internal error: {exc.__class__.__name__}: {exc} (set OSDIFF_DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_ERROR if failures else 0
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""All tunable numbers of osdiff in one typed place.
+
+`TinyArchitecture` sizes the embedded default model (osdiff-tiny), `CompressorArchitecture`
+sizes the latent compressor for any latent space, `DecodingConfig` fixes how one-step
+decoding runs, and `BitstreamLimits` bounds what the `.osd` parser accepts.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class CompressorArchitecture:
+    """LFGCM (latent compressor) sizes. Units: channels; downsamples are factors of 2."""
+
+    latent_channels: int = 4
+    hidden_channels: int = 96  # N in ELIC: width of analysis/synthesis and hyper transforms
+    code_channels: int = 64  # M in ELIC: channels of the quantised code y
+    groups: tuple[int, ...] = (4, 4, 8, 16, 32)  # uneven channel groups, sum == code_channels
+    analysis_downsamples: int = 2  # latent -> y
+    hyper_downsamples: int = 1  # y -> z
+    num_quality_levels: int = 4  # gain vectors, one per quality level (variable rate)
+
+    def __post_init__(self) -> None:
+        if sum(self.groups) != self.code_channels:
+            raise ValueError(f"groups {self.groups} must sum to code_channels={self.code_channels}")
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent height/width must be a multiple of this (in latent pixels)."""
+        return 2 ** (self.analysis_downsamples + self.hyper_downsamples)
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """One-step decoding: the hint is noised to `timestep` with noise from `noise_seed`,
+    then one UNet evaluation predicts the clean latent."""
+
+    timestep: int = 499
+    noise_seed: int = 0
+    control_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class TinyArchitecture:
+    """The embedded default model's sizes (channels). Chosen for CPU decode speed."""
+
+    autoencoder_encoder_channels: tuple[int, ...] = (16, 32, 64, 64)
+    autoencoder_decoder_channels: tuple[int, ...] = (64, 48, 32, 16)
+    autoencoder_blocks: int = 2  # residual blocks at 1/8 resolution in each direction
+    unet_block_out_channels: tuple[int, ...] = (64, 128)
+    unet_down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
+    unet_up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")
+    unet_attention_head_dim: int = 32
+    cross_attention_dim: int = 64
+    conditioning_tokens: int = 1
+    control_size_ratio: float = 0.25
+    compressor: CompressorArchitecture = field(default_factory=CompressorArchitecture)
+
+
+@dataclass(frozen=True)
+class BitstreamLimits:
+    """What the `.osd` parser accepts before allocating anything (pixels)."""
+
+    max_side: int = 1 << 16
+    max_pixels: int = 1 << 28  # 268 megapixels
+    max_name_bytes: int = 255
+
+
+def to_dict(obj) -> dict:
+    """A dataclass as a JSON-friendly dict (tuples become lists)."""
+    return asdict(obj)

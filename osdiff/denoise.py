@@ -1,0 +1,43 @@
+"""One-step and N-step (DDIM) denoising of the hint latent with the controlled UNet.
+
+One-step decoding: x_t = sqrt(a_t) * hint + sqrt(1 - a_t) * eps_fixed at the fixed timestep t,
+one UNet evaluation predicts the noise (or v), and x0 follows in closed form. N-step decoding
+starts from the same x_t and runs deterministic DDIM (eta = 0) over N evenly spaced timesteps
+down to 0 with the same network, so the two differ only in the number of UNet calls.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def fixed_noise(shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Noise that depends only on (shape, seed): drawn on the CPU, then moved."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def add_noise(x0: Tensor, noise: Tensor, alpha_bar: float) -> Tensor:
+    """Forward diffusion q(x_t | x0) for one cumulative alpha."""
+    return alpha_bar**0.5 * x0 + (1.0 - alpha_bar) ** 0.5 * noise
+
+
+def predict_x0_eps(model_output: Tensor, x_t: Tensor, alpha_bar: float, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """(x0, eps) from the network output for 'epsilon' or 'v_prediction' models."""
+    a, s = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+    if prediction_type == "epsilon":
+        eps = model_output
+        return (x_t - s * eps) / a, eps
+    if prediction_type == "v_prediction":
+        return a * x_t - s * model_output, s * x_t + a * model_output
+    if prediction_type == "sample":
+        x0 = model_output
+        return x0, (x_t - a * x0) / s
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def ddim_timesteps(start: int, steps: int) -> list[int]:
+    """`steps` evenly spaced integer timesteps from `start` down towards 0 (start first)."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    return [round(start - i * start / steps) for i in range(steps)]

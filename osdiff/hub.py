@@ -1,0 +1,47 @@
+"""Find and load codecs by name (models shipped inside the package) or by folder path."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import OSDiffError
+from .pipeline import OSDiffPipeline
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_MODEL = "osdiff-tiny"
+
+
+def available_models() -> list[str]:
+    """Names of the models shipped inside the package."""
+    return sorted(p.name for p in WEIGHTS_DIR.iterdir() if (p / "model_index.json").is_file())
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A shipped model's name or a model folder -> the folder holding model_index.json."""
+    path = Path(name_or_path)
+    if (path / "model_index.json").is_file():
+        return path
+    if str(name_or_path) in available_models():
+        return WEIGHTS_DIR / str(name_or_path)
+    known = ", ".join(available_models()) or "none"
+    raise OSDiffError(f"no model {str(name_or_path)!r}: give a shipped model name ({known}) or a folder with model_index.json")
+
+
+def load(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    torch_dtype: torch.dtype = torch.float32,
+) -> OSDiffPipeline:
+    """Load a codec offline. `compress(image) -> bytes`, `decompress(bytes) -> PIL.Image`."""
+    folder = resolve(name_or_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            pipe = OSDiffPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=torch_dtype)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise OSDiffError(f"{folder}: cannot load model ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
