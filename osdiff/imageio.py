@@ -126,15 +126,8 @@ def tensor_to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
-    """Replicate-pad right and bottom so H and W are multiples; returns (x, pad_w, pad_h)."""
-    h, w = x.shape[-2:]
-    pad_h, pad_w = (-h) % multiple, (-w) % multiple
+def pad_right_bottom(x: torch.Tensor, pad_w: int, pad_h: int) -> torch.Tensor:
+    """Replicate-pad (B,C,H,W) by `pad_w` pixels on the right and `pad_h` at the bottom."""
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-    return x, pad_w, pad_h
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly or recursively below `folder`, sorted."""
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return x

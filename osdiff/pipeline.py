@@ -29,7 +29,7 @@ from .config import BitstreamLimits
 from .denoise import add_noise, ddim_timesteps, fixed_noise, predict_x0_eps
 from .entropy.bitstream import HASH_BYTES, OSDHeader, pack, parse
 from .errors import OSDiffError
-from .imageio import ImageInput, pad_to_multiple, tensor_to_pil, to_tensor
+from .imageio import ImageInput, pad_right_bottom, tensor_to_pil, to_tensor
 from .models.autoencoder import LATENT_DOWNSCALE, decode_latent, encode_latent
 from .models.compressor import LatentCompressor
 from .models.conditioning import ConditioningEmbedding
@@ -75,6 +75,17 @@ class OSDiffPipeline(DiffusionPipeline):
     def pad_multiple(self) -> int:
         """Image height and width are padded to a multiple of this many pixels."""
         return LATENT_DOWNSCALE * self.compressor.latent_multiple
+
+    @property
+    def min_padded_side(self) -> int:
+        """Smallest padded side in pixels: the UNet's lowest level must be at least 2x2."""
+        unet_downsamples = len(self.unet.config.down_block_types) - 1
+        side = LATENT_DOWNSCALE * 2 ** (unet_downsamples + 1)
+        return -(-side // self.pad_multiple) * self.pad_multiple
+
+    def padded_side(self, side: int) -> int:
+        """Pixels a side of `side` pixels is padded to before coding."""
+        return max(-(-side // self.pad_multiple) * self.pad_multiple, self.min_padded_side)
 
     @property
     def num_quality_levels(self) -> int:
@@ -124,7 +135,8 @@ class OSDiffPipeline(DiffusionPipeline):
         _, _, height, width = x.shape
         if width > self.limits.max_side or height > self.limits.max_side or width * height > self.limits.max_pixels:
             raise OSDiffError(f"image of {width}x{height} pixels is larger than this codec accepts")
-        x, pad_w, pad_h = pad_to_multiple(x, self.pad_multiple)
+        pad_w, pad_h = self.padded_side(width) - width, self.padded_side(height) - height
+        x = pad_right_bottom(x, pad_w, pad_h)
         latent = encode_latent(self.vae, self._to_model(x * 2.0 - 1.0))
         coded = self.compressor.compress(latent.to(self.compressor.dtype), level - 1)
         header = OSDHeader(self.config.model_name, self.model_hash, level, width, height, pad_w, pad_h)
@@ -142,8 +154,7 @@ class OSDiffPipeline(DiffusionPipeline):
             )
         if header.quality > self.num_quality_levels:
             raise OSDiffError(f"quality level {header.quality} does not exist in this model")
-        m = self.pad_multiple
-        if header.pad_w >= m or header.pad_h >= m or (header.width + header.pad_w) % m or (header.height + header.pad_h) % m:
+        if (header.pad_w, header.pad_h) != (self.padded_side(header.width) - header.width, self.padded_side(header.height) - header.height):
             raise OSDiffError("corrupted header (padding does not match the model)")
         if len(strings) != self.compressor.num_strings():
             raise OSDiffError(f"corrupted file: {len(strings)} strings, the model codes {self.compressor.num_strings()}")

@@ -1,0 +1,26 @@
+# Set-up and main jobs. `make demo` and `make test` work on a fresh machine.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: pyproject.toml requirements/torch.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: compressai imports torchvision, which must match torch exactly
+	$(PIP) install -q -r requirements/torch.txt
+	$(PIP) install -q -c requirements/torch.txt -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) scripts/demo.py $(IMAGE)
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

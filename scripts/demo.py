@@ -1,0 +1,66 @@
+"""The README's main job: compress and decompress one image with the embedded default model
+through the `osdiff` command, then print bits per pixel, PSNR and the output paths.
+
+    python scripts/demo.py [IMAGE]
+
+Without IMAGE it uses the first photo of ../shared/data/images when that folder exists,
+otherwise it draws a synthetic test picture.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "demo-output"
+SHARED = ROOT.parent / "shared" / "data" / "images" / "cbsd68"
+
+
+def sample_image() -> Path:
+    photos = sorted(SHARED.glob("*.png")) if SHARED.is_dir() else []
+    if photos:
+        return photos[0]
+    y, x = np.mgrid[0:384, 0:512]
+    sky = np.stack([90 + y // 4, 140 + y // 5, 230 - y // 6], -1)
+    img = Image.fromarray(np.clip(sky, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    draw.polygon([(0, 300), (140, 170), (260, 260), (380, 150), (512, 280), (512, 384), (0, 384)], fill=(60, 110, 60))
+    draw.ellipse([380, 40, 450, 110], fill=(250, 220, 120))
+    path = OUT / "synthetic.png"
+    img.save(path)
+    return path
+
+
+def run(*args: str) -> None:
+    print("$", " ".join(args))
+    subprocess.run(args, check=True)
+
+
+def main() -> int:
+    OUT.mkdir(exist_ok=True)
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else sample_image()
+    original = OUT / f"{source.stem}{source.suffix}"
+    if source.resolve() != original.resolve():
+        shutil.copyfile(source, original)
+    coded, decoded = OUT / f"{source.stem}.osd", OUT / f"{source.stem}.decoded.png"
+    osdiff = str(Path(sys.executable).with_name("osdiff"))
+    run(osdiff, "compress", str(original), "-o", str(coded), "--force")
+    run(osdiff, "decompress", str(coded), "-o", str(decoded), "--force")
+    run(osdiff, "info", str(coded))
+    a = np.asarray(Image.open(original).convert("RGB"), dtype=np.float64)
+    b = np.asarray(Image.open(decoded), dtype=np.float64)
+    mse = np.mean((a - b) ** 2)
+    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    bpp = coded.stat().st_size * 8 / (a.shape[0] * a.shape[1])
+    print(f"\noriginal:  {original}\ncompressed: {coded} ({coded.stat().st_size} bytes, {bpp:.4f} bpp)")
+    print(f"decoded:   {decoded}\nPSNR:      {psnr:.2f} dB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""CLI behaviour: outputs, --force, atomic writes, one-line errors with non-zero exit."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from osdiff.cli import main
+
+
+@pytest.fixture
+def images(tmp_path, photo) -> Path:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(photo).save(folder / "a.png")
+    Image.fromarray(photo[::-1]).save(folder / "b.jpg", quality=95)
+    return folder
+
+
+def _err_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_compress_decompress_info(images, tmp_path, capsys, tiny_codec_folder):
+    m = str(tiny_codec_folder)
+    assert main(["compress", str(images / "a.png"), "-o", str(tmp_path / "a.osd"), "-q", "3", "-m", m]) == 0
+    assert "bpp" in capsys.readouterr().out
+    assert main(["decompress", str(tmp_path / "a.osd"), "-m", m]) == 0
+    out = Image.open(tmp_path / "a.png")
+    assert out.size == (56, 40) and out.mode == "RGB"
+    assert main(["info", str(tmp_path / "a.osd"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["quality"] == 3 and info["width"] == 56 and info["model_name"] == "tiny-test"
+    assert info["bytes"] == (tmp_path / "a.osd").stat().st_size
+
+
+def test_decompress_uses_model_named_in_file(tmp_path, images):
+    assert main(["compress", str(images / "a.png"), "-o", str(tmp_path / "x.osd")]) == 0
+    assert main(["decompress", str(tmp_path / "x.osd")]) == 0
+    assert (tmp_path / "x.png").is_file()
+
+
+def test_folder_input_and_output_folder(images, tmp_path, tiny_codec_folder):
+    out = tmp_path / "coded"
+    assert main(["compress", str(images), "-o", str(out), "-m", str(tiny_codec_folder)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.osd", "b.osd"]
+    assert main(["decompress", str(out), "-o", str(tmp_path / "dec"), "-m", str(tiny_codec_folder)]) == 0
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["a.png", "b.png"]
+
+
+def test_no_overwrite_without_force(images, tmp_path, capsys, tiny_codec_folder):
+    target = tmp_path / "keep.osd"
+    target.write_bytes(b"precious")
+    args = ["compress", str(images / "a.png"), "-o", str(target), "-m", str(tiny_codec_folder)]
+    assert main(args) == 1
+    assert target.read_bytes() == b"precious"
+    assert "already exists" in _err_lines(capsys)[-1]
+    assert main(args + ["--force"]) == 0
+    assert target.read_bytes()[:4] == b"\x89OSD"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "missing.png"], "no such file"),
+    (["compress", "{notimg}"], "not a readable image"),
+    (["compress", "{img}", "-q", "0"], "quality must be"),
+    (["compress", "{img}", "-q", "abc"], "invalid int value"),
+    (["compress", "{img}", "-m", "no-such-model"], "no model"),
+    (["decompress", "{notimg}"], "wrong magic"),
+    (["decompress", "{corrupt}"], "CRC32"),
+    (["info", "{corrupt}"], "CRC32"),
+    (["decompress", "{good}", "--steps", "0"], "--steps"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_one_line_error_no_output(argv, message, images, tmp_path, capsys, monkeypatch, tiny_codec_folder):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "junk.png").write_text("not an image")
+    (tmp_path / "text.osd").write_text("not an osd file")
+    main(["compress", str(images / "a.png"), "-o", str(tmp_path / "good.osd"), "-m", str(tiny_codec_folder)])
+    good = (tmp_path / "good.osd").read_bytes()
+    (tmp_path / "corrupt.osd").write_bytes(good[:20] + bytes([good[20] ^ 1]) + good[21:])
+    capsys.readouterr()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    subs = {"{img}": str(images / "a.png"), "{notimg}": "junk.png" if argv[0] == "compress" else "text.osd",
+            "{corrupt}": "corrupt.osd", "{good}": "good.osd"}
+    argv = [subs.get(a, a) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    assert code != 0
+    err = _err_lines(capsys)
+    assert len(err) == 1 and err[0].startswith("osdiff: error:") and message in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_partial_failure_still_processes_the_rest(images, tmp_path, capsys, tiny_codec_folder):
+    (images / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "out"
+    assert main(["compress", str(images), "-o", str(out), "-m", str(tiny_codec_folder)]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a.osd", "b.osd"]
+    assert any("zz_broken.png" in line for line in _err_lines(capsys))
+
+
+def test_real_entry_point_no_traceback(tmp_path):
+    bad = tmp_path / "bad.osd"
+    bad.write_bytes(b"\x89OSD" + os.urandom(50))
+    proc = subprocess.run([sys.executable, "-m", "osdiff.cli", "decompress", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("osdiff: error:") and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    from osdiff.errors import OSDiffError
+    from osdiff.fileio import write_atomic
+
+    def explode(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise OSDiffError("boom")
+
+    with pytest.raises(OSDiffError):
+        write_atomic(tmp_path / "out.bin", explode)
+    assert list(tmp_path.iterdir()) == []
