@@ -46,6 +46,28 @@ def compressor_from(arch: CompressorArchitecture) -> LatentCompressor:
     return LatentCompressor(**kwargs)
 
 
+def tiny_unet(arch: TinyArchitecture) -> UNet2DConditionModel:
+    """The tiny denoiser: an SD-style UNet2DConditionModel at small widths (2 layers per
+    block, as ControlNet-XS requires), attention only at the lowest resolution."""
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=arch.compressor.latent_channels, out_channels=arch.compressor.latent_channels,
+        block_out_channels=arch.unet_block_out_channels, layers_per_block=2,
+        down_block_types=arch.unet_down_block_types, up_block_types=arch.unet_up_block_types,
+        cross_attention_dim=arch.cross_attention_dim,
+        attention_head_dim=max(1, arch.unet_block_out_channels[-1] // arch.unet_attention_head_dim),
+        use_linear_projection=True, norm_num_groups=32,
+    )
+
+
+def tiny_autoencoder(arch: TinyArchitecture) -> TinyAutoencoder:
+    return TinyAutoencoder(
+        latent_channels=arch.compressor.latent_channels,
+        encoder_channels=arch.autoencoder_encoder_channels,
+        decoder_channels=arch.autoencoder_decoder_channels,
+        num_blocks=arch.autoencoder_blocks,
+    )
+
+
 def build_tiny(
     arch: TinyArchitecture = TinyArchitecture(),
     decoding: DecodingConfig = DecodingConfig(),
@@ -54,20 +76,8 @@ def build_tiny(
 ) -> OSDiffPipeline:
     """The default architecture with freshly initialised weights (reproducible by `seed`)."""
     torch.manual_seed(seed)
-    vae = TinyAutoencoder(
-        latent_channels=arch.compressor.latent_channels,
-        encoder_channels=arch.autoencoder_encoder_channels,
-        decoder_channels=arch.autoencoder_decoder_channels,
-        num_blocks=arch.autoencoder_blocks,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=arch.compressor.latent_channels, out_channels=arch.compressor.latent_channels,
-        block_out_channels=arch.unet_block_out_channels, layers_per_block=2,
-        down_block_types=arch.unet_down_block_types, up_block_types=arch.unet_up_block_types,
-        cross_attention_dim=arch.cross_attention_dim,
-        attention_head_dim=max(1, arch.unet_block_out_channels[-1] // arch.unet_attention_head_dim),
-        use_linear_projection=True, norm_num_groups=32,
-    )
+    unet = tiny_unet(arch)
+    vae = tiny_autoencoder(arch)
     return OSDiffPipeline(
         vae=vae,
         compressor=compressor_from(arch.compressor),

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print the header of .osd files")
     i.add_argument("inputs", nargs="+", metavar="FILE")
     i.add_argument("--json", action="store_true", help="one JSON object per line")
+    t = sub.add_parser("train", help="train a codec from a YAML/TOML config (resumes automatically)")
+    t.add_argument("--config", required=True, help="configs/tiny.yaml, configs/sd21.yaml, ...")
+    t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpointed)")
+    t.add_argument("--max-minutes", type=float, default=None, help="stop after this long (checkpointed)")
     return parser
 
 
@@ -205,7 +209,18 @@ def cmd_info(args) -> int:
     return failures
 
 
-COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info}
+def cmd_train(args) -> int:
+    from .training.config import load_config
+    from .training.trainer import Trainer
+
+    config_path = Path(args.config)
+    config = load_config(config_path)
+    model = Trainer(config, config_dir=Path.cwd()).run(max_steps=args.max_steps, max_minutes=args.max_minutes)
+    print(f"finished: {model}" if model else "stopped early; run the same command again to resume")
+    return 0
+
+
+COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train}
 
 
 def _on_sigterm(signum, frame):

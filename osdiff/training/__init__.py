@@ -1,0 +1,1 @@
+"""Training: typed config, data, losses, the UNet-feature discriminator and the trainer."""

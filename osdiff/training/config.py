@@ -1,0 +1,128 @@
+"""Every training hyper-parameter in one typed place, loaded from YAML or TOML.
+
+A run is a list of stages executed in order, each resumable:
+  autoencoder  train our TinyAutoencoder on reconstruction (tiny model only)
+  denoiser     train the tiny UNet as an ordinary latent diffusion denoiser (noise prediction)
+  codec        freeze autoencoder and UNet; train compressor + ControlNet-XS adapter
+               (+ discriminator) with rate + latent MSE + hint MSE + perceptual + adversarial
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from ..config import CompressorArchitecture, DecodingConfig, TinyArchitecture
+from ..errors import OSDiffError
+
+
+@dataclass
+class DataConfig:
+    train_folders: list[str] = field(default_factory=lambda: ["../shared/data/images/cbsd432"])
+    val_folders: list[str] = field(default_factory=lambda: ["../shared/data/images/cbsd68"])
+    max_side: int = 768  # images are downscaled (Lanczos) so the long side is at most this
+    max_val_images: int = 16
+
+
+@dataclass
+class StageConfig:
+    name: str = "codec"  # autoencoder | denoiser | codec
+    steps: int = 1000
+    batch_size: int = 4
+    crop: int = 256
+    lr: float = 1e-4
+    lr_discriminator: float = 1e-4
+    lr_aux: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 50
+
+
+@dataclass
+class LossConfig:
+    # rate-distortion trade-off per quality level (level 1 first): loss = bpp + lambda * D
+    rate_lambdas: list[float] = field(default_factory=lambda: [0.5, 1.5, 4.0, 10.0])
+    latent_mse: float = 1.0
+    hint_mse: float = 1.0
+    perceptual: float = 1.0
+    perceptual_kind: str = "ms-ssim"  # ms-ssim | haarpsi | lpips (needs the two weight paths)
+    lpips_backbone: str | None = None  # torchvision alexnet/vgg16 state dict (local path)
+    lpips_linear: str | None = None  # LPIPS v0.1 linear layers (local path)
+    pixel_l1: float = 1.0  # autoencoder stage
+    adversarial: float = 0.01
+    adversarial_start: int = 200  # codec steps before the adversarial term switches on
+    latent_l2: float = 1e-3  # autoencoder stage: keeps the latent near unit scale
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"  # tiny | sd21
+    output_dir: str = "runs/osdiff-tiny"
+    base_model: str | None = None  # sd21: local diffusers folder of Stable Diffusion 2.1
+    model_name: str = "osdiff-tiny"
+    seed: int = 0
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    gradient_accumulation_steps: int = 1
+    checkpoint_minutes: float = 5.0
+    log_every: int = 10
+    threads: int = 0  # torch CPU threads, 0 = torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    tiny: TinyArchitecture = field(default_factory=TinyArchitecture)
+    compressor: CompressorArchitecture | None = None  # sd21: defaults to ELIC sizes
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+
+
+def _build(cls, data: Any, where: str):
+    if not is_dataclass(cls):
+        return data
+    if not isinstance(data, dict):
+        raise OSDiffError(f"config {where}: expected a table, got {data!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise OSDiffError(f"config {where}: unknown keys {sorted(unknown)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        origin = getattr(hint, "__origin__", None)
+        args = getattr(hint, "__args__", ())
+        if origin is list and args and is_dataclass(args[0]):
+            kwargs[key] = [_build(args[0], v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+        elif is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{where}.{key}")
+        elif any(is_dataclass(a) for a in args) and value is not None:
+            kwargs[key] = _build(next(a for a in args if is_dataclass(a)), value, f"{where}.{key}")
+        elif isinstance(value, list) and "tuple" in str(hint):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise OSDiffError(f"config {where}: {exc}") from None
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a TrainConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise OSDiffError(f"{path}: no such config file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as exc:  # parse errors of either format
+        raise OSDiffError(f"{path}: cannot parse config ({exc.__class__.__name__}: {exc})") from None
+    config = _build(TrainConfig, data, path.name)
+    for stage in config.stages:
+        if stage.name not in ("autoencoder", "denoiser", "codec"):
+            raise OSDiffError(f"config {path.name}: unknown stage {stage.name!r}")
+    return config

@@ -1,0 +1,62 @@
+"""Images in RAM and batches that depend only on (seed, stage, step), so a resumed run sees
+exactly the batches an uninterrupted one would."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import OSDiffError
+from ..imageio import open_image
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def find_images(folders: list[str], base: Path | None = None) -> list[Path]:
+    files: list[Path] = []
+    for folder in folders:
+        p = Path(folder)
+        if not p.is_absolute() and base is not None:
+            p = base / p
+        if not p.is_dir():
+            raise OSDiffError(f"{p}: image folder not found")
+        files += sorted(q for q in p.rglob("*") if q.suffix.lower() in SUFFIXES)
+    if not files:
+        raise OSDiffError(f"no images in {folders}")
+    return files
+
+
+def load_images(files: list[Path], max_side: int) -> list[np.ndarray]:
+    """RGB uint8 arrays (H,W,3), downscaled with Lanczos so the long side <= max_side."""
+    out = []
+    for f in files:
+        img = open_image(f)
+        scale = max_side / max(img.size)
+        if scale < 1:
+            img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
+        out.append(np.asarray(img))
+    return out
+
+
+class CropSampler:
+    """Random crops with horizontal flips; batch k is a pure function of (seed, stage, k)."""
+
+    def __init__(self, images: list[np.ndarray], crop: int, batch_size: int, seed: int, stage: int) -> None:
+        self.images = [im for im in images if min(im.shape[:2]) >= crop]
+        if not self.images:
+            raise OSDiffError(f"no training image is at least {crop}x{crop} pixels")
+        self.crop, self.batch_size, self.seed, self.stage = crop, batch_size, seed, stage
+
+    def batch(self, step: int) -> torch.Tensor:
+        """(B,3,crop,crop) float in [0,1]."""
+        rng = np.random.default_rng([self.seed, self.stage, step])
+        out = np.empty((self.batch_size, self.crop, self.crop, 3), dtype=np.uint8)
+        for i in range(self.batch_size):
+            im = self.images[rng.integers(len(self.images))]
+            y = rng.integers(im.shape[0] - self.crop + 1)
+            x = rng.integers(im.shape[1] - self.crop + 1)
+            patch = im[y : y + self.crop, x : x + self.crop]
+            out[i] = patch[:, ::-1] if rng.random() < 0.5 else patch
+        return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)

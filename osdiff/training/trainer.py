@@ -1,0 +1,376 @@
+"""The training loop, on Hugging Face accelerate (same code on one CPU or many GPUs).
+
+Layout of `output_dir`:
+  progress.json              which stage is done / running
+  log-<stage>.csv            one row per logged step
+  stages/<i>-<name>/ckpt.pt  latest checkpoint of a running stage (weights, optimizers, step)
+  stages/<i>-<name>/out/     what a finished stage hands on (diffusers folders)
+  model/                     the finished codec (OSDiffPipeline.save_pretrained)
+
+Batches and noise depend only on (seed, stage, step), so resuming from a checkpoint gives
+exactly the result of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import UNet2DConditionModel
+from tqdm import tqdm
+
+from ..build import SD_COMPRESSOR, add_control, compressor_from, sd_noise_scheduler, tiny_autoencoder, tiny_unet
+from ..denoise import add_noise, predict_x0_eps
+from ..errors import OSDiffError
+from ..models.autoencoder import TinyAutoencoder, decode_latent, encode_latent
+from ..models.conditioning import ConditioningEmbedding
+from ..pipeline import OSDiffPipeline
+from .config import StageConfig, TrainConfig
+from .data import CropSampler, find_images, load_images
+from .discriminator import UNetFeatureDiscriminator
+from .losses import PerceptualLoss, bits_per_pixel, discriminator_adversarial, generator_adversarial
+
+
+def lr_at(step: int, stage: StageConfig, base: float) -> float:
+    """Linear warm-up, then cosine decay to 10% of `base` at the last step."""
+    if step < stage.warmup_steps:
+        return base * (step + 1) / stage.warmup_steps
+    progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, config_dir: Path | None = None) -> None:
+        self.config = config
+        self.base = config_dir or Path.cwd()
+        self.out = Path(config.output_dir)
+        if not self.out.is_absolute():
+            self.out = self.base / self.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+        )
+        self.device = self.accelerator.device
+        self._images: list | None = None
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+    def stage_dir(self, index: int) -> Path:
+        return self.out / "stages" / f"{index}-{self.config.stages[index].name}"
+
+    def _progress(self) -> dict:
+        path = self.out / "progress.json"
+        return json.loads(path.read_text()) if path.is_file() else {"done": []}
+
+    def _mark_done(self, index: int) -> None:
+        progress = self._progress()
+        progress["done"] = sorted(set(progress["done"]) | {index})
+        _atomic_write_text(self.out / "progress.json", json.dumps(progress))
+
+    def _images_cached(self):
+        if self._images is None:
+            files = find_images(self.config.data.train_folders, self.base)
+            self._images = load_images(files, self.config.data.max_side)
+        return self._images
+
+    def _log(self, row: dict) -> None:
+        path = self.out / f"log-{row['stage']}.csv"
+        new = not path.is_file()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _generator(self, stage: int, step: int) -> torch.Generator:
+        return torch.Generator("cpu").manual_seed((self.config.seed * 1_000_003 + stage * 100_003 + step) & 0x7FFFFFFF)
+
+    # ---- entry point ------------------------------------------------------------------------
+    def run(self, max_steps: int | None = None, max_minutes: float | None = None) -> Path | None:
+        """Run (or resume) every unfinished stage. `max_steps` / `max_minutes` stop early
+        after a checkpoint (for chunked runs); returns the model folder once all are done."""
+        deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
+        done = set(self._progress()["done"])
+        for index, stage in enumerate(self.config.stages):
+            if index in done:
+                continue
+            runner = {"autoencoder": self._autoencoder_stage, "denoiser": self._denoiser_stage, "codec": self._codec_stage}[stage.name]
+            finished = runner(index, stage, max_steps, deadline)
+            if not finished:
+                return None
+            self._mark_done(index)
+        return self.out / "model"
+
+    def _loop(self, index, stage, modules, optimizers, step_fn, max_steps, deadline) -> bool:
+        """Generic resumable loop. `modules`: name -> trainable module (checkpointed);
+        `optimizers`: name -> (optimizer, base lr); `step_fn(step) -> dict of floats`."""
+        ckpt = self.stage_dir(index) / "ckpt.pt"
+        start = 0
+        if ckpt.is_file():
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            for name, module in modules.items():
+                module.load_state_dict(state["modules"][name])
+            for name, (opt, _) in optimizers.items():
+                opt.load_state_dict(state["optimizers"][name])
+            start = state["step"]
+
+        def save(step: int) -> None:
+            state = {
+                "step": step,
+                "modules": {n: self.accelerator.unwrap_model(m).state_dict() for n, m in modules.items()},
+                "optimizers": {n: o.state_dict() for n, (o, _) in optimizers.items()},
+                "config": asdict(self.config),
+            }
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, ckpt)
+
+        last_save = time.monotonic()
+        bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"{index}-{stage.name}",
+                   disable=not self.accelerator.is_local_main_process, mininterval=5)
+        ran = 0
+        for step in bar:
+            for opt, base in optimizers.values():
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, stage, base)
+            logs = step_fn(step)
+            ran += 1
+            if step % self.config.log_every == 0 or step == stage.steps - 1:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+                self._log({"stage": stage.name, "step": step, "time": round(time.time(), 1), **{k: round(v, 6) for k, v in logs.items()}})
+            stop = (max_steps is not None and ran >= max_steps) or (deadline is not None and time.monotonic() > deadline)
+            if stop or time.monotonic() - last_save > 60 * self.config.checkpoint_minutes:
+                save(step + 1)
+                last_save = time.monotonic()
+            if stop and step + 1 < stage.steps:
+                bar.close()
+                return False
+        bar.close()
+        save(stage.steps)
+        return True
+
+    def _prepare(self, *objects):
+        return self.accelerator.prepare(*objects)
+
+    # ---- stage 1: autoencoder -----------------------------------------------------------------
+    def _autoencoder_stage(self, index, stage, max_steps, deadline) -> bool:
+        arch, losses = self.config.tiny, self.config.losses
+        torch.manual_seed(self.config.seed)
+        vae = tiny_autoencoder(arch)
+        opt = torch.optim.AdamW(vae.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+        vae, opt = self._prepare(vae, opt)
+        perceptual = PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear).to(self.device)
+        sampler = CropSampler(self._images_cached(), stage.crop, stage.batch_size, self.config.seed, index)
+
+        def step_fn(step: int) -> dict:
+            x = sampler.batch(step).to(self.device)
+            with self.accelerator.accumulate(vae):
+                z = vae.encode(x * 2 - 1)
+                x_hat = (vae.decode(z) + 1) / 2
+                l1 = (x_hat - x).abs().mean()
+                perc = perceptual(x_hat, x).mean()
+                reg = z.pow(2).mean()
+                loss = losses.pixel_l1 * l1 + losses.perceptual * perc + losses.latent_l2 * reg
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients:
+                    self.accelerator.clip_grad_norm_(vae.parameters(), stage.grad_clip)
+                opt.step()
+                opt.zero_grad()
+            psnr = -10 * math.log10(max(F.mse_loss(x_hat.detach().clamp(0, 1), x).item(), 1e-10))
+            return {"loss": loss.item(), "l1": l1.item(), "perceptual": perc.item(), "latent_rms": reg.sqrt().item(), "psnr": psnr}
+
+        if not self._loop(index, stage, {"vae": vae}, {"vae": (opt, stage.lr)}, step_fn, max_steps, deadline):
+            return False
+        vae = self.accelerator.unwrap_model(vae)
+        # scale latents to unit standard deviation, as SD does with its 0.18215
+        with torch.no_grad():
+            z = torch.cat([vae.encode(sampler.batch(10**6 + i).to(self.device) * 2 - 1) for i in range(4)])
+        vae.register_to_config(scaling_factor=float(1.0 / z.std().clamp_min(1e-6)))
+        vae.save_pretrained(self.stage_dir(index) / "out" / "vae")
+        return True
+
+    # ---- stage 2: denoiser ------------------------------------------------------------------
+    def _find_output(self, name: str, sub: str) -> Path:
+        for i, stage in enumerate(self.config.stages):
+            if stage.name == name and (self.stage_dir(i) / "out" / sub).is_dir():
+                return self.stage_dir(i) / "out" / sub
+        raise OSDiffError(f"stage {name!r} has not produced {sub}/ yet")
+
+    def _denoiser_stage(self, index, stage, max_steps, deadline) -> bool:
+        vae = TinyAutoencoder.from_pretrained(self._find_output("autoencoder", "vae")).to(self.device).requires_grad_(False)
+        torch.manual_seed(self.config.seed + 1)
+        unet = tiny_unet(self.config.tiny)
+        conditioning = ConditioningEmbedding(num_tokens=self.config.tiny.conditioning_tokens, dim=self.config.tiny.cross_attention_dim)
+        scheduler = sd_noise_scheduler()
+        alphas = scheduler.alphas_cumprod.to(self.device)
+        params = list(unet.parameters()) + list(conditioning.parameters())
+        opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        unet, conditioning, opt = self._prepare(unet, conditioning, opt)
+        sampler = CropSampler(self._images_cached(), stage.crop, stage.batch_size, self.config.seed, index)
+
+        def step_fn(step: int) -> dict:
+            x = sampler.batch(step).to(self.device)
+            gen = self._generator(index, step)
+            with torch.no_grad():
+                z = encode_latent(vae, x * 2 - 1)
+            noise = torch.randn(z.shape, generator=gen).to(self.device)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (z.shape[0],), generator=gen).to(self.device)
+            a = alphas[t][:, None, None, None]
+            z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+            with self.accelerator.accumulate(unet):
+                ctx = conditioning(z.shape[0])
+                pred = unet(z_t, t, encoder_hidden_states=ctx).sample
+                loss = F.mse_loss(pred, noise)
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients:
+                    self.accelerator.clip_grad_norm_(params, stage.grad_clip)
+                opt.step()
+                opt.zero_grad()
+            return {"loss": loss.item()}
+
+        modules = {"unet": unet, "conditioning": conditioning}
+        if not self._loop(index, stage, modules, {"main": (opt, stage.lr)}, step_fn, max_steps, deadline):
+            return False
+        out = self.stage_dir(index) / "out"
+        self.accelerator.unwrap_model(unet).save_pretrained(out / "unet")
+        self.accelerator.unwrap_model(conditioning).save_pretrained(out / "conditioning")
+        return True
+
+    # ---- stage 3: codec ---------------------------------------------------------------------
+    def _codec_parts(self):
+        """(vae, plain unet, conditioning, scheduler, compressor architecture)."""
+        cfg = self.config
+        if cfg.model == "sd21":
+            if not cfg.base_model:
+                raise OSDiffError("model 'sd21' needs base_model: a local Stable Diffusion 2.1 diffusers folder")
+            from diffusers import AutoencoderKL, DDIMScheduler
+
+            folder = Path(cfg.base_model)
+            vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+            unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+            conditioning = ConditioningEmbedding.from_text_encoder(folder)
+            scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+            return vae, unet, conditioning, scheduler, cfg.compressor or SD_COMPRESSOR
+        vae = TinyAutoencoder.from_pretrained(self._find_output("autoencoder", "vae"))
+        unet = UNet2DConditionModel.from_pretrained(self._find_output("denoiser", "unet"))
+        conditioning = ConditioningEmbedding.from_pretrained(self._find_output("denoiser", "conditioning"))
+        return vae, unet, conditioning, sd_noise_scheduler(), cfg.compressor or cfg.tiny.compressor
+
+    def _codec_stage(self, index, stage, max_steps, deadline) -> bool:
+        cfg, losses = self.config, self.config.losses
+        vae, plain_unet, conditioning, scheduler, comp_arch = self._codec_parts()
+        if len(losses.rate_lambdas) != comp_arch.num_quality_levels:
+            raise OSDiffError(f"rate_lambdas has {len(losses.rate_lambdas)} values for {comp_arch.num_quality_levels} quality levels")
+        torch.manual_seed(cfg.seed + 2)
+        compressor = compressor_from(comp_arch)
+        unet = add_control(plain_unet, cfg.tiny.control_size_ratio if cfg.model == "tiny" else 0.2)
+        unet.freeze_unet_params()
+        discriminator = UNetFeatureDiscriminator(plain_unet)
+        del plain_unet
+        for frozen in (vae, conditioning):
+            frozen.requires_grad_(False)
+        vae.to(self.device)
+        conditioning.to(self.device)
+
+        control_params = [p for p in unet.parameters() if p.requires_grad]
+        main_params = [p for n, p in compressor.named_parameters() if not n.endswith(".quantiles")] + control_params
+        aux_params = [p for n, p in compressor.named_parameters() if n.endswith(".quantiles")]
+        opt = torch.optim.AdamW(main_params, lr=stage.lr, weight_decay=stage.weight_decay)
+        opt_aux = torch.optim.Adam(aux_params, lr=stage.lr_aux)
+        opt_d = torch.optim.AdamW(discriminator.parameters(), lr=stage.lr_discriminator, betas=(0.5, 0.999))
+        compressor, unet, discriminator, opt, opt_aux, opt_d = self._prepare(compressor, unet, discriminator, opt, opt_aux, opt_d)
+        perceptual = PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear).to(self.device)
+        sampler = CropSampler(self._images_cached(), stage.crop, stage.batch_size, cfg.seed, index)
+        alphas = scheduler.alphas_cumprod.to(self.device)
+        lambdas = torch.tensor(losses.rate_lambdas, device=self.device)
+        t0 = cfg.decoding.timestep
+        prediction_type = scheduler.config.prediction_type
+
+        def step_fn(step: int) -> dict:
+            x = sampler.batch(step).to(self.device)
+            gen = self._generator(index, step)
+            b = x.shape[0]
+            level = torch.randint(0, len(lambdas), (b,), generator=gen).to(self.device)
+            with torch.no_grad():
+                z = encode_latent(vae, x * 2 - 1)
+            noise = torch.randn(z.shape, generator=gen).to(self.device)
+            d_noise = torch.randn(z.shape, generator=gen).to(self.device)
+            d_t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).to(self.device)
+            use_adv = losses.adversarial > 0 and step >= losses.adversarial_start
+            ctx = conditioning(b)
+
+            with self.accelerator.accumulate(compressor, unet):
+                out = compressor(z, level)
+                hint = out["hint"]
+                bpp = bits_per_pixel(out["likelihoods"], x.shape[-2] * x.shape[-1])
+                a0 = float(alphas[t0])
+                x_t = add_noise(hint, noise, a0)
+                pred = unet(x_t, t0, encoder_hidden_states=ctx, controlnet_cond=hint).sample
+                z_hat, _ = predict_x0_eps(pred, x_t, a0, prediction_type)
+                latent_mse = (z_hat - z).pow(2).mean(dim=(1, 2, 3))
+                hint_mse = (hint - z).pow(2).mean(dim=(1, 2, 3))
+                x_hat = (decode_latent(vae, z_hat) + 1) / 2
+                perc = perceptual(x_hat, x)
+                distortion = losses.latent_mse * latent_mse + losses.hint_mse * hint_mse + losses.perceptual * perc
+                loss = (bpp + lambdas[level] * distortion).mean()
+                adv = torch.zeros((), device=self.device)
+                if use_adv:
+                    a = alphas[d_t][:, None, None, None]
+                    fake = a.sqrt() * z_hat + (1 - a).sqrt() * d_noise
+                    discriminator.requires_grad_(False)
+                    adv = generator_adversarial(discriminator(fake, d_t, ctx))
+                    discriminator.requires_grad_(True)
+                    loss = loss + losses.adversarial * adv
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients:
+                    self.accelerator.clip_grad_norm_(main_params, stage.grad_clip)
+                opt.step()
+                opt.zero_grad()
+                aux = self.accelerator.unwrap_model(compressor).aux_loss()
+                self.accelerator.backward(aux)
+                opt_aux.step()
+                opt_aux.zero_grad()
+
+            d_loss = torch.zeros(())
+            if use_adv:
+                a = alphas[d_t][:, None, None, None]
+                real = a.sqrt() * z + (1 - a).sqrt() * d_noise
+                fake = a.sqrt() * z_hat.detach() + (1 - a).sqrt() * d_noise
+                d_loss = discriminator_adversarial(discriminator(real, d_t, ctx), discriminator(fake, d_t, ctx))
+                self.accelerator.backward(d_loss)
+                opt_d.step()
+                opt_d.zero_grad()
+            psnr = -10 * math.log10(max(F.mse_loss(x_hat.detach().clamp(0, 1), x).item(), 1e-10))
+            return {"loss": loss.item(), "bpp": bpp.mean().item(), "latent_mse": latent_mse.mean().item(),
+                    "hint_mse": hint_mse.mean().item(), "perceptual": perc.mean().item(), "adv_g": adv.item(),
+                    "adv_d": d_loss.item(), "aux": aux.item(), "psnr": psnr}
+
+        modules = {"compressor": compressor, "unet": unet, "discriminator": discriminator}
+        optimizers = {"main": (opt, stage.lr), "aux": (opt_aux, stage.lr_aux), "disc": (opt_d, stage.lr_discriminator)}
+        if not self._loop(index, stage, modules, optimizers, step_fn, max_steps, deadline):
+            return False
+        pipe = OSDiffPipeline(
+            vae=vae, compressor=self.accelerator.unwrap_model(compressor), unet=self.accelerator.unwrap_model(unet),
+            conditioning=conditioning, scheduler=scheduler, model_name=cfg.model_name,
+            timestep=cfg.decoding.timestep, noise_seed=cfg.decoding.noise_seed, control_scale=cfg.decoding.control_scale,
+        )
+        pipe.to("cpu")
+        pipe.compressor.update(force=True)
+        pipe.save_pretrained(self.out / "model")
+        return True
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
