@@ -276,6 +276,11 @@ class LatentCompressor(CompressionModel, ModelMixin, ConfigMixin):
             m._quantized_cdf.numel() > 0 for m in self.modules() if isinstance(m, EntropyModel)
         )
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Plain nn.Module loading: the CDF tables are not in the state dict (see
+        `entropy_tables`), so compressai's table-resizing override does not apply."""
+        return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
+
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         super().save_pretrained(save_directory, **kwargs)
         if self.is_updated():

@@ -91,8 +91,12 @@ class Trainer:
                 writer.writeheader()
             writer.writerow(row)
 
+    def _step_seed(self, stage: int, step: int) -> int:
+        return (self.config.seed * 1_000_003 + stage * 100_003 + step) & 0x7FFFFFFF
+
     def _generator(self, stage: int, step: int) -> torch.Generator:
-        return torch.Generator("cpu").manual_seed((self.config.seed * 1_000_003 + stage * 100_003 + step) & 0x7FFFFFFF)
+        """Noise for step `step` of stage `stage`, the same whether or not the run resumed."""
+        return torch.Generator("cpu").manual_seed(self._step_seed(stage, step) ^ 0x5EED)
 
     # ---- entry point ------------------------------------------------------------------------
     def run(self, max_steps: int | None = None, max_minutes: float | None = None) -> Path | None:
@@ -143,6 +147,7 @@ class Trainer:
             for opt, base in optimizers.values():
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, stage, base)
+            torch.manual_seed(self._step_seed(index, step))  # library-internal noise (entropy models)
             logs = step_fn(step)
             ran += 1
             if step % self.config.log_every == 0 or step == stage.steps - 1:
