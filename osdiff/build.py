@@ -130,3 +130,28 @@ def save_for_shipping(pipe: OSDiffPipeline, folder: str | os.PathLike) -> None:
     pipe._model_hash = None
     pipe.to(torch.float16).save_pretrained(folder)
     pipe.to(torch.float32)
+
+
+def build_sd21_architecture(compressor: CompressorArchitecture = SD_COMPRESSOR) -> OSDiffPipeline:
+    """Stable Diffusion 2.1 base's real VAE and UNet architectures (from their configs) with
+    random weights, plus the ELIC-sized compressor and a 0.2 ControlNet-XS adapter. For
+    timing without the 5 GB of weights: speed does not depend on weight values."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, norm_num_groups=32, sample_size=768, scaling_factor=0.18215,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+    )
+    conditioning = ConditioningEmbedding(num_tokens=77, dim=1024)
+    conditioning.embedding.data.normal_()
+    return OSDiffPipeline(
+        vae=vae, compressor=compressor_from(compressor), unet=add_control(unet, 0.2),
+        conditioning=conditioning, scheduler=sd_noise_scheduler(), model_name="sd21-arch",
+    )

@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print the header of .osd files")
     i.add_argument("inputs", nargs="+", metavar="FILE")
     i.add_argument("--json", action="store_true", help="one JSON object per line")
+    b = sub.add_parser("bench", help="latency and memory: one-step vs N-step decoding")
+    b.add_argument("--model", default="osdiff-tiny", help="osdiff-tiny, sd21-arch (SD 2.1 shapes, random weights) or a model folder")
+    b.add_argument("--size", default="512x768", help="HEIGHTxWIDTH in pixels")
+    b.add_argument("--steps", default="1,20,50", help="comma-separated step counts")
+    b.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    b.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    b.add_argument("--repeat", type=int, default=3)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
     t = sub.add_parser("train", help="train a codec from a YAML/TOML config (resumes automatically)")
     t.add_argument("--config", required=True, help="configs/tiny.yaml, configs/sd21.yaml, ...")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpointed)")
@@ -220,7 +230,42 @@ def cmd_train(args) -> int:
     return 0
 
 
-COMMANDS = {"compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train}
+def cmd_bench(args) -> int:
+    import torch
+
+    from .benchmark import benchmark, format_table
+
+    try:
+        height, width = (int(v) for v in args.size.lower().split("x"))
+        steps = sorted({int(v) for v in args.steps.split(",")})
+    except ValueError:
+        raise OSDiffError(f"--size must be HEIGHTxWIDTH and --steps comma-separated integers, got {args.size!r} / {args.steps!r}") from None
+    if height < 1 or width < 1 or min(steps) < 1 or args.repeat < 1 or args.warmup < 0:
+        raise OSDiffError("--size, --steps and --repeat must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise OSDiffError("--device cuda: no CUDA device is available")
+    if args.json:
+        from .fileio import check_writable
+
+        check_writable(Path(args.json), force=True)
+    if args.model == "sd21-arch":
+        from .build import build_sd21_architecture
+
+        codec, random_weights = build_sd21_architecture(), True
+        codec.compressor.update(force=True)
+    else:
+        codec, random_weights = _load(args.model), False
+    result = benchmark(codec, (height, width), steps, args.device, args.dtype, args.repeat, args.warmup,
+                       model_label=args.model, random_weights=random_weights)
+    print(format_table(result))
+    if args.json:
+        from .fileio import write_bytes_atomic
+
+        write_bytes_atomic(Path(args.json), json.dumps(result.to_json(), indent=2).encode(), force=True)
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train}
 
 
 def _on_sigterm(signum, frame):

@@ -1,0 +1,210 @@
+"""Latency and memory of encoding and decoding, one step versus N steps, same network.
+
+Every component is timed separately (median and spread over repeats after warm-up, CUDA
+synchronised), and full decodes are timed at each step count, so the measured N-step/1-step
+ratio can be set against the ideal one from the components:
+    ideal(N) = (N*u + x) / (u + x),  u = one control+UNet step, x = the rest of decoding.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from .denoise import add_noise, fixed_noise
+from .models.autoencoder import LATENT_DOWNSCALE, decode_latent, encode_latent
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Timing:
+    median_s: float
+    min_s: float
+    max_s: float
+    iqr_s: float
+    repeats: int
+
+    @classmethod
+    def of(cls, samples: list[float]) -> "Timing":
+        q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+        return cls(statistics.median(samples), min(samples), max(samples), q[2] - q[0], len(samples))
+
+
+@dataclass
+class BenchResult:
+    model: str
+    device: str
+    dtype: str
+    size: tuple[int, int]  # (height, width) in pixels
+    threads: int
+    torch_version: str
+    random_weights: bool
+    encode: dict[str, Timing] = field(default_factory=dict)
+    decode: dict[str, Timing] = field(default_factory=dict)
+    decode_total: dict[int, Timing] = field(default_factory=dict)
+    ratio_measured: dict[int, float] = field(default_factory=dict)
+    ratio_ideal: dict[int, float] = field(default_factory=dict)
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)
+    bits_per_pixel: float = 0.0
+    note: str = ""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["decode_total"] = {str(k): v for k, v in d["decode_total"].items()}
+        d["ratio_measured"] = {str(k): v for k, v in self.ratio_measured.items()}
+        d["ratio_ideal"] = {str(k): v for k, v in self.ratio_ideal.items()}
+        return d
+
+
+class MemoryMeter:
+    """Peak memory during a block: CUDA allocator peak, or sampled process RSS on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @contextmanager
+    def measure(self, store: dict, key: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            yield
+            torch.cuda.synchronize(self.device)
+            store[key] = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+            return
+        import psutil
+
+        proc, peak, stop = psutil.Process(), [0], threading.Event()
+        base = proc.memory_info().rss
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                time.sleep(0.002)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            store[key] = max(0, max(peak[0], proc.memory_info().rss) - base) / 2**20
+
+
+def _timer(device: torch.device, warmup: int, repeat: int) -> Callable[[Callable[[], object]], Timing]:
+    def run(fn):
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(repeat):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            samples.append(time.perf_counter() - start)
+        return Timing.of(samples)
+
+    return run
+
+
+@torch.inference_mode()
+def benchmark(codec, size: tuple[int, int], steps: list[int], device: str = "cpu", dtype: str = "fp32",
+              repeat: int = 3, warmup: int = 1, model_label: str = "", random_weights: bool = False) -> BenchResult:
+    """Time `codec` (an OSDiffPipeline) on a random image of `size` = (height, width)."""
+    dev = torch.device(device)
+    codec.to(dev)
+    for part in (codec.vae, codec.unet, codec.conditioning):  # the compressor stays fp32
+        part.to(DTYPES[dtype])
+    codec._model_hash = None
+    time_it = _timer(dev, warmup, repeat)
+    mem = MemoryMeter(dev)
+    height, width = size
+    image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    data = codec.compress(image)  # also computes and caches the model hash
+    header, strings = codec.read_header(data)
+    result = BenchResult(
+        model=model_label, device=_device_name(dev), dtype=dtype, size=size, threads=torch.get_num_threads(),
+        torch_version=torch.__version__, random_weights=random_weights,
+        bits_per_pixel=len(data) * 8 / (height * width),
+        note="weights are random: timings do not depend on weight values" if random_weights else "",
+    )
+
+    # --- encoding components
+    x = torch.nn.functional.pad(image, (0, header.pad_w, 0, header.pad_h), mode="replicate")
+    x = (x * 2 - 1).to(dev, DTYPES[dtype])
+    latent = encode_latent(codec.vae, x).float()
+    level = header.quality - 1
+    comp = codec.compressor
+    gains = comp._gains(level)
+    y = comp.g_a(latent)
+    result.encode["autoencoder_encode"] = time_it(lambda: encode_latent(codec.vae, x))
+    result.encode["analysis"] = time_it(lambda: comp.g_a(latent))
+    result.encode["entropy_encode"] = time_it(lambda: comp.latent_codec.compress(y, *gains))
+    with mem.measure(result.peak_memory_mb, "encode"):
+        result.encode["total"] = time_it(lambda: codec.compress(image))
+
+    # --- decoding components
+    latent_hw = (x.shape[-2] // LATENT_DOWNSCALE, x.shape[-1] // LATENT_DOWNSCALE)
+    shapes = comp.code_shapes(latent_hw)
+    nested = [[s] for s in strings]
+    y_hat = comp.latent_codec.decompress(nested, shapes, gains[2], gains[3])["y_hat"]
+    hint = comp.g_s(y_hat).to(DTYPES[dtype])
+    context = codec.conditioning(1).to(hint.dtype)
+    t = int(codec.config.timestep)
+    x_t = add_noise(hint, fixed_noise(tuple(hint.shape), codec.config.noise_seed, dev, hint.dtype),
+                    float(codec.scheduler.alphas_cumprod[t]))
+    result.decode["entropy_decode"] = time_it(lambda: comp.latent_codec.decompress(nested, shapes, gains[2], gains[3]))
+    result.decode["synthesis"] = time_it(lambda: comp.g_s(y_hat))
+    result.decode["unet_step"] = time_it(lambda: codec.unet(
+        x_t, t, encoder_hidden_states=context, controlnet_cond=hint,
+        conditioning_scale=codec.config.control_scale).sample)
+    result.decode["autoencoder_decode"] = time_it(lambda: decode_latent(codec.vae, hint))
+    u = result.decode["unet_step"].median_s
+    rest = sum(result.decode[k].median_s for k in ("entropy_decode", "synthesis", "autoencoder_decode"))
+
+    for n in steps:
+        with mem.measure(result.peak_memory_mb, f"decode_{n}_steps"):
+            result.decode_total[n] = time_it(lambda n=n: codec.decompress_tensor(data, steps=n))
+    one = result.decode_total.get(1) or result.decode_total[min(steps)]
+    for n in steps:
+        result.ratio_measured[n] = result.decode_total[n].median_s / one.median_s
+        result.ratio_ideal[n] = (n * u + rest) / (u + rest)
+    return result
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def format_table(r: BenchResult) -> str:
+    h, w = r.size
+    lines = [f"osdiff bench: {r.model} | {h}x{w} px | {r.device} | {r.dtype} | torch {r.torch_version} | {r.bits_per_pixel:.4f} bpp"]
+    if r.note:
+        lines.append(f"note: {r.note}")
+    row = "{:<28}{:>12}{:>12}{:>12}{:>12}"
+    lines.append(row.format("stage", "median s", "min s", "max s", "IQR s"))
+    for section, timings in (("encode", r.encode), ("decode", r.decode)):
+        for name, t in timings.items():
+            lines.append(row.format(f"{section}.{name}", f"{t.median_s:.4f}", f"{t.min_s:.4f}", f"{t.max_s:.4f}", f"{t.iqr_s:.4f}"))
+    for n, t in r.decode_total.items():
+        lines.append(row.format(f"decode.total[{n} step{'s' if n > 1 else ''}]", f"{t.median_s:.4f}", f"{t.min_s:.4f}", f"{t.max_s:.4f}", f"{t.iqr_s:.4f}"))
+    lines.append("")
+    lines.append("{:<10}{:>14}{:>14}{:>12}".format("steps", "measured x", "ideal x", "deviation"))
+    for n in r.decode_total:
+        m, i = r.ratio_measured[n], r.ratio_ideal[n]
+        lines.append("{:<10}{:>14.2f}{:>14.2f}{:>11.1f}%".format(n, m, i, 100 * (m - i) / i))
+    lines.append("")
+    lines.append("peak memory (MB above baseline): " + ", ".join(f"{k} {v:.0f}" for k, v in r.peak_memory_mb.items()))
+    return "\n".join(lines)
