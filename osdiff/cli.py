@@ -57,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
+    e = sub.add_parser("eval", help="rate-distortion evaluation against classical codecs, with an HTML report")
+    e.add_argument("data_dir", help="folder of images")
+    e.add_argument("--codecs", default="osdiff-tiny,jpeg,webp,avif,jxl", help="comma-separated: osdiff-tiny (or any osdiff name), jpeg, webp, avif, jxl")
+    e.add_argument("--model", default=None, help="model folder for the osdiff codec (default: the shipped model of that name)")
+    e.add_argument("--out", required=True, help="results folder (resumes if it holds an earlier run)")
+    e.add_argument("--anchor", default="jpeg", help="BD-rate anchor codec")
+    e.add_argument("--limit", type=int, default=None, help="only the first N images")
+    e.add_argument("--lpips-backbone", default=None, help="torchvision AlexNet ImageNet weights (local file)")
+    e.add_argument("--lpips-linear", default=None, help="LPIPS v0.1 linear weights (local file)")
+    e.add_argument("--no-crops", action="store_true", help="skip the side-by-side crops")
+
     t = sub.add_parser("train", help="train a codec from a YAML/TOML config (resumes automatically)")
     t.add_argument("--config", required=True, help="configs/tiny.yaml, configs/sd21.yaml, ...")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpointed)")
@@ -265,7 +276,26 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train}
+def cmd_eval(args) -> int:
+    from .evaluation.codecs import make_codec
+    from .evaluation.metrics import MetricSuite
+    from .evaluation.runner import evaluate
+
+    names = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    if not names:
+        raise OSDiffError("--codecs is empty")
+    codecs = [make_codec(n, args.model if n.startswith("osdiff") else None) for n in names]
+    metrics = MetricSuite(args.lpips_backbone, args.lpips_linear)
+    summary = evaluate(Path(args.data_dir), codecs, Path(args.out), metrics, limit=args.limit,
+                       anchor=args.anchor, crops=not args.no_crops)
+    for codec, vals in summary["bd_rate_percent"].items():
+        shown = ", ".join(f"{m} {'n/a' if v is None else f'{v:+.1f}%'}" for m, v in vals.items())
+        print(f"BD-rate vs {summary['anchor']}: {codec}: {shown}")
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train}
 
 
 def _on_sigterm(signum, frame):

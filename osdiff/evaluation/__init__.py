@@ -1,0 +1,1 @@
+"""Evaluation: metrics, classical baseline codecs, rate-distortion comparison and reports."""

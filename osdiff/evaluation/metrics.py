@@ -1,0 +1,100 @@
+"""Image quality metrics on (1,3,H,W) tensors in [0,1], from piq where it has them.
+
+Weight-free: PSNR, MS-SSIM, HaarPSI, MS-GMSD, VSI, FSIM, VIF, and detail retention.
+LPIPS needs ImageNet backbone weights given by local path (option or OSDIFF_LPIPS_BACKBONE /
+OSDIFF_LPIPS_LINEAR); DISTS and FID need VGG16 / Inception weights that cannot be fetched
+here: they are reported as unavailable with the reason, never replaced by something else.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+HIGHER_IS_BETTER = {
+    "psnr": True, "ms_ssim": True, "haarpsi": True, "ms_gmsd": False, "vsi": True, "fsim": True,
+    "vif": True, "detail_retention": True, "lpips": False, "dists": False,
+}
+
+
+def psnr(x: Tensor, ref: Tensor) -> float:
+    """dB on 8-bit-rounded images; identical images give +inf."""
+    a, b = (x * 255).round(), (ref * 255).round()
+    mse = F.mse_loss(a, b).item()
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def detail_retention(x: Tensor, ref: Tensor) -> float:
+    """High-frequency energy of `x` relative to `ref`: mean squared luma gradient ratio.
+    1.0 keeps the original's detail; below 1 is over-smoothed; above 1 adds texture/noise."""
+    def energy(t: Tensor) -> float:
+        luma = (0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2])
+        gx, gy = luma[:, :, 1:] - luma[:, :, :-1], luma[:, 1:, :] - luma[:, :-1, :]
+        return float(gx.pow(2).mean() + gy.pow(2).mean())
+
+    base = energy(ref)
+    return energy(x) / base if base > 0 else 1.0
+
+
+def _piq(name: str):
+    import piq
+
+    return {
+        "ms_ssim": lambda a, b: piq.multi_scale_ssim(a, b, data_range=1.0),
+        "haarpsi": lambda a, b: piq.haarpsi(a, b, data_range=1.0),
+        "ms_gmsd": lambda a, b: piq.multi_scale_gmsd(a, b, data_range=1.0),
+        "vsi": lambda a, b: piq.vsi(a, b, data_range=1.0),
+        "fsim": lambda a, b: piq.fsim(a, b, data_range=1.0),
+        "vif": lambda a, b: piq.vif_p(a, b, data_range=1.0),
+    }[name]
+
+
+@dataclass
+class MetricSuite:
+    """Computes every available metric; `unavailable` says which are not, and why."""
+
+    lpips_backbone: str | None = None
+    lpips_linear: str | None = None
+
+    def __post_init__(self) -> None:
+        self.lpips_backbone = self.lpips_backbone or os.environ.get("OSDIFF_LPIPS_BACKBONE")
+        self.lpips_linear = self.lpips_linear or os.environ.get("OSDIFF_LPIPS_LINEAR")
+        self.unavailable: dict[str, str] = {}
+        self._lpips = None
+        if self.lpips_backbone and self.lpips_linear:
+            from ..training.losses import LPIPS
+
+            self._lpips = LPIPS(self.lpips_backbone, self.lpips_linear)
+        else:
+            self.unavailable["lpips"] = "needs AlexNet ImageNet weights (--lpips-backbone) and LPIPS linear weights (--lpips-linear)"
+        self.unavailable["dists"] = "needs VGG16 ImageNet weights, not available offline here"
+        self.unavailable["fid"] = "needs Inception weights, not available offline here"
+        self.unavailable["kid"] = "needs Inception weights, not available offline here"
+
+    @property
+    def names(self) -> list[str]:
+        names = ["psnr", "ms_ssim", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif", "detail_retention"]
+        return names + (["lpips"] if self._lpips is not None else [])
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor, ref: Tensor) -> dict[str, float]:
+        x, ref = x.float().clamp(0, 1), ref.float().clamp(0, 1)
+        out = {"psnr": psnr(x, ref), "detail_retention": detail_retention(x, ref)}
+        small = min(ref.shape[-2:]) < 161  # MS-SSIM's 5 scales and VSI/FSIM need room
+        for name in ("ms_ssim", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif"):
+            try:
+                out[name] = float(_piq(name)(_pad_small(x) if small else x, _pad_small(ref) if small else ref))
+            except (ValueError, RuntimeError, AssertionError):
+                out[name] = math.nan
+        if self._lpips is not None:
+            out["lpips"] = float(self._lpips(x, ref).mean())
+        return out
+
+
+def _pad_small(t: Tensor, side: int = 161) -> Tensor:
+    h, w = t.shape[-2:]
+    return F.pad(t, (0, max(0, side - w), 0, max(0, side - h)), mode="replicate")

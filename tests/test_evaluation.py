@@ -1,0 +1,113 @@
+"""Evaluation: metric sanity, BD-rate on curves with known answers, end-to-end report."""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from osdiff.evaluation.bdrate import bd_rate, quality_at_rate, rate_at_quality
+from osdiff.evaluation.codecs import classical_codec
+from osdiff.evaluation.metrics import MetricSuite, detail_retention, psnr
+
+
+def _photo(seed=0, h=96, w=128) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([np.sin(x / 5.0), np.cos(y / 7.0), np.sin((x + y) / 3.0)], 0) * 0.35 + 0.5
+    img += rng.normal(0, 0.03, img.shape)
+    return torch.from_numpy(np.clip(img, 0, 1)).float()[None]
+
+
+def test_identical_images():
+    x = _photo()
+    m = MetricSuite()(x, x)
+    assert m["psnr"] == math.inf
+    assert m["ms_ssim"] == pytest.approx(1.0, abs=1e-5) and m["haarpsi"] == pytest.approx(1.0, abs=1e-4)
+    assert m["ms_gmsd"] == pytest.approx(0.0, abs=1e-6) and m["detail_retention"] == pytest.approx(1.0)
+
+
+def test_heavier_compression_scores_worse():
+    from osdiff.imageio import to_tensor
+    from osdiff.imageio import tensor_to_pil
+
+    x = _photo()
+    pil = tensor_to_pil(x)
+    jpeg = classical_codec("jpeg")
+    suite = MetricSuite()
+    low = suite(to_tensor(jpeg.encode(pil, 5)[1]), x)
+    high = suite(to_tensor(jpeg.encode(pil, 90)[1]), x)
+    for name in ("psnr", "ms_ssim", "haarpsi", "vsi", "fsim", "vif"):
+        assert high[name] > low[name], name
+    assert high["ms_gmsd"] < low["ms_gmsd"]
+
+
+def test_detail_retention_sees_blur():
+    x = _photo()
+    blurred = torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
+    assert detail_retention(blurred, x) < 0.5
+    assert psnr(x, x) == math.inf
+
+
+def test_lpips_from_local_weights_is_zero_on_identical(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    backbone = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), backbone)
+    linear = tmp_path / "lin.pth"
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate([64, 192, 384, 256, 256])}, linear)
+    suite = MetricSuite(str(backbone), str(linear))
+    assert "lpips" in suite.names and "lpips" not in suite.unavailable
+    x = _photo()
+    assert suite(x, x)["lpips"] == pytest.approx(0.0, abs=1e-7)
+    assert suite(x.flip(-1), x)["lpips"] > 0
+
+
+def test_missing_weights_reported_unavailable():
+    suite = MetricSuite()
+    assert "lpips" not in suite.names
+    assert {"lpips", "dists", "fid"} <= set(suite.unavailable)
+
+
+def test_bd_rate_known_answers():
+    rates = [0.1, 0.2, 0.4, 0.8]
+    quality = [30.0, 33.0, 36.0, 39.0]
+    assert bd_rate(rates, quality, [r * 0.5 for r in rates], quality) == pytest.approx(-50.0, abs=1e-6)
+    assert bd_rate(rates, quality, [r * 1.25 for r in rates], quality) == pytest.approx(25.0, abs=1e-6)
+    # lower-is-better metric: same logic with quality mirrored
+    assert bd_rate(rates, [-q for q in quality], [r * 0.5 for r in rates], [-q for q in quality], higher_is_better=False) == pytest.approx(-50.0, abs=1e-6)
+    # no overlap in quality, or too few points
+    assert bd_rate(rates, quality, rates, [q + 20 for q in quality]) is None
+    assert bd_rate(rates, quality, [0.1], [30.0]) is None
+    assert rate_at_quality(rates, quality, 33.0) == pytest.approx(0.2)
+    assert quality_at_rate(rates, quality, 0.4) == pytest.approx(36.0)
+    assert quality_at_rate(rates, quality, 5.0) is None
+
+
+def test_end_to_end_eval_report(tmp_path, tiny_codec_folder, capsys):
+    from osdiff.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    from osdiff.imageio import tensor_to_pil
+
+    for i in range(2):
+        tensor_to_pil(_photo(i, 80, 104)).save(data / f"img{i}.png")
+    out = tmp_path / "results"
+    assert main(["eval", str(data), "--codecs", "osdiff-tiny,jpeg,webp", "--model", str(tiny_codec_folder), "--out", str(out)]) == 0
+    for name in ("per_image.csv", "aggregate.csv", "summary.json", "report.html", "plots/rd_psnr.png", "plots/rd_haarpsi.png"):
+        assert (out / name).is_file(), name
+    html = (out / "report.html").read_text()
+    refs = re.findall(r"src='([^']+)'", html)
+    assert refs and all((out / r).is_file() for r in refs)
+    assert "unavailable" in html.lower()
+    rows = (out / "per_image.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 * (4 + len(classical_codec("jpeg").settings) + len(classical_codec("webp").settings))
+    # resume: nothing is recomputed, nothing duplicated
+    assert main(["eval", str(data), "--codecs", "osdiff-tiny,jpeg,webp", "--model", str(tiny_codec_folder), "--out", str(out), "--no-crops"]) == 0
+    assert (out / "per_image.csv").read_text().strip().splitlines() == rows
+    assert "BD-rate vs jpeg" in capsys.readouterr().out
