@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="only the first N images")
     e.add_argument("--lpips-backbone", default=None, help="torchvision AlexNet ImageNet weights (local file)")
     e.add_argument("--lpips-linear", default=None, help="LPIPS v0.1 linear weights (local file)")
+    e.add_argument("--dists-backbone", default=None, help="torchvision VGG16 ImageNet weights (local file)")
+    e.add_argument("--dists-weights", default=None, help="DISTS alpha/beta weights.pt (local file)")
+    e.add_argument("--inception", default=None, help="Inception-v3 weights for FID/KID (local file)")
     e.add_argument("--no-crops", action="store_true", help="skip the side-by-side crops")
 
     t = sub.add_parser("train", help="train a codec from a YAML/TOML config (resumes automatically)")
@@ -285,9 +288,9 @@ def cmd_eval(args) -> int:
     if not names:
         raise OSDiffError("--codecs is empty")
     codecs = [make_codec(n, args.model if n.startswith("osdiff") else None) for n in names]
-    metrics = MetricSuite(args.lpips_backbone, args.lpips_linear)
+    metrics = MetricSuite(args.lpips_backbone, args.lpips_linear, args.dists_backbone, args.dists_weights)
     summary = evaluate(Path(args.data_dir), codecs, Path(args.out), metrics, limit=args.limit,
-                       anchor=args.anchor, crops=not args.no_crops)
+                       anchor=args.anchor, crops=not args.no_crops, inception=args.inception)
     for codec, vals in summary["bd_rate_percent"].items():
         shown = ", ".join(f"{m} {'n/a' if v is None else f'{v:+.1f}%'}" for m, v in vals.items())
         print(f"BD-rate vs {summary['anchor']}: {codec}: {shown}")

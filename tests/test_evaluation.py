@@ -70,7 +70,7 @@ def test_lpips_from_local_weights_is_zero_on_identical(tmp_path):
 def test_missing_weights_reported_unavailable():
     suite = MetricSuite()
     assert "lpips" not in suite.names
-    assert {"lpips", "dists", "fid"} <= set(suite.unavailable)
+    assert {"lpips", "dists"} <= set(suite.unavailable)
 
 
 def test_bd_rate_known_answers():
@@ -111,3 +111,31 @@ def test_end_to_end_eval_report(tmp_path, tiny_codec_folder, capsys):
     assert main(["eval", str(data), "--codecs", "osdiff-tiny,jpeg,webp", "--model", str(tiny_codec_folder), "--out", str(out), "--no-crops"]) == 0
     assert (out / "per_image.csv").read_text().strip().splitlines() == rows
     assert "BD-rate vs jpeg" in capsys.readouterr().out
+
+
+def test_dists_from_local_weights(tmp_path):
+    import torchvision
+
+    from osdiff.evaluation.dists import DISTS
+
+    torch.manual_seed(0)
+    vgg = tmp_path / "vgg16.pth"
+    torch.save(torchvision.models.vgg16(weights=None).features.state_dict(), vgg)
+    ab = tmp_path / "ab.pt"
+    torch.save({"alpha": torch.rand(1, 1475, 1, 1), "beta": torch.rand(1, 1475, 1, 1)}, ab)
+    suite = MetricSuite(dists_backbone=str(vgg), dists_weights=str(ab))
+    assert "dists" in suite.names
+    x = _photo()
+    assert suite(x, x)["dists"] == pytest.approx(0.0, abs=1e-5)
+    noisy = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
+    assert suite(noisy, x)["dists"] > suite((x + 0.02 * torch.randn_like(x)).clamp(0, 1), x)["dists"] > 0
+
+
+def test_fid_kid_formulas():
+    from osdiff.evaluation.fid import fid, kid
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 8))
+    assert fid(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert fid(a, a + 3.0) == pytest.approx(8 * 9.0, rel=1e-3)
+    assert abs(kid(a, rng.normal(size=(400, 8)))) < 0.05 < kid(a, a + 3.0)

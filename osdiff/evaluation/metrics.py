@@ -1,9 +1,11 @@
 """Image quality metrics on (1,3,H,W) tensors in [0,1], from piq where it has them.
 
 Weight-free: PSNR, MS-SSIM, HaarPSI, MS-GMSD, VSI, FSIM, VIF, and detail retention.
-LPIPS needs ImageNet backbone weights given by local path (option or OSDIFF_LPIPS_BACKBONE /
-OSDIFF_LPIPS_LINEAR); DISTS and FID need VGG16 / Inception weights that cannot be fetched
-here: they are reported as unavailable with the reason, never replaced by something else.
+LPIPS and DISTS need ImageNet backbone weights that cannot be fetched here: they are read
+from local paths (options, OSDIFF_LPIPS_BACKBONE / OSDIFF_LPIPS_LINEAR /
+OSDIFF_DISTS_BACKBONE / OSDIFF_DISTS_WEIGHTS, or torchvision checkpoints in the torch hub
+cache). FID/KID (osdiff.evaluation.fid) need Inception weights the same way. A metric without
+its weights is reported as unavailable with the reason, never replaced by something else.
 """
 from __future__ import annotations
 
@@ -57,28 +59,36 @@ def _piq(name: str):
 class MetricSuite:
     """Computes every available metric; `unavailable` says which are not, and why."""
 
-    lpips_backbone: str | None = None
-    lpips_linear: str | None = None
+    lpips_backbone: str | None = None  # torchvision AlexNet ImageNet state dict
+    lpips_linear: str | None = None  # LPIPS v0.1 alex.pth
+    dists_backbone: str | None = None  # torchvision VGG16 ImageNet state dict
+    dists_weights: str | None = None  # DISTS alpha/beta (weights.pt)
 
     def __post_init__(self) -> None:
-        self.lpips_backbone = self.lpips_backbone or os.environ.get("OSDIFF_LPIPS_BACKBONE")
-        self.lpips_linear = self.lpips_linear or os.environ.get("OSDIFF_LPIPS_LINEAR")
+        env = os.environ.get
+        self.lpips_backbone = self.lpips_backbone or env("OSDIFF_LPIPS_BACKBONE") or _hub_file("alexnet-owt-7be5be79.pth")
+        self.lpips_linear = self.lpips_linear or env("OSDIFF_LPIPS_LINEAR")
+        self.dists_backbone = self.dists_backbone or env("OSDIFF_DISTS_BACKBONE") or _hub_file("vgg16-397923af.pth")
+        self.dists_weights = self.dists_weights or env("OSDIFF_DISTS_WEIGHTS")
         self.unavailable: dict[str, str] = {}
-        self._lpips = None
+        self._lpips = self._dists = None
         if self.lpips_backbone and self.lpips_linear:
             from ..training.losses import LPIPS
 
             self._lpips = LPIPS(self.lpips_backbone, self.lpips_linear)
         else:
             self.unavailable["lpips"] = "needs AlexNet ImageNet weights (--lpips-backbone) and LPIPS linear weights (--lpips-linear)"
-        self.unavailable["dists"] = "needs VGG16 ImageNet weights, not available offline here"
-        self.unavailable["fid"] = "needs Inception weights, not available offline here"
-        self.unavailable["kid"] = "needs Inception weights, not available offline here"
+        if self.dists_backbone and self.dists_weights:
+            from .dists import DISTS
+
+            self._dists = DISTS(self.dists_backbone, self.dists_weights)
+        else:
+            self.unavailable["dists"] = "needs VGG16 ImageNet weights (--dists-backbone) and DISTS alpha/beta (--dists-weights)"
 
     @property
     def names(self) -> list[str]:
         names = ["psnr", "ms_ssim", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif", "detail_retention"]
-        return names + (["lpips"] if self._lpips is not None else [])
+        return names + (["lpips"] if self._lpips is not None else []) + (["dists"] if self._dists is not None else [])
 
     @torch.no_grad()
     def __call__(self, x: Tensor, ref: Tensor) -> dict[str, float]:
@@ -92,7 +102,15 @@ class MetricSuite:
                 out[name] = math.nan
         if self._lpips is not None:
             out["lpips"] = float(self._lpips(x, ref).mean())
+        if self._dists is not None:
+            out["dists"] = float(self._dists(x, ref).mean())
         return out
+
+
+def _hub_file(name: str) -> str | None:
+    """A torchvision checkpoint already in the usual torch hub cache, if any."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    return path if os.path.isfile(path) else None
 
 
 def _pad_small(t: Tensor, side: int = 161) -> Tensor:

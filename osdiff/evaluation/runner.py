@@ -46,8 +46,17 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def evaluate(data_dir: Path, codecs: list[Codec], out_dir: Path, metrics: MetricSuite,
-             limit: int | None = None, anchor: str = "jpeg", crops: bool = True) -> dict:
-    """Run (or resume) the evaluation; returns the summary written to summary.json."""
+             limit: int | None = None, anchor: str = "jpeg", crops: bool = True, inception: str | None = None) -> dict:
+    """Run (or resume) the evaluation; returns the summary written to summary.json.
+    With Inception weights, patch features are kept in features/ and FID/KID computed per
+    (codec, setting)."""
+    from .fid import InceptionFeatures, inception_weights
+
+    weights = inception_weights(inception)
+    features = InceptionFeatures(weights) if weights else None
+    if features is None:
+        metrics.unavailable["fid"] = metrics.unavailable["kid"] = "needs Inception weights (--inception or OSDIFF_INCEPTION_WEIGHTS)"
+    feat_dir = out_dir / "features"
     out_dir.mkdir(parents=True, exist_ok=True)
     images = find_images(data_dir, limit)
     csv_path = out_dir / "per_image.csv"
@@ -71,10 +80,18 @@ def evaluate(data_dir: Path, codecs: list[Codec], out_dir: Path, metrics: Metric
             data, decoded = codec.encode(pil, setting)
             row = {"image": img_path.name, "codec": codec.name, "setting": str(setting), "bytes": len(data),
                    "bpp": len(data) * 8 / (pil.width * pil.height), **metrics(to_tensor(decoded), ref)}
+            if features is not None:
+                feat_dir.mkdir(exist_ok=True)
+                real_file = feat_dir / f"real__{img_path.stem}.npy"
+                if not real_file.is_file():
+                    np.save(real_file, features(ref))
+                np.save(feat_dir / f"{codec.name}__{setting}__{img_path.stem}.npy", features(to_tensor(decoded)))
             writer.writerow(row)
             f.flush()
             rows.append(row)
     summary = summarize(rows, [c.name for c in codecs], metrics, anchor)
+    if features is not None:
+        _add_fid(summary, feat_dir, images)
     write_bytes_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default).encode(), force=True)
     _write_aggregate_csv(out_dir / "aggregate.csv", summary["curves"], metrics.names)
     plots = plot_curves(summary["curves"], metrics.names, out_dir)
@@ -116,6 +133,22 @@ def summarize(rows: list[dict], codec_names: list[str], metrics: MetricSuite, an
             }
     return {"anchor": anchor, "curves": dict(curves), "bd_rate_percent": bd, "unavailable_metrics": metrics.unavailable,
             "note": "BD-rate: negative = fewer bits than the anchor at equal quality; null = quality ranges do not overlap"}
+
+
+def _add_fid(summary: dict, feat_dir: Path, images: list[Path]) -> None:
+    from .fid import fid, kid
+
+    real = [np.load(feat_dir / f"real__{p.stem}.npy") for p in images if (feat_dir / f"real__{p.stem}.npy").is_file()]
+    real = np.concatenate(real) if real else np.zeros((0, 2048))
+    for codec, pts in summary["curves"].items():
+        for p in pts:
+            files = [feat_dir / f"{codec}__{p['setting']}__{img.stem}.npy" for img in images]
+            fake = [np.load(f) for f in files if f.is_file()]
+            fake = np.concatenate(fake) if fake else np.zeros((0, 2048))
+            ok = len(real) > 2 and len(fake) > 2
+            p["fid"] = fid(real, fake) if ok else math.nan
+            p["kid"] = kid(real, fake) if ok else math.nan
+            p["fid_patches"] = int(len(fake))
 
 
 def _write_aggregate_csv(path: Path, curves: dict, names: list[str]) -> None:
