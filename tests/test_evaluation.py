@@ -139,3 +139,31 @@ def test_fid_kid_formulas():
     assert fid(a, a) == pytest.approx(0.0, abs=1e-6)
     assert fid(a, a + 3.0) == pytest.approx(8 * 9.0, rel=1e-3)
     assert abs(kid(a, rng.normal(size=(400, 8)))) < 0.05 < kid(a, a + 3.0)
+
+
+def test_fid_plumbing_with_stand_in_features(tmp_path, monkeypatch):
+    """The runner's FID/KID path, with a stand-in for Inception (its weights are not here)."""
+    import osdiff.evaluation.fid as fid_module
+    from osdiff.evaluation.codecs import classical_codec
+    from osdiff.evaluation.runner import evaluate
+    from osdiff.imageio import tensor_to_pil
+
+    class StandIn:
+        def __init__(self, path):
+            self.proj = torch.randn(3 * 16 * 16, 32, generator=torch.Generator().manual_seed(0)).double()
+
+        def __call__(self, image):
+            p = torch.nn.functional.adaptive_avg_pool2d(image, 16).double().reshape(1, -1)
+            return np.repeat((p @ self.proj).numpy(), 4, axis=0) + np.random.default_rng(0).normal(size=(4, 32))
+
+    monkeypatch.setattr(fid_module, "InceptionFeatures", StandIn)
+    data = tmp_path / "d"
+    data.mkdir()
+    for i in range(2):
+        tensor_to_pil(_photo(i, 64, 64)).save(data / f"{i}.png")
+    jpeg = classical_codec("jpeg")
+    jpeg.settings = [5, 90]
+    summary = evaluate(data, [jpeg], tmp_path / "out", MetricSuite(), crops=False, inception="unused")
+    pts = {p["setting"]: p for p in summary["curves"]["jpeg"]}
+    assert pts["90"]["fid_patches"] == 8 and math.isfinite(pts["90"]["fid"]) and math.isfinite(pts["5"]["kid"])
+    assert "fid" not in summary["unavailable_metrics"]

@@ -139,12 +139,12 @@ def _add_fid(summary: dict, feat_dir: Path, images: list[Path]) -> None:
     from .fid import fid, kid
 
     real = [np.load(feat_dir / f"real__{p.stem}.npy") for p in images if (feat_dir / f"real__{p.stem}.npy").is_file()]
-    real = np.concatenate(real) if real else np.zeros((0, 2048))
+    real = np.concatenate(real) if real else np.zeros((0, 1))
     for codec, pts in summary["curves"].items():
         for p in pts:
             files = [feat_dir / f"{codec}__{p['setting']}__{img.stem}.npy" for img in images]
             fake = [np.load(f) for f in files if f.is_file()]
-            fake = np.concatenate(fake) if fake else np.zeros((0, 2048))
+            fake = np.concatenate(fake) if fake else np.zeros((0, 1))
             ok = len(real) > 2 and len(fake) > 2
             p["fid"] = fid(real, fake) if ok else math.nan
             p["kid"] = kid(real, fake) if ok else math.nan
