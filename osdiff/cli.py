@@ -291,10 +291,13 @@ def cmd_eval(args) -> int:
     metrics = MetricSuite(args.lpips_backbone, args.lpips_linear, args.dists_backbone, args.dists_weights)
     summary = evaluate(Path(args.data_dir), codecs, Path(args.out), metrics, limit=args.limit,
                        anchor=args.anchor, crops=not args.no_crops, inception=args.inception)
-    for codec, vals in summary["bd_rate_percent"].items():
-        shown = ", ".join(f"{m} {'n/a' if v is None else f'{v:+.1f}%'}" for m, v in vals.items())
-        print(f"BD-rate vs {summary['anchor']}: {codec}: {shown}")
-    print(f"report: {Path(args.out) / 'report.html'}")
+    from .evaluation.tables import bd_table, versus_table
+
+    print(bd_table(summary, metrics.names))
+    for codec in (c for c in codecs if c.learned):
+        print()
+        print(versus_table(summary, codec.name, [c.name for c in codecs if not c.learned]))
+    print(f"\nreport: {Path(args.out) / 'report.html'}")
     return 0
 
 

@@ -110,7 +110,7 @@ def test_end_to_end_eval_report(tmp_path, tiny_codec_folder, capsys):
     # resume: nothing is recomputed, nothing duplicated
     assert main(["eval", str(data), "--codecs", "osdiff-tiny,jpeg,webp", "--model", str(tiny_codec_folder), "--out", str(out), "--no-crops"]) == 0
     assert (out / "per_image.csv").read_text().strip().splitlines() == rows
-    assert "BD-rate vs jpeg" in capsys.readouterr().out
+    assert "codec vs jpeg" in capsys.readouterr().out
 
 
 def test_dists_from_local_weights(tmp_path):

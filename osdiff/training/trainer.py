@@ -172,6 +172,9 @@ class Trainer:
         arch, losses = self.config.tiny, self.config.losses
         torch.manual_seed(self.config.seed)
         vae = tiny_autoencoder(arch)
+        earlier = self._find_output("autoencoder", "vae", before=index)
+        if earlier is not None:  # a second autoencoder stage fine-tunes the first one's result
+            vae.load_state_dict(TinyAutoencoder.from_pretrained(earlier).state_dict())
         opt = torch.optim.AdamW(vae.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
         vae, opt = self._prepare(vae, opt)
         perceptual = PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear).to(self.device)
@@ -205,11 +208,16 @@ class Trainer:
         return True
 
     # ---- stage 2: denoiser ------------------------------------------------------------------
-    def _find_output(self, name: str, sub: str) -> Path:
-        for i, stage in enumerate(self.config.stages):
-            if stage.name == name and (self.stage_dir(i) / "out" / sub).is_dir():
+    def _find_output(self, name: str, sub: str, before: int | None = None) -> Path | None:
+        """The output folder of the latest finished stage called `name` (before `before`);
+        with `before` unset, a missing output is an error."""
+        limit = len(self.config.stages) if before is None else before
+        for i in reversed(range(limit)):
+            if self.config.stages[i].name == name and (self.stage_dir(i) / "out" / sub).is_dir():
                 return self.stage_dir(i) / "out" / sub
-        raise OSDiffError(f"stage {name!r} has not produced {sub}/ yet")
+        if before is None:
+            raise OSDiffError(f"stage {name!r} has not produced {sub}/ yet")
+        return None
 
     def _denoiser_stage(self, index, stage, max_steps, deadline) -> bool:
         vae = TinyAutoencoder.from_pretrained(self._find_output("autoencoder", "vae")).to(self.device).requires_grad_(False)
