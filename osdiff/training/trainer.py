@@ -364,7 +364,9 @@ class Trainer:
                 opt_d.step()
                 opt_d.zero_grad()
             psnr = -10 * math.log10(max(F.mse_loss(x_hat.detach().clamp(0, 1), x).item(), 1e-10))
-            return {"loss": loss.item(), "bpp": bpp.mean().item(), "latent_mse": latent_mse.mean().item(),
+            per_level = {f"bpp_q{q + 1}": (bpp[level == q].mean().item() if (level == q).any() else float("nan"))
+                         for q in range(len(lambdas))}
+            return {"loss": loss.item(), "bpp": bpp.mean().item(), **per_level, "latent_mse": latent_mse.mean().item(),
                     "hint_mse": hint_mse.mean().item(), "perceptual": perc.mean().item(), "adv_g": adv.item(),
                     "adv_d": d_loss.item(), "aux": aux.item(), "psnr": psnr}
 
