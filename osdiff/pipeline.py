@@ -103,6 +103,8 @@ class OSDiffPipeline(DiffusionPipeline):
             digest.update(json.dumps(schedule, sort_keys=True, default=str).encode())
             for name in ("vae", "compressor", "unet", "conditioning"):
                 module = getattr(self, name)
+                architecture = {k: v for k, v in module.config.items() if not k.startswith("_")}
+                digest.update(json.dumps(architecture, sort_keys=True, default=str).encode())
                 tensors = dict(module.state_dict())
                 if name == "compressor":
                     tensors.update({f"tables.{k}": v for k, v in module.entropy_tables().items()})

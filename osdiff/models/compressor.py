@@ -15,6 +15,7 @@ with exactly the same integer tables.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -35,6 +36,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from ..entropy.exact import exact_modules
 
 ENTROPY_TABLES_FILE = "entropy_tables.safetensors"
 _TABLE_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
@@ -105,6 +108,7 @@ class LatentCompressor(CompressionModel, ModelMixin, ConfigMixin):
         analysis_downsamples: int = 2,
         hyper_downsamples: int = 1,
         num_quality_levels: int = 4,
+        exact_entropy_parameters: bool = True,
     ) -> None:
         super().__init__()
         n, m, groups = hidden_channels, code_channels, list(groups)
@@ -175,6 +179,20 @@ class LatentCompressor(CompressionModel, ModelMixin, ConfigMixin):
             if isinstance(module, CheckerboardMaskedConv2d):
                 module.weight.mul_(module.mask)
 
+    def entropy_parameter_modules(self) -> list[nn.Module]:
+        """The networks whose outputs choose the entropy models: hyper-synthesis, channel
+        context, checkerboard context and parameter aggregation of every group."""
+        groups = self.latent_codec["y"]
+        mods: list[nn.Module] = [self.latent_codec["hyper"].h_s, *groups.channel_context.values()]
+        for codec in groups.latent_codec.values():
+            mods += [codec.context_prediction, codec.entropy_parameters]
+        return mods
+
+    def _coding_context(self):
+        if self.config.exact_entropy_parameters:
+            return exact_modules(self.entropy_parameter_modules())
+        return contextlib.nullcontext()
+
     # ---- shapes ---------------------------------------------------------------------------
     @property
     def latent_multiple(self) -> int:
@@ -221,18 +239,20 @@ class LatentCompressor(CompressionModel, ModelMixin, ConfigMixin):
         if latent.shape[0] != 1:
             raise ValueError("compress codes one latent at a time")
         y = self.g_a(latent)
-        out = self.latent_codec.compress(y, *self._gains(level))
+        with self._coding_context():
+            out = self.latent_codec.compress(y, *self._gains(level))
         strings = [s[0] for s in out["strings"]]
-        return {"strings": strings, "hint": self.g_s(out["y_hat"])}
+        return {"strings": strings, "hint": self.g_s(out["y_hat"].to(y.dtype).contiguous())}
 
     @torch.no_grad()
     def decompress(self, strings: list[bytes], latent_hw: tuple[int, int], level: int) -> Tensor:
         """Strings from `compress` and the latent (h, w) -> hint (1,C,h,w)."""
         _, _, y_gain_inv, z_gain_inv = self._gains(level)
-        out = self.latent_codec.decompress(
-            [[s] for s in strings], self.code_shapes(latent_hw), y_gain_inv, z_gain_inv
-        )
-        return self.g_s(out["y_hat"].to(y_gain_inv.dtype))
+        with self._coding_context():
+            out = self.latent_codec.decompress(
+                [[s] for s in strings], self.code_shapes(latent_hw), y_gain_inv, z_gain_inv
+            )
+        return self.g_s(out["y_hat"].to(y_gain_inv.dtype).contiguous())
 
     # ---- persistence of the integer CDF tables -------------------------------------------
     def entropy_tables(self) -> dict[str, Tensor]:
