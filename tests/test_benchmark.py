@@ -33,8 +33,9 @@ def test_bench_counts_unet_calls(tiny_codec, monkeypatch):
     original = tiny_codec.unet.forward
     monkeypatch.setattr(tiny_codec.unet, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     benchmark(tiny_codec, (40, 56), [1, 4], repeat=1, warmup=0)
-    # compress: 0 calls; unet_step component: 1; decode_total: 1 + 4
-    assert len(calls) == 1 + 1 + 4
+    # compress: 0 calls; unet_step component: 1; each decode is timed once and run once more
+    # for peak memory: 2 x (1 + 4)
+    assert len(calls) == 1 + 2 * (1 + 4)
 
 
 def test_bench_bad_arguments(capsys):

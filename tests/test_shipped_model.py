@@ -1,0 +1,35 @@
+"""The shipped osdiff-tiny on a real photo (skipped where ../shared/data is absent)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import osdiff
+from osdiff.evaluation.metrics import MetricSuite
+from osdiff.imageio import open_image, to_tensor
+
+from .conftest import shared_photo
+
+PHOTO = shared_photo()
+
+
+@pytest.mark.skipif(PHOTO is None, reason="../shared/data/images is not here")
+def test_every_level_round_trips_with_rising_rate_and_falling_distortion():
+    codec = osdiff.load("osdiff-tiny")
+    image = open_image(PHOTO)
+    ref = to_tensor(image)
+    suite = MetricSuite()
+    bpps, psnrs, haarpsi = [], [], []
+    for q in range(1, codec.num_quality_levels + 1):
+        data = codec.compress(image, quality=q)
+        out = codec.decompress(data)
+        assert out.size == image.size
+        m = suite(to_tensor(out), ref)
+        bpps.append(len(data) * 8 / (image.width * image.height))
+        psnrs.append(m["psnr"])
+        haarpsi.append(m["haarpsi"])
+    assert bpps == sorted(bpps) and len(set(bpps)) == len(bpps), bpps
+    assert psnrs == sorted(psnrs), psnrs
+    assert haarpsi == sorted(haarpsi), haarpsi
+    assert 0.02 < bpps[0] and bpps[-1] < 1.0
+    assert np.isfinite(psnrs).all() and psnrs[-1] > 20
