@@ -65,7 +65,7 @@ def test_accepts_pil_numpy_and_torch(tiny_codec, photo, make):
     assert tiny_codec.compress(make(photo)) == reference
 
 
-@pytest.mark.parametrize("size", [(1, 1), (1, 5), (7, 13), (130, 3)])
+@pytest.mark.parametrize("size", [(1, 1), (1, 5), (7, 13), (130, 3), (4000, 1), (1, 4000)])
 def test_any_size_round_trips(tiny_codec, size):
     w, h = size
     arr = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
