@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .denoise import add_noise, fixed_noise
+from .imageio import pad_right_bottom
 from .models.autoencoder import LATENT_DOWNSCALE, decode_latent, encode_latent
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -140,8 +140,7 @@ def benchmark(codec, size: tuple[int, int], steps: list[int], device: str = "cpu
     )
 
     # --- encoding components
-    x = torch.nn.functional.pad(image, (0, header.pad_w, 0, header.pad_h), mode="replicate")
-    x = (x * 2 - 1).to(dev, DTYPES[dtype])
+    x = (pad_right_bottom(image, header.pad_w, header.pad_h) * 2 - 1).to(dev, DTYPES[dtype])
     latent = encode_latent(codec.vae, x).float()
     level = header.quality - 1
     comp = codec.compressor
@@ -162,8 +161,7 @@ def benchmark(codec, size: tuple[int, int], steps: list[int], device: str = "cpu
     hint = comp.g_s(y_hat).to(DTYPES[dtype])
     context = codec.conditioning(1).to(hint.dtype)
     t = int(codec.config.timestep)
-    x_t = add_noise(hint, fixed_noise(tuple(hint.shape), codec.config.noise_seed, dev, hint.dtype),
-                    float(codec.scheduler.alphas_cumprod[t]))
+    x_t = codec.noised_hint(hint)
     result.decode["entropy_decode"] = time_it(lambda: comp.latent_codec.decompress(nested, shapes, gains[2], gains[3]))
     result.decode["synthesis"] = time_it(lambda: comp.g_s(y_hat))
     result.decode["unet_step"] = time_it(lambda: codec.unet(

@@ -86,11 +86,13 @@ def _version() -> str:
 
 # ---- helpers ----------------------------------------------------------------------------
 def _expand(inputs: list[str], suffixes: tuple[str, ...]) -> list[Path]:
+    from .imageio import find_images
+
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in suffixes)
+            found = find_images(p, suffixes)
             if not found:
                 raise OSDiffError(f"{p}: folder holds no {'/'.join(suffixes)} files")
             files += found

@@ -21,6 +21,7 @@ from .errors import OSDiffError, OSDiffWarning
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm")
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # training and evaluation sets
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -131,3 +132,8 @@ def pad_right_bottom(x: torch.Tensor, pad_w: int, pad_h: int) -> torch.Tensor:
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
     return x
+
+
+def find_images(folder: str | os.PathLike, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """Files below `folder` (recursively) whose suffix is in `suffixes`, sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)

@@ -179,13 +179,17 @@ class OSDiffPipeline(DiffusionPipeline):
         """`.osd` bytes -> PIL RGB image of the original size."""
         return tensor_to_pil(self.decompress_tensor(data, steps=steps).image)
 
+    def noised_hint(self, hint: Tensor) -> Tensor:
+        """x_t: the hint noised to the decoding timestep with the fixed-seed noise."""
+        noise = fixed_noise(tuple(hint.shape), self.config.noise_seed, hint.device, hint.dtype)
+        return add_noise(hint, noise, float(self.scheduler.alphas_cumprod[int(self.config.timestep)]))
+
     def denoise(self, hint: Tensor, steps: int = 1) -> Tensor:
         """Hint latent (B,C,h,w) -> clean latent, with `steps` controlled-UNet evaluations."""
         alphas = self.scheduler.alphas_cumprod
         prediction_type = self.scheduler.config.prediction_type
-        noise = fixed_noise(tuple(hint.shape), self.config.noise_seed, hint.device, hint.dtype)
         timesteps = ddim_timesteps(int(self.config.timestep), steps)
-        x = add_noise(hint, noise, float(alphas[timesteps[0]]))
+        x = self.noised_hint(hint)
         context = self.conditioning(hint.shape[0]).to(hint.dtype)
         x0 = x
         for i, t in enumerate(timesteps):

@@ -17,19 +17,19 @@ from tqdm import tqdm
 
 from ..errors import OSDiffError
 from ..fileio import write_bytes_atomic
-from ..imageio import open_image, to_tensor
+from ..imageio import PHOTO_SUFFIXES, open_image, to_tensor
+from ..imageio import find_images as list_images
 from .bdrate import bd_rate
 from .codecs import Codec
 from .metrics import HIGHER_IS_BETTER, MetricSuite
 
-SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 KEY = ("image", "codec", "setting")
 
 
 def find_images(folder: Path, limit: int | None = None) -> list[Path]:
     if not folder.is_dir():
         raise OSDiffError(f"{folder}: not a folder")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    files = list_images(folder, PHOTO_SUFFIXES)
     if not files:
         raise OSDiffError(f"{folder}: no images")
     return files[:limit] if limit else files

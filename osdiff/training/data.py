@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from ..errors import OSDiffError
-from ..imageio import open_image
+from ..imageio import PHOTO_SUFFIXES, open_image
+from ..imageio import find_images as list_images
 
-SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def find_images(folders: list[str], base: Path | None = None) -> list[Path]:
@@ -22,7 +22,7 @@ def find_images(folders: list[str], base: Path | None = None) -> list[Path]:
             p = base / p
         if not p.is_dir():
             raise OSDiffError(f"{p}: image folder not found")
-        files += sorted(q for q in p.rglob("*") if q.suffix.lower() in SUFFIXES)
+        files += list_images(p, PHOTO_SUFFIXES)
     if not files:
         raise OSDiffError(f"no images in {folders}")
     return files

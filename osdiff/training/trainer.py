@@ -194,7 +194,7 @@ class Trainer:
                     self.accelerator.clip_grad_norm_(vae.parameters(), stage.grad_clip)
                 opt.step()
                 opt.zero_grad()
-            psnr = -10 * math.log10(max(F.mse_loss(x_hat.detach().clamp(0, 1), x).item(), 1e-10))
+            psnr = _psnr(x_hat, x)
             return {"loss": loss.item(), "l1": l1.item(), "perceptual": perc.item(), "latent_rms": reg.sqrt().item(), "psnr": psnr}
 
         if not self._loop(index, stage, {"vae": vae}, {"vae": (opt, stage.lr)}, step_fn, max_steps, deadline):
@@ -239,7 +239,7 @@ class Trainer:
             noise = torch.randn(z.shape, generator=gen).to(self.device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (z.shape[0],), generator=gen).to(self.device)
             a = alphas[t][:, None, None, None]
-            z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+            z_t = add_noise(z, noise, a)
             with self.accelerator.accumulate(unet):
                 ctx = conditioning(z.shape[0])
                 pred = unet(z_t, t, encoder_hidden_states=ctx).sample
@@ -339,7 +339,7 @@ class Trainer:
                 adv = torch.zeros((), device=self.device)
                 if use_adv:
                     a = alphas[d_t][:, None, None, None]
-                    fake = a.sqrt() * z_hat + (1 - a).sqrt() * d_noise
+                    fake = add_noise(z_hat, d_noise, a)
                     discriminator.requires_grad_(False)
                     adv = generator_adversarial(discriminator(fake, d_t, ctx))
                     discriminator.requires_grad_(True)
@@ -357,13 +357,13 @@ class Trainer:
             d_loss = torch.zeros(())
             if use_adv:
                 a = alphas[d_t][:, None, None, None]
-                real = a.sqrt() * z + (1 - a).sqrt() * d_noise
-                fake = a.sqrt() * z_hat.detach() + (1 - a).sqrt() * d_noise
+                real = add_noise(z, d_noise, a)
+                fake = add_noise(z_hat.detach(), d_noise, a)
                 d_loss = discriminator_adversarial(discriminator(real, d_t, ctx), discriminator(fake, d_t, ctx))
                 self.accelerator.backward(d_loss)
                 opt_d.step()
                 opt_d.zero_grad()
-            psnr = -10 * math.log10(max(F.mse_loss(x_hat.detach().clamp(0, 1), x).item(), 1e-10))
+            psnr = _psnr(x_hat, x)
             per_level = {f"bpp_q{q + 1}": (bpp[level == q].mean().item() if (level == q).any() else float("nan"))
                          for q in range(len(lambdas))}
             return {"loss": loss.item(), "bpp": bpp.mean().item(), **per_level, "latent_mse": latent_mse.mean().item(),
@@ -383,6 +383,11 @@ class Trainer:
         pipe.compressor.update(force=True)
         pipe.save_pretrained(self.out / "model")
         return True
+
+
+def _psnr(x_hat, x) -> float:
+    """Batch PSNR in dB of images in [0,1], for the logs."""
+    return -10 * math.log10(max(F.mse_loss(x_hat.detach().clamp(0, 1), x).item(), 1e-10))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
