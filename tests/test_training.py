@@ -52,7 +52,7 @@ def _log(out: Path, stage: str) -> list[dict]:
 def test_autoencoder_stage_reduces_loss(tmp_path, image_folder):
     cfg = make_config(tmp_path / "run", image_folder, [StageConfig(name="autoencoder", steps=30, batch_size=4, crop=64, lr=3e-3, warmup_steps=1)])
     Trainer(cfg).run()
-    rows = _log(tmp_path / "run", "autoencoder")
+    rows = _log(tmp_path / "run", "0-autoencoder")
     first = np.mean([float(r["loss"]) for r in rows[:5]])
     last = np.mean([float(r["loss"]) for r in rows[-5:]])
     assert last < 0.8 * first
@@ -97,7 +97,7 @@ def test_codec_stage_gradients_reach_generator_and_discriminator(tmp_path, pretr
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
     Trainer(cfg).run()
     assert seen["main"] > 0 and seen["disc"] > 0
-    row = _log(tmp_path / "run", "codec")[0]
+    row = _log(tmp_path / "run", "2-codec")[0]
     assert float(row["adv_g"]) > 0 and float(row["adv_d"]) > 0 and float(row["bpp"]) > 0
     assert (tmp_path / "run" / "model" / "model_index.json").is_file()
 
@@ -106,7 +106,7 @@ def test_codec_stage_reduces_loss(tmp_path, pretrained_run, image_folder):
     cfg = _codec_config(pretrained_run, tmp_path / "run", image_folder, steps=25)
     cfg = replace(cfg, losses=replace(cfg.losses, adversarial=0.0))
     Trainer(cfg).run()
-    losses = [float(r["loss"]) for r in _log(tmp_path / "run", "codec")]
+    losses = [float(r["loss"]) for r in _log(tmp_path / "run", "2-codec")]
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
 
 
@@ -127,10 +127,25 @@ def test_resume_is_exact(tmp_path, pretrained_run, image_folder, photo):
     assert np.array_equal(np.asarray(a.decompress(data)), np.asarray(b.decompress(data)))
 
 
+def test_second_codec_stage_fine_tunes_the_first(tmp_path, pretrained_run, image_folder):
+    import osdiff
+
+    cfg = _codec_config(pretrained_run, tmp_path / "run", image_folder, steps=2)
+    Trainer(cfg).run()
+    first = osdiff.load(tmp_path / "run" / "model").compressor.state_dict()
+    wider = StageConfig(name="codec", steps=1, batch_size=2, crop=64, lr=1e-9, lr_aux=1e-9, warmup_steps=1, rate_lambdas=[0.1, 1.0, 10.0, 100.0], level_balance=0.5)
+    cfg = replace(cfg, stages=cfg.stages + [wider])
+    Trainer(cfg).run()
+    second = osdiff.load(tmp_path / "run" / "model").compressor.state_dict()
+    # a tiny learning rate: the fine-tuned weights start from (and stay next to) the first stage's
+    assert all(torch.allclose(first[k].float(), second[k].float(), atol=1e-4) for k in first if "_cdf" not in k and "_offset" not in k and "_length" not in k)
+    assert len(_log(tmp_path / "run", "3-codec")) == 1
+
+
 def test_config_files_load(tmp_path):
     root = Path(__file__).resolve().parents[1] / "configs"
     tiny = load_config(root / "tiny.yaml")
-    assert [s.name for s in tiny.stages] == ["autoencoder", "autoencoder", "denoiser", "codec"]
+    assert [s.name for s in tiny.stages] == ["autoencoder", "autoencoder", "denoiser", "codec", "codec"]
     assert len(tiny.losses.rate_lambdas) == tiny.tiny.compressor.num_quality_levels
     sd = load_config(root / "sd21.yaml")
     assert sd.model == "sd21" and sd.compressor.code_channels == 320 and sd.compressor.groups == (16, 16, 32, 64, 192)

@@ -37,6 +37,11 @@ class StageConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 50
+    rate_lambdas: list[float] | None = None  # codec stage: overrides losses.rate_lambdas
+    # each level's loss (bpp + lambda * D) is weighted by lambda ** -level_balance, so that with a wide
+    # lambda range the highest level does not drown the others' gradients in the shared layers
+    # (for one level this only rescales the loss; its optimum is unchanged)
+    level_balance: float = 0.0
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Layout of `output_dir`:
   progress.json              which stage is done / running
-  log-<stage>.csv            one row per logged step
+  log-<i>-<stage>.csv        one row per logged step of stage i
   stages/<i>-<name>/ckpt.pt  latest checkpoint of a running stage (weights, optimizers, step)
   stages/<i>-<name>/out/     what a finished stage hands on (diffusers folders)
   model/                     the finished codec (OSDiffPipeline.save_pretrained)
@@ -83,7 +83,7 @@ class Trainer:
         return self._images
 
     def _log(self, row: dict) -> None:
-        path = self.out / f"log-{row['stage']}.csv"
+        path = self.out / f"log-{row['stage']}.csv"  # row["stage"] is "<index>-<name>"
         new = not path.is_file()
         with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
@@ -152,7 +152,7 @@ class Trainer:
             ran += 1
             if step % self.config.log_every == 0 or step == stage.steps - 1:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
-                self._log({"stage": stage.name, "step": step, "time": round(time.time(), 1), **{k: round(v, 6) for k, v in logs.items()}})
+                self._log({"stage": f"{index}-{stage.name}", "step": step, "time": round(time.time(), 1), **{k: round(v, 6) for k, v in logs.items()}})
             stop = (max_steps is not None and ran >= max_steps) or (deadline is not None and time.monotonic() > deadline)
             if stop or time.monotonic() - last_save > 60 * self.config.checkpoint_minutes:
                 save(step + 1)
@@ -279,17 +279,34 @@ class Trainer:
         conditioning = ConditioningEmbedding.from_pretrained(self._find_output("denoiser", "conditioning"))
         return vae, unet, conditioning, sd_noise_scheduler(), cfg.compressor or cfg.tiny.compressor
 
+    def _earlier_codec_checkpoint(self, index: int) -> Path | None:
+        """Final checkpoint of the latest finished codec stage before `index`, if any."""
+        done = set(self._progress()["done"])
+        for i in reversed(range(index)):
+            if self.config.stages[i].name == "codec" and i in done:
+                ckpt = self.stage_dir(i) / "ckpt.pt"
+                if not ckpt.is_file():
+                    raise OSDiffError(f"stage {i} (codec) is done but its checkpoint {ckpt} is gone")
+                return ckpt
+        return None
+
     def _codec_stage(self, index, stage, max_steps, deadline) -> bool:
         cfg, losses = self.config, self.config.losses
         vae, plain_unet, conditioning, scheduler, comp_arch = self._codec_parts()
-        if len(losses.rate_lambdas) != comp_arch.num_quality_levels:
-            raise OSDiffError(f"rate_lambdas has {len(losses.rate_lambdas)} values for {comp_arch.num_quality_levels} quality levels")
+        rate_lambdas = stage.rate_lambdas or losses.rate_lambdas
+        if len(rate_lambdas) != comp_arch.num_quality_levels:
+            raise OSDiffError(f"rate_lambdas has {len(rate_lambdas)} values for {comp_arch.num_quality_levels} quality levels")
         torch.manual_seed(cfg.seed + 2)
         compressor = compressor_from(comp_arch)
         unet = add_control(plain_unet, cfg.tiny.control_size_ratio if cfg.model == "tiny" else 0.2)
         unet.freeze_unet_params()
         discriminator = UNetFeatureDiscriminator(plain_unet)
         del plain_unet
+        earlier = self._earlier_codec_checkpoint(index)
+        if earlier is not None:  # a second codec stage fine-tunes the first one's result
+            state = torch.load(earlier, map_location="cpu", weights_only=False)["modules"]
+            for name, module in (("compressor", compressor), ("unet", unet), ("discriminator", discriminator)):
+                module.load_state_dict(state[name])
         for frozen in (vae, conditioning):
             frozen.requires_grad_(False)
         vae.to(self.device)
@@ -305,7 +322,8 @@ class Trainer:
         perceptual = PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear).to(self.device)
         sampler = CropSampler(self._images_cached(), stage.crop, stage.batch_size, cfg.seed, index)
         alphas = scheduler.alphas_cumprod.to(self.device)
-        lambdas = torch.tensor(losses.rate_lambdas, device=self.device)
+        lambdas = torch.tensor(rate_lambdas, device=self.device)
+        level_weights = lambdas ** -stage.level_balance
         t0 = cfg.decoding.timestep
         prediction_type = scheduler.config.prediction_type
 
@@ -335,7 +353,7 @@ class Trainer:
                 x_hat = (decode_latent(vae, z_hat) + 1) / 2
                 perc = perceptual(x_hat, x)
                 distortion = losses.latent_mse * latent_mse + losses.hint_mse * hint_mse + losses.perceptual * perc
-                loss = (bpp + lambdas[level] * distortion).mean()
+                loss = (level_weights[level] * (bpp + lambdas[level] * distortion)).mean()
                 adv = torch.zeros((), device=self.device)
                 if use_adv:
                     a = alphas[d_t][:, None, None, None]
