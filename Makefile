@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test clean
+.PHONY: install demo test serve clean
 
 $(VENV)/.installed: pyproject.toml requirements/torch.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ demo: install
 	$(PY) scripts/demo.py $(IMAGE)
 
 test: install
+	scripts/install_browser.sh  # Debian's chromium for the end-to-end tests of `osdiff serve`
 	$(PY) -m pytest -q
+
+serve: install
+	$(VENV)/bin/osdiff serve
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="configs/tiny.yaml, configs/sd21.yaml, ...")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpointed)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after this long (checkpointed)")
+
+    s = sub.add_parser("serve", help="local web page: osdiff vs AVIF/WebP/JPEG at the same file size")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("-m", "--model", default=None, help="shipped model name or model folder (default osdiff-tiny)")
+    s.add_argument("--max-upload-mb", type=float, default=25.0, help="largest upload accepted (MiB)")
+    s.add_argument("--max-pixels", type=float, default=4.0, help="largest image accepted (megapixels)")
     return parser
 
 
@@ -246,6 +253,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import socket
+
+    import uvicorn
+
+    from .config import ServeLimits
+    from .serve import create_app
+
+    if not 1 <= args.port <= 65535 or args.max_upload_mb <= 0 or args.max_pixels <= 0:
+        raise OSDiffError("--port must be 1..65535 and the limits positive")
+    try:  # a clear one-line error for a busy port or a bad address, before loading the model
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as exc:
+        raise OSDiffError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
+    limits = ServeLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_pixels * 1e6))
+    pipe = _load(args.model)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"osdiff: warning: listening on {args.host}: other machines can reach this page", file=sys.stderr)
+    print(f"osdiff serve: http://{args.host}:{args.port}/ (model {pipe.config.model_name}; Ctrl-C stops)", flush=True)
+    uvicorn.run(create_app(pipe, limits), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import torch
 
@@ -303,7 +334,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train}
+COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train, "serve": cmd_serve}
 
 
 def _on_sigterm(signum, frame):

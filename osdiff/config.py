@@ -67,6 +67,15 @@ class BitstreamLimits:
     max_name_bytes: int = 255
 
 
+@dataclass(frozen=True)
+class ServeLimits:
+    """What `osdiff serve` accepts per request (bytes, pixels); larger inputs get HTTP 413."""
+
+    max_upload_bytes: int = 25 * 2**20
+    max_pixels: int = 4_000_000
+    compare_codecs: tuple[str, ...] = ("avif", "webp", "jpeg")
+
+
 def to_dict(obj) -> dict:
     """A dataclass as a JSON-friendly dict (tuples become lists)."""
     return asdict(obj)

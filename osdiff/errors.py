@@ -8,3 +8,7 @@ class OSDiffError(Exception):
 
 class OSDiffWarning(UserWarning):
     """Something was changed in the input to make it codable (alpha dropped, first frame)."""
+
+
+class InputTooLarge(OSDiffError):
+    """An input over a configured size limit (bytes or pixels); raised before it is decoded."""

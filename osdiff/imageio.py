@@ -7,6 +7,7 @@ float in [0,1]; torch (3,H,W) or (1,3,H,W) float in [0,1] or uint8.
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import OSDiffError, OSDiffWarning
+from .errors import InputTooLarge, OSDiffError, OSDiffWarning
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm")
@@ -29,17 +30,31 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise OSDiffError(f"{path}: no such file")
+    return _read(path, str(path))
+
+
+def image_from_bytes(data: bytes, max_pixels: int | None = None, label: str = "upload") -> Image.Image:
+    """Decode an image file held in memory. With `max_pixels`, the size is checked from the
+    file's header before any pixel is decoded (InputTooLarge)."""
+    return _read(io.BytesIO(data), label, max_pixels)
+
+
+def _read(source, label: str, max_pixels: int | None = None) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise InputTooLarge(f"{label}: image of {img.width}x{img.height} pixels is over the limit of {max_pixels} pixels")
             if getattr(img, "n_frames", 1) > 1:
-                warnings.warn("animated image, using its first frame", OSDiffWarning, stacklevel=2)
+                warnings.warn("animated image, using its first frame", OSDiffWarning, stacklevel=3)
                 img.seek(0)
             img.load()
             return pil_to_rgb(img)
     except OSDiffError:
         raise
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as exc:
-        raise OSDiffError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
+    except UnidentifiedImageError:
+        raise OSDiffError(f"{label}: not a readable image (not a format Pillow knows)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as exc:
+        raise OSDiffError(f"{label}: not a readable image ({exc.__class__.__name__}: {exc})") from None
 
 
 def pil_to_rgb(img: Image.Image) -> Image.Image:

@@ -15,53 +15,71 @@ from ..errors import OSDiffError
 
 @dataclass
 class Codec:
+    """`encode_bytes(image, setting) -> file bytes`, `decode_bytes(bytes) -> RGB image`.
+    `settings`: quality settings swept in evaluation, low rate first; `quality_range`:
+    every integer setting the codec accepts (for matching a file size)."""
+
     name: str
-    settings: list  # quality settings swept, low rate first
-    encode: Callable[[Image.Image, object], tuple[bytes, Image.Image]] = field(repr=False)
+    settings: list
+    encode_bytes: Callable[[Image.Image, object], bytes] = field(repr=False)
+    decode_bytes: Callable[[bytes], Image.Image] = field(repr=False)
+    quality_range: tuple[int, int] = (1, 100)
+    mime: str = "application/octet-stream"
+    suffix: str = ".bin"
     learned: bool = False
 
+    def encode(self, image: Image.Image, setting) -> tuple[bytes, Image.Image]:
+        """(file bytes, the decoded RGB image)."""
+        data = self.encode_bytes(image, setting)
+        return data, self.decode_bytes(data)
 
-def _pillow(fmt: str, **extra) -> Callable[[Image.Image, int], tuple[bytes, Image.Image]]:
-    def encode(image: Image.Image, quality: int) -> tuple[bytes, Image.Image]:
+
+def _pillow_encoder(fmt: str, **extra) -> Callable[[Image.Image, int], bytes]:
+    def encode(image: Image.Image, quality: int) -> bytes:
         buf = io.BytesIO()
         image.save(buf, format=fmt, quality=int(quality), **extra)
-        data = buf.getvalue()
-        with Image.open(io.BytesIO(data)) as decoded:
-            return data, decoded.convert("RGB")
+        return buf.getvalue()
 
     return encode
 
 
+def _pillow_decode(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as decoded:
+        return decoded.convert("RGB")
+
+
 def classical_codec(name: str) -> Codec:
     if name == "jpeg":
-        return Codec("jpeg", [1, 3, 5, 10, 15, 20, 30, 40, 50, 65, 80, 90], _pillow("JPEG", optimize=True))
+        return Codec("jpeg", [1, 3, 5, 10, 15, 20, 30, 40, 50, 65, 80, 90], _pillow_encoder("JPEG", optimize=True),
+                     _pillow_decode, (1, 95), "image/jpeg", ".jpg")
     if name == "webp":
-        return Codec("webp", [0, 5, 10, 20, 30, 45, 60, 75, 90], _pillow("WEBP", method=6))
+        return Codec("webp", [0, 5, 10, 20, 30, 45, 60, 75, 90], _pillow_encoder("WEBP", method=6),
+                     _pillow_decode, (0, 100), "image/webp", ".webp")
     if name == "avif":
         if not features.check("avif"):
             raise OSDiffError("avif: this Pillow has no AVIF support")
-        return Codec("avif", [0, 5, 10, 20, 30, 40, 50, 60, 70, 80], _pillow("AVIF", speed=6))
+        return Codec("avif", [0, 5, 10, 20, 30, 40, 50, 60, 70, 80], _pillow_encoder("AVIF", speed=6),
+                     _pillow_decode, (0, 100), "image/avif", ".avif")
     if name == "jxl":
         try:
             import pillow_jxl  # noqa: F401
         except ImportError:
             raise OSDiffError("jxl: install pillow-jxl-plugin for JPEG XL") from None
-        return Codec("jxl", [5, 10, 20, 30, 40, 55, 70, 85], _pillow("JXL", effort=7))
+        return Codec("jxl", [5, 10, 20, 30, 40, 55, 70, 85], _pillow_encoder("JXL", effort=7),
+                     _pillow_decode, (1, 100), "image/jxl", ".jxl")
     raise OSDiffError(f"unknown codec {name!r}")
 
 
-def osdiff_codec(name: str, model: str | None = None) -> Codec:
-    """A learned osdiff codec; `model` is a shipped name or folder (default: `name`)."""
+def osdiff_codec(name: str, model=None) -> Codec:
+    """A learned osdiff codec; `model` is a shipped name, a folder or a loaded pipeline
+    (default: the shipped model called `name`)."""
     from ..hub import load
-    from ..imageio import tensor_to_pil
+    from ..pipeline import OSDiffPipeline
 
-    pipe = load(model or name)
-
-    def encode(image: Image.Image, quality: int) -> tuple[bytes, Image.Image]:
-        data = pipe.compress(image, quality=quality)
-        return data, tensor_to_pil(pipe.decompress_tensor(data).image)
-
-    return Codec(name, list(range(1, pipe.num_quality_levels + 1)), encode, learned=True)
+    pipe = model if isinstance(model, OSDiffPipeline) else load(model or name)
+    levels = pipe.num_quality_levels
+    return Codec(name, list(range(1, levels + 1)), lambda image, quality: pipe.compress(image, quality=quality),
+                 pipe.decompress, (1, levels), "application/x-osdiff", ".osd", learned=True)
 
 
 def make_codec(name: str, model: str | None = None) -> Codec:

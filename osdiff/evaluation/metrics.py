@@ -94,17 +94,26 @@ class MetricSuite:
     def __call__(self, x: Tensor, ref: Tensor) -> dict[str, float]:
         x, ref = x.float().clamp(0, 1), ref.float().clamp(0, 1)
         out = {"psnr": psnr(x, ref), "detail_retention": detail_retention(x, ref)}
-        small = min(ref.shape[-2:]) < 161  # MS-SSIM's 5 scales and VSI/FSIM need room
         for name in ("ms_ssim", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif"):
-            try:
-                out[name] = float(_piq(name)(_pad_small(x) if small else x, _pad_small(ref) if small else ref))
-            except (ValueError, RuntimeError, AssertionError):
-                out[name] = math.nan
+            out[name] = piq_metric(name, x, ref)
         if self._lpips is not None:
             out["lpips"] = float(self._lpips(x, ref).mean())
         if self._dists is not None:
             out["dists"] = float(self._dists(x, ref).mean())
         return out
+
+
+@torch.no_grad()
+def piq_metric(name: str, x: Tensor, ref: Tensor) -> float:
+    """One piq metric (ms_ssim, haarpsi, ms_gmsd, vsi, fsim, vif) of images in [0,1];
+    images under 161 px are padded (MS-SSIM's 5 scales and VSI/FSIM need room); nan on failure."""
+    x, ref = x.float().clamp(0, 1), ref.float().clamp(0, 1)
+    if min(ref.shape[-2:]) < 161:
+        x, ref = _pad_small(x), _pad_small(ref)
+    try:
+        return float(_piq(name)(x, ref))
+    except (ValueError, RuntimeError, AssertionError):
+        return math.nan
 
 
 def _hub_file(name: str) -> str | None:

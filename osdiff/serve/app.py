@@ -1,0 +1,204 @@
+"""The FastAPI app of `osdiff serve`: the page (static files shipped in the package) and a
+JSON API. Uploads are raw request bodies read into memory (never written to disk), checked
+against `ServeLimits` before decoding; every failure is a JSON `{"error": "..."}`.
+
+  GET  /api/info                         model, quality levels, limits
+  POST /api/compress?quality=N           body: image file  -> osdiff result (+ .osd, decoded PNG)
+  POST /api/decompress                   body: .osd file   -> decoded PNG
+  POST /api/compare?quality=N[&progress=1][&codecs=avif,webp,jpeg]
+                                         body: image file  -> osdiff + size-matched classical codecs
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import threading
+import time
+import warnings
+from importlib import resources
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from ..config import ServeLimits
+from ..errors import InputTooLarge, OSDiffError
+from ..evaluation.codecs import Codec, classical_codec, osdiff_codec
+from ..imageio import image_from_bytes, to_tensor
+from ..pipeline import OSDiffPipeline
+from .comparison import CodedImage, encode_timed, match_file_size
+
+STATIC = resources.files("osdiff.serve") / "static"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def create_app(pipe: OSDiffPipeline, limits: ServeLimits = ServeLimits()) -> FastAPI:
+    """The web app around one loaded codec. Model work runs one request at a time."""
+    app = FastAPI(title="osdiff", docs_url=None, redoc_url=None, openapi_url=None)
+    lock = threading.Lock()
+    learned = osdiff_codec(pipe.config.model_name, pipe)
+    classical: dict[str, Codec] = {}
+    for name in limits.compare_codecs:
+        try:
+            classical[name] = classical_codec(name)
+        except OSDiffError:  # e.g. a Pillow without AVIF: the page shows the others
+            pass
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(OSDiffError)
+    async def osdiff_error(request: Request, exc: OSDiffError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=413 if isinstance(exc, InputTooLarge) else 400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"internal error ({exc.__class__.__name__}: {exc})"}, status_code=500)
+
+    # ---- helpers -------------------------------------------------------------------------
+    async def read_upload(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limits.max_upload_bytes:
+            raise ApiError(413, f"upload of {int(declared)} bytes is over the limit of {limits.max_upload_bytes} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_upload_bytes:
+                raise ApiError(413, f"upload is over the limit of {limits.max_upload_bytes} bytes")
+            chunks.append(chunk)
+        if size == 0:
+            raise ApiError(400, "empty upload: send the file as the request body")
+        return b"".join(chunks)
+
+    def quality_of(request: Request) -> int:
+        raw = request.query_params.get("quality", str(pipe.config.default_quality))
+        if not raw.isdigit() or not 1 <= int(raw) <= pipe.num_quality_levels:
+            raise ApiError(400, f"quality must be an integer from 1 to {pipe.num_quality_levels}, got {raw!r}")
+        return int(raw)
+
+    def open_upload(data: bytes):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            image = image_from_bytes(data, limits.max_pixels)
+        return image, sorted({str(w.message) for w in caught})
+
+    def locked(fn: Callable, *args):
+        with lock:
+            return fn(*args)
+
+    def osdiff_result(image, quality: int) -> tuple[CodedImage, dict]:
+        coded = encode_timed(learned, image, quality)
+        original = to_tensor(image)
+        return coded, {**coded.summary(original), "png": _png_b64(coded.decoded)}
+
+    # ---- routes ---------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(str(STATIC / "index.html"), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    @app.get("/api/info")
+    async def info() -> dict:
+        return {
+            "model": pipe.config.model_name, "model_hash": pipe.model_hash.hex(),
+            "quality_levels": pipe.num_quality_levels, "default_quality": pipe.config.default_quality,
+            "max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
+            "compare_codecs": list(classical),
+        }
+
+    @app.post("/api/compress")
+    async def compress(request: Request) -> dict:
+        quality = quality_of(request)
+        image, notes = open_upload(await read_upload(request))
+
+        def work() -> dict:
+            _, result = osdiff_result(image, quality)
+            return {"width": image.width, "height": image.height, "quality": quality, "warnings": notes, **result}
+
+        return await run_in_threadpool(locked, work)
+
+    @app.post("/api/decompress")
+    async def decompress(request: Request) -> dict:
+        data = await read_upload(request)
+
+        def work() -> dict:
+            header, _ = pipe.read_header(data)
+            if header.width * header.height > limits.max_pixels:
+                raise InputTooLarge(f".osd file of {header.width}x{header.height} pixels is over the limit of {limits.max_pixels} pixels")
+            t0 = time.perf_counter()
+            image = pipe.decompress(data)
+            return {"width": header.width, "height": header.height, "quality": header.quality, "model": header.model_name,
+                    "bytes": len(data), "bpp": len(data) * 8 / (header.width * header.height),
+                    "decode_s": time.perf_counter() - t0, "png": _png_b64(image)}
+
+        return await run_in_threadpool(locked, work)
+
+    @app.post("/api/compare")
+    async def compare(request: Request):
+        quality = quality_of(request)
+        names = request.query_params.get("codecs")
+        chosen = list(classical) if names is None else [n for n in names.split(",") if n]
+        unknown = [n for n in chosen if n not in classical]
+        if unknown:
+            raise ApiError(400, f"unknown or unavailable codecs {unknown}; available: {list(classical)}")
+        image, notes = open_upload(await read_upload(request))
+
+        def work(emit: Callable[[dict], None]) -> dict:
+            total = 1 + len(chosen)
+            emit({"progress": 0, "total": total, "stage": f"osdiff quality {quality}"})
+            coded, first = osdiff_result(image, quality)
+            original = to_tensor(image)
+            results = [first]
+            for i, name in enumerate(chosen, 1):
+                emit({"progress": i, "total": total, "stage": f"{name} at {len(coded.data)} bytes"})
+                results.append(match_file_size(classical[name], image, len(coded.data)).summary(original))
+            return {"width": image.width, "height": image.height, "quality": quality, "warnings": notes,
+                    "original_png": _png_b64(image), "results": results}
+
+        if request.query_params.get("progress") != "1":
+            return await run_in_threadpool(locked, work, lambda event: None)
+        return StreamingResponse(_progress_stream(lambda emit: locked(work, emit)), media_type="application/x-ndjson")
+
+    return app
+
+
+async def _progress_stream(work: Callable[[Callable[[dict], None]], dict]):
+    """Run `work(emit)` in a thread; yield its events, then `{"result": ...}` or `{"error": ...}`,
+    one JSON object per line. The thread finishes (and frees the model) even if the client leaves."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def emit(event: dict) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    def run() -> None:
+        try:
+            emit({"result": work(emit)})
+        except OSDiffError as exc:
+            emit({"error": str(exc)})
+        except Exception as exc:  # reported in the page; the server keeps running
+            emit({"error": f"internal error ({exc.__class__.__name__}: {exc})"})
+
+    loop.run_in_executor(None, run)
+    while True:
+        event = await queue.get()
+        yield json.dumps(event) + "\n"
+        if "result" in event or "error" in event:
+            return
+
+
+def _png_b64(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
