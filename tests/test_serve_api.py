@@ -177,3 +177,19 @@ def test_nothing_uploaded_touches_disk(client, monkeypatch):
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
     assert client.post("/api/compress?quality=1", content=png_bytes(32, 32)).status_code == 200
+
+
+def test_serve_cli_refuses_busy_port_and_bad_limits(capsys):
+    import socket
+
+    from osdiff.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("osdiff: error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
+    assert main(["serve", "--port", "0"]) == 1
+    assert main(["serve", "--max-pixels", "-1"]) == 1
