@@ -211,6 +211,13 @@ class LatentCompressor(CompressionModel, ModelMixin, ConfigMixin):
             "hyper": (zh, zw),
         }
 
+    def max_symbols_per_string(self, latent_hw: tuple[int, int]) -> int:
+        """An upper bound on the symbols any one string codes (a whole group, or all of z)."""
+        shapes = self.code_shapes(latent_hw)
+        _, yh, yw = shapes["y"][0]
+        zh, zw = shapes["hyper"]
+        return max(max(self.groups) * yh * yw, self.config.hidden_channels * zh * zw)
+
     def num_strings(self) -> int:
         """Entropy-coded byte strings per image: 2 checkerboard passes per group, plus z."""
         return 2 * len(self.groups) + 1
@@ -248,9 +255,10 @@ class LatentCompressor(CompressionModel, ModelMixin, ConfigMixin):
     def decompress(self, strings: list[bytes], latent_hw: tuple[int, int], level: int) -> Tensor:
         """Strings from `compress` and the latent (h, w) -> hint (1,C,h,w)."""
         _, _, y_gain_inv, z_gain_inv = self._gains(level)
+        symbols = self.max_symbols_per_string(latent_hw)
         with self._coding_context():
             out = self.latent_codec.decompress(
-                [[s] for s in strings], self.code_shapes(latent_hw), y_gain_inv, z_gain_inv
+                [[_pad_for_rans(s, symbols)] for s in strings], self.code_shapes(latent_hw), y_gain_inv, z_gain_inv
             )
         return self.g_s(out["y_hat"].to(y_gain_inv.dtype).contiguous())
 
@@ -325,3 +333,14 @@ class LatentCompressor(CompressionModel, ModelMixin, ConfigMixin):
 
 
 __all__ = ["LatentCompressor", "ENTROPY_TABLES_FILE"]
+
+
+def _pad_for_rans(string: bytes, symbols: int) -> bytes:
+    """`string` followed by enough zero bytes that compressai's rANS decoder, which reads
+    32-bit words without bounds checks, stays inside the buffer even on garbage input.
+
+    Past the real data the decoder reads zeros: each symbol then reads at most one word (4 bytes)
+    once the state's leftover bits are flushed (a few hundred bytes at most), and the bypass
+    escape of a symbol can read at most 15 nibbles for every nibble of the string
+    (`n_bypass` grows by at most 15 per nibble): 16 * len + 4 * symbols + 64 KiB covers it."""
+    return string + bytes(16 * len(string) + 4 * symbols + 65536)
