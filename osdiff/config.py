@@ -42,6 +42,21 @@ class DecodingConfig:
 
 
 @dataclass(frozen=True)
+class TilingConfig:
+    """Large images are encoded and decoded in overlapping tiles so memory stays bounded
+    (latent pixels; 1 latent pixel = 8x8 image pixels). Tiles are a fixed function of the
+    image size, so files stay deterministic; images whose latent fits in one tile are coded whole."""
+
+    tile: int = 128  # 1024 image pixels
+    overlap: int = 16  # blended linearly (128 image pixels)
+    align: int = 8  # tile starts are multiples of this (the UNet's downsampling)
+
+    def __post_init__(self) -> None:
+        if not (0 < self.overlap < self.tile and self.tile % self.align == 0 and self.overlap % self.align == 0):
+            raise ValueError("tiling: need 0 < overlap < tile, both multiples of align")
+
+
+@dataclass(frozen=True)
 class TinyArchitecture:
     """The embedded default model's sizes (channels). Chosen for CPU decode speed."""
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, UNetControlNetXSModel
 from PIL import Image
 from torch import Tensor
 
-from .config import BitstreamLimits
+from .config import BitstreamLimits, TilingConfig
 from .denoise import add_noise, ddim_timesteps, fixed_noise, predict_x0_eps
 from .entropy.bitstream import HASH_BYTES, OSDHeader, pack, parse
 from .errors import OSDiffError
@@ -33,6 +34,7 @@ from .imageio import ImageInput, pad_right_bottom, tensor_to_pil, to_tensor
 from .models.autoencoder import LATENT_DOWNSCALE, decode_latent, encode_latent
 from .models.compressor import LatentCompressor
 from .models.conditioning import ConditioningEmbedding
+from .tiling import run_tiled
 
 
 @dataclass
@@ -68,6 +70,7 @@ class OSDiffPipeline(DiffusionPipeline):
             control_scale=control_scale, default_quality=default_quality,
         )
         self.limits = BitstreamLimits()
+        self.tiling = TilingConfig()
         self._model_hash: bytes | None = None
 
     # ---- properties ---------------------------------------------------------------------
@@ -139,7 +142,7 @@ class OSDiffPipeline(DiffusionPipeline):
             raise OSDiffError(f"image of {width}x{height} pixels is larger than this codec accepts")
         pad_w, pad_h = self.padded_side(width) - width, self.padded_side(height) - height
         x = pad_right_bottom(x, pad_w, pad_h)
-        latent = encode_latent(self.vae, self._to_model(x * 2.0 - 1.0))
+        latent = self.encode_image(self._to_model(x * 2.0 - 1.0))
         coded = self.compressor.compress(latent.to(self.compressor.dtype), level - 1)
         header = OSDHeader(self.config.model_name, self.model_hash, level, width, height, pad_w, pad_h)
         return pack(header, coded["strings"])
@@ -171,9 +174,26 @@ class OSDiffPipeline(DiffusionPipeline):
             hint = self.compressor.decompress(strings, latent_hw, header.quality - 1)
         except (RuntimeError, ValueError, IndexError) as exc:
             raise OSDiffError(f"corrupted entropy-coded data ({exc})") from None
-        latent = self.denoise(hint.to(self.unet.dtype), steps=steps)
-        image = (decode_latent(self.vae, latent.to(self.vae.dtype)).float() + 1.0) / 2.0
+        image = (self.decode_hint(hint.to(self.unet.dtype), steps=steps) + 1.0) / 2.0
         return DecodeResult(image[:, :, : header.height, : header.width].cpu(), header)
+
+    def encode_image(self, image: Tensor) -> Tensor:
+        """Padded image (1,3,H,W) in [-1,1] -> latent (1,4,H/8,W/8); large images in tiles."""
+        t = self.tiling
+        return run_tiled(lambda x: encode_latent(self.vae, x), [image], Fraction(1, LATENT_DOWNSCALE),
+                         t.tile * LATENT_DOWNSCALE, t.overlap * LATENT_DOWNSCALE, t.align * LATENT_DOWNSCALE)
+
+    def decode_hint(self, hint: Tensor, steps: int = 1) -> Tensor:
+        """Hint latent (1,4,h,w) -> image (1,3,8h,8w) in [-1,1] (float32): the UNet step(s) and the
+        latent decoder, in overlapping tiles for large latents. The noise is drawn for the whole
+        latent first, so a tile sees the same noise as it would untiled."""
+        t = self.tiling
+
+        def decode(x_t: Tensor, hint_tile: Tensor) -> Tensor:
+            latent = self.denoise(hint_tile, steps=steps, x_t=x_t)
+            return decode_latent(self.vae, latent.to(self.vae.dtype)).float()
+
+        return run_tiled(decode, [self.noised_hint(hint), hint], LATENT_DOWNSCALE, t.tile, t.overlap, t.align)
 
     def decompress(self, data: bytes, steps: int = 1) -> Image.Image:
         """`.osd` bytes -> PIL RGB image of the original size."""
@@ -184,12 +204,13 @@ class OSDiffPipeline(DiffusionPipeline):
         noise = fixed_noise(tuple(hint.shape), self.config.noise_seed, hint.device, hint.dtype)
         return add_noise(hint, noise, float(self.scheduler.alphas_cumprod[int(self.config.timestep)]))
 
-    def denoise(self, hint: Tensor, steps: int = 1) -> Tensor:
-        """Hint latent (B,C,h,w) -> clean latent, with `steps` controlled-UNet evaluations."""
+    def denoise(self, hint: Tensor, steps: int = 1, x_t: Tensor | None = None) -> Tensor:
+        """Hint latent (B,C,h,w) -> clean latent, with `steps` controlled-UNet evaluations,
+        starting from `x_t` (default: `noised_hint(hint)`)."""
         alphas = self.scheduler.alphas_cumprod
         prediction_type = self.scheduler.config.prediction_type
         timesteps = ddim_timesteps(int(self.config.timestep), steps)
-        x = self.noised_hint(hint)
+        x = self.noised_hint(hint) if x_t is None else x_t
         context = self.conditioning(hint.shape[0]).to(hint.dtype)
         x0 = x
         for i, t in enumerate(timesteps):
