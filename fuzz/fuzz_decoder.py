@@ -77,7 +77,7 @@ def main() -> None:
     import os
 
     corpus = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
-    if corpus:
+    if corpus and not os.path.isfile(corpus):  # a corpus folder (a file argument is an input to re-run)
         os.makedirs(corpus, exist_ok=True)
         for i, seed in enumerate(SEEDS):  # one input per mode around each seed
             for mode in (0, 1, 2):

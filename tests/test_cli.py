@@ -129,3 +129,46 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(OSDiffError):
         write_atomic(tmp_path / "out.bin", explode)
     assert list(tmp_path.iterdir()) == []
+
+
+def _kill_while_writing(cmd: list[str], folder: Path, sig: int) -> None:
+    """Start `cmd`, wait until its temporary output file appears in `folder`, send `sig`."""
+    import signal  # noqa: F401  (sig is a signal number)
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not any(p.name.endswith(".tmp") for p in folder.iterdir()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the command ended before writing: {proc.stderr.read().decode()[-500:]}")
+        time.sleep(0.001)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def noise_osd(tmp_path_factory, tiny_codec_folder) -> Path:
+    folder = tmp_path_factory.mktemp("noise")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (800, 1200, 3), dtype=np.uint8)).save(folder / "noise.png")
+    assert main(["compress", str(folder / "noise.png"), "-m", str(tiny_codec_folder), "-q", "4"]) == 0
+    return folder / "noise.osd"
+
+
+@pytest.mark.parametrize("sig_name", ["SIGTERM", "SIGINT", "SIGKILL"])
+def test_killed_mid_write_leaves_no_partial_output(tmp_path, tiny_codec_folder, noise_osd, sig_name):
+    """Killed while the output is being written: the output path holds nothing (TERM/INT also
+    remove the temporary file; after KILL only a hidden `.NAME.*.tmp` can remain)."""
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "osdiff.cli", "decompress", str(noise_osd), "-o", str(out / "noise.png"), "-m", str(tiny_codec_folder)]
+    _kill_while_writing(cmd, out, getattr(signal, sig_name))
+    assert not (out / "noise.png").exists()
+    leftovers = list(out.iterdir())
+    if sig_name == "SIGKILL":
+        assert all(p.name.startswith(".noise.png.") and p.name.endswith(".tmp") for p in leftovers)
+    else:
+        assert leftovers == []
