@@ -53,6 +53,7 @@ class BenchResult:
     ratio_ideal: dict[int, float] = field(default_factory=dict)
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
     bits_per_pixel: float = 0.0
+    deterministic: bool = True  # ComputeConfig.deterministic while measuring
     note: str = ""
 
     def to_json(self) -> dict:
@@ -117,12 +118,18 @@ def _timer(device: torch.device, warmup: int, repeat: int) -> Callable[[Callable
     return run
 
 
-@torch.inference_mode()
 def benchmark(codec, size: tuple[int, int], steps: list[int], device: str = "cpu", dtype: str = "fp32",
               repeat: int = 3, warmup: int = 1, model_label: str = "", random_weights: bool = False) -> BenchResult:
-    """Time `codec` (an OSDiffPipeline) on a random image of `size` = (height, width)."""
+    """Time `codec` (an OSDiffPipeline) on a random image of `size` = (height, width), every
+    stage run as `codec.compute` says (deterministic by default; see ComputeConfig)."""
+    codec.to(torch.device(device))
+    with codec.coding_context():
+        return _measure(codec, size, steps, device, dtype, repeat, warmup, model_label, random_weights)
+
+
+@torch.inference_mode()
+def _measure(codec, size, steps, device, dtype, repeat, warmup, model_label, random_weights) -> BenchResult:
     dev = torch.device(device)
-    codec.to(dev)
     for part in (codec.vae, codec.unet, codec.conditioning):  # the compressor stays fp32
         part.to(DTYPES[dtype])
     codec._model_hash = None
@@ -135,7 +142,7 @@ def benchmark(codec, size: tuple[int, int], steps: list[int], device: str = "cpu
     result = BenchResult(
         model=model_label, device=_device_name(dev), dtype=dtype, size=size, threads=torch.get_num_threads(),
         torch_version=torch.__version__, random_weights=random_weights,
-        bits_per_pixel=len(data) * 8 / (height * width),
+        bits_per_pixel=len(data) * 8 / (height * width), deterministic=codec.compute.deterministic,
         note="weights are random: timings do not depend on weight values" if random_weights else "",
     )
 
@@ -190,7 +197,8 @@ def _device_name(dev: torch.device) -> str:
 
 def format_table(r: BenchResult) -> str:
     h, w = r.size
-    lines = [f"osdiff bench: {r.model} | {h}x{w} px | {r.device} | {r.dtype} | torch {r.torch_version} | {r.bits_per_pixel:.4f} bpp"]
+    mode = "deterministic" if r.deterministic else "fast"
+    lines = [f"osdiff bench: {r.model} | {h}x{w} px | {r.device} | {r.dtype} | {mode} | torch {r.torch_version} | {r.bits_per_pixel:.4f} bpp"]
     if r.note:
         lines.append(f"note: {r.note}")
     row = "{:<28}{:>12}{:>12}{:>12}{:>12}"

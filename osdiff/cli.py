@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quality", type=int, default=None, help="quality level, 1 (fewest bits) .. the model's highest")
     c.add_argument("-m", "--model", default=None, help="shipped model name or model folder (default osdiff-tiny)")
     c.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
+    c.add_argument("--fast", action="store_true", help="torch's default CPU kernels and threads: faster, but decoded pixels may differ by a level between thread counts")
 
     d = sub.add_parser("decompress", help=".osd files -> PNG images")
     d.add_argument("inputs", nargs="+", metavar="IN", help=".osd files or folders of them")
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-m", "--model", default=None, help="model name or folder (default: the model named in the file)")
     d.add_argument("--steps", type=int, default=1, help="denoising steps (1 = one-step decoding; >1 uses DDIM)")
     d.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
+    d.add_argument("--fast", action="store_true", help="torch's default CPU kernels and threads: faster, but decoded pixels may differ by a level between thread counts")
 
     i = sub.add_parser("info", help="print the header of .osd files")
     i.add_argument("inputs", nargs="+", metavar="FILE")
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=3)
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    b.add_argument("--fast", action="store_true", help="torch's default CPU kernels and threads: faster, but decoded pixels may differ by a level between thread counts")
 
     e = sub.add_parser("eval", help="rate-distortion evaluation against classical codecs, with an HTML report")
     e.add_argument("data_dir", help="folder of images")
@@ -130,10 +133,13 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="file", file=sys.stderr)
 
 
-def _load(model: str | None):
+def _load(model: str | None, fast: bool = False):
+    from .config import ComputeConfig
     from .hub import DEFAULT_MODEL, load
 
-    return load(model or DEFAULT_MODEL)
+    codec = load(model or DEFAULT_MODEL)
+    codec.compute = ComputeConfig(deterministic=not fast)
+    return codec
 
 
 def _run_each(files, outputs, work, desc: str) -> int:
@@ -158,7 +164,7 @@ def cmd_compress(args) -> int:
     outputs = _outputs(files, args.output, ".osd", len(files) > 1)
     for dst in outputs:
         check_writable(dst, args.force)
-    codec = _load(args.model)
+    codec = _load(args.model, args.fast)
     codec._check_quality(args.quality)
 
     def work(src: Path, dst: Path) -> None:
@@ -196,7 +202,7 @@ def cmd_decompress(args) -> int:
         header, _ = parse(data)
         key = args.model or header.model_name
         if key not in codecs:
-            codecs[key] = _load(key)
+            codecs[key] = _load(key, args.fast)
         image = codecs[key].decompress(data, steps=args.steps)
         fmt = (dst.suffix.lstrip(".") or "png").upper()
         fmt = {"JPG": "JPEG", "TIF": "TIFF"}.get(fmt, fmt)
@@ -281,6 +287,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from .benchmark import benchmark, format_table
+    from .config import ComputeConfig
 
     try:
         height, width = (int(v) for v in args.size.lower().split("x"))
@@ -300,8 +307,9 @@ def cmd_bench(args) -> int:
 
         codec, random_weights = build_sd21_architecture(), True
         codec.compressor.update(force=True)
+        codec.compute = ComputeConfig(deterministic=not args.fast)
     else:
-        codec, random_weights = _load(args.model), False
+        codec, random_weights = _load(args.model, args.fast), False
     result = benchmark(codec, (height, width), steps, args.device, args.dtype, args.repeat, args.warmup,
                        model_label=args.model, random_weights=random_weights)
     print(format_table(result))

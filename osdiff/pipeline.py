@@ -15,6 +15,7 @@ Components (each saved in its own subfolder by `save_pretrained`):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, UNetControlNetXSModel
 from PIL import Image
 from torch import Tensor
 
-from .config import BitstreamLimits, TilingConfig
+from .config import BitstreamLimits, ComputeConfig, TilingConfig
 from .denoise import add_noise, ddim_timesteps, fixed_noise, predict_x0_eps
 from .entropy.bitstream import HASH_BYTES, OSDHeader, pack, parse
 from .errors import OSDiffError
@@ -71,6 +72,7 @@ class OSDiffPipeline(DiffusionPipeline):
         )
         self.limits = BitstreamLimits()
         self.tiling = TilingConfig()
+        self.compute = ComputeConfig()
         self._model_hash: bytes | None = None
 
     # ---- properties ---------------------------------------------------------------------
@@ -142,8 +144,9 @@ class OSDiffPipeline(DiffusionPipeline):
             raise OSDiffError(f"image of {width}x{height} pixels is larger than this codec accepts")
         pad_w, pad_h = self.padded_side(width) - width, self.padded_side(height) - height
         x = pad_right_bottom(x, pad_w, pad_h)
-        latent = self.encode_image(self._to_model(x * 2.0 - 1.0))
-        coded = self.compressor.compress(latent.to(self.compressor.dtype), level - 1)
+        with self.coding_context():
+            latent = self.encode_image(self._to_model(x * 2.0 - 1.0))
+            coded = self.compressor.compress(latent.to(self.compressor.dtype), level - 1)
         header = OSDHeader(self.config.model_name, self.model_hash, level, width, height, pad_w, pad_h)
         return pack(header, coded["strings"])
 
@@ -170,12 +173,27 @@ class OSDiffPipeline(DiffusionPipeline):
         """`.osd` bytes -> image tensor (1,3,H,W) in [0,1]; `steps` > 1 uses DDIM."""
         header, strings = self.read_header(data)
         latent_hw = ((header.height + header.pad_h) // LATENT_DOWNSCALE, (header.width + header.pad_w) // LATENT_DOWNSCALE)
-        try:
-            hint = self.compressor.decompress(strings, latent_hw, header.quality - 1)
-        except (RuntimeError, ValueError, IndexError) as exc:
-            raise OSDiffError(f"corrupted entropy-coded data ({exc})") from None
-        image = (self.decode_hint(hint.to(self.unet.dtype), steps=steps) + 1.0) / 2.0
+        with self.coding_context():  # also the synthesis transform inside decompress: float work
+            try:
+                hint = self.compressor.decompress(strings, latent_hw, header.quality - 1)
+            except (RuntimeError, ValueError, IndexError) as exc:
+                raise OSDiffError(f"corrupted entropy-coded data ({exc})") from None
+            image = (self.decode_hint(hint.to(self.unet.dtype), steps=steps) + 1.0) / 2.0
         return DecodeResult(image[:, :, : header.height, : header.width].cpu(), header)
+
+    @contextlib.contextmanager
+    def coding_context(self):
+        """Run the networks as `self.compute` says (see ComputeConfig); restores torch's settings."""
+        if not self.compute.deterministic or self.device.type != "cpu":
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.compute.threads)
+        try:
+            with torch.backends.mkldnn.flags(enabled=False):
+                yield
+        finally:
+            torch.set_num_threads(before)
 
     def encode_image(self, image: Tensor) -> Tensor:
         """Padded image (1,3,H,W) in [-1,1] -> latent (1,4,H/8,W/8); large images in tiles."""
