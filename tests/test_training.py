@@ -145,7 +145,7 @@ def test_second_codec_stage_fine_tunes_the_first(tmp_path, pretrained_run, image
 def test_config_files_load(tmp_path):
     root = Path(__file__).resolve().parents[1] / "configs"
     tiny = load_config(root / "tiny.yaml")
-    assert [s.name for s in tiny.stages] == ["autoencoder", "autoencoder", "denoiser", "codec", "codec"]
+    assert [s.name for s in tiny.stages] == ["autoencoder", "autoencoder", "denoiser", "codec"]
     assert len(tiny.losses.rate_lambdas) == tiny.tiny.compressor.num_quality_levels
     sd = load_config(root / "sd21.yaml")
     assert sd.model == "sd21" and sd.compressor.code_channels == 320 and sd.compressor.groups == (16, 16, 32, 64, 192)
