@@ -42,10 +42,10 @@ def make_config(out: Path, folder: Path, stages: list[StageConfig], **losses) ->
     )
 
 
-def _log(out: Path, stage: str) -> list[dict]:
+def _log(out: Path, stage: str, kind: str = "log") -> list[dict]:
     import csv
 
-    with open(out / f"log-{stage}.csv") as f:
+    with open(out / f"{kind}-{stage}.csv") as f:
         return list(csv.DictReader(f))
 
 
@@ -57,6 +57,8 @@ def test_autoencoder_stage_reduces_loss(tmp_path, image_folder):
     last = np.mean([float(r["loss"]) for r in rows[-5:]])
     assert last < 0.8 * first
     assert (tmp_path / "run" / "stages" / "0-autoencoder" / "out" / "vae" / "config.json").is_file()
+    val = _log(tmp_path / "run", "0-autoencoder", kind="val")
+    assert [int(r["step"]) for r in val] == [30] and 5 < float(val[0]["psnr"]) < 60
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +110,10 @@ def test_codec_stage_reduces_loss(tmp_path, pretrained_run, image_folder):
     Trainer(cfg).run()
     losses = [float(r["loss"]) for r in _log(tmp_path / "run", "2-codec")]
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    val = _log(tmp_path / "run", "2-codec", kind="val")[-1]  # held-out crops, every level
+    assert all(float(val[f"bpp_q{q}"]) > 0 and 3 < float(val[f"psnr_q{q}"]) < 60 for q in range(1, 5))
+    denoiser = _log(tmp_path / "run", "1-denoiser", kind="val")[-1]
+    assert all(0 < float(denoiser[f"eps_mse_t{t}"]) < 10 for t in (100, 500, 900))
 
 
 def test_resume_is_exact(tmp_path, pretrained_run, image_folder, photo):
@@ -125,6 +131,20 @@ def test_resume_is_exact(tmp_path, pretrained_run, image_folder, photo):
     data = a.compress(photo)
     assert data == b.compress(photo)
     assert np.array_equal(np.asarray(a.decompress(data)), np.asarray(b.decompress(data)))
+
+
+def test_validation_does_not_change_training(tmp_path, pretrained_run, image_folder):
+    import osdiff
+
+    quiet = replace(_codec_config(pretrained_run, tmp_path / "a", image_folder, steps=3), val_every=0)
+    Trainer(quiet).run()
+    checked = replace(_codec_config(pretrained_run, tmp_path / "b", image_folder, steps=3), val_every=1)
+    Trainer(checked).run()
+    assert len(_log(tmp_path / "b", "2-codec", kind="val")) == 3 and not (tmp_path / "a" / "val-2-codec.csv").exists()
+    a, b = osdiff.load(tmp_path / "a" / "model"), osdiff.load(tmp_path / "b" / "model")
+    for name in ("compressor", "unet"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
 
 
 def test_second_codec_stage_fine_tunes_the_first(tmp_path, pretrained_run, image_folder):

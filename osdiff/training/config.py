@@ -71,6 +71,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     checkpoint_minutes: float = 5.0
     log_every: int = 10
+    val_every: int = 250  # steps between validations on data.val_folders (and at a stage's end); 0: never
     threads: int = 0  # torch CPU threads, 0 = torch's default
     data: DataConfig = field(default_factory=DataConfig)
     losses: LossConfig = field(default_factory=LossConfig)

@@ -40,6 +40,20 @@ def load_images(files: list[Path], max_side: int) -> list[np.ndarray]:
     return out
 
 
+def center_crops(images: list[np.ndarray], crop: int) -> torch.Tensor:
+    """(N,3,crop,crop) float in [0,1]: the centre of every image at least `crop` pixels a side
+    (the fixed validation batch)."""
+    patches = []
+    for im in images:
+        h, w = im.shape[:2]
+        if min(h, w) >= crop:
+            y, x = (h - crop) // 2, (w - crop) // 2
+            patches.append(im[y : y + crop, x : x + crop])
+    if not patches:
+        raise OSDiffError(f"no validation image is at least {crop}x{crop} pixels")
+    return torch.from_numpy(np.stack(patches)).permute(0, 3, 1, 2).float().div_(255.0)
+
+
 class CropSampler:
     """Random crops with horizontal flips; batch k is a pure function of (seed, stage, k)."""
 

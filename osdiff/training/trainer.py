@@ -3,6 +3,7 @@
 Layout of `output_dir`:
   progress.json              which stage is done / running
   log-<i>-<stage>.csv        one row per logged step of stage i
+  val-<i>-<stage>.csv        validation on centre crops of data.val_folders, every val_every steps
   stages/<i>-<name>/ckpt.pt  latest checkpoint of a running stage (weights, optimizers, step)
   stages/<i>-<name>/out/     what a finished stage hands on (diffusers folders)
   model/                     the finished codec (OSDiffPipeline.save_pretrained)
@@ -33,7 +34,7 @@ from ..models.autoencoder import TinyAutoencoder, decode_latent, encode_latent
 from ..models.conditioning import ConditioningEmbedding
 from ..pipeline import OSDiffPipeline
 from .config import StageConfig, TrainConfig
-from .data import CropSampler, find_images, load_images
+from .data import CropSampler, center_crops, find_images, load_images
 from .discriminator import UNetFeatureDiscriminator
 from .losses import PerceptualLoss, bits_per_pixel, discriminator_adversarial, generator_adversarial
 
@@ -62,6 +63,7 @@ class Trainer:
         )
         self.device = self.accelerator.device
         self._images: list | None = None
+        self._val_images: list | None = None
 
     # ---- bookkeeping ------------------------------------------------------------------------
     def stage_dir(self, index: int) -> Path:
@@ -82,8 +84,15 @@ class Trainer:
             self._images = load_images(files, self.config.data.max_side)
         return self._images
 
-    def _log(self, row: dict) -> None:
-        path = self.out / f"log-{row['stage']}.csv"  # row["stage"] is "<index>-<name>"
+    def _val_batch(self, crop: int) -> torch.Tensor:
+        """Fixed validation crops (at most data.max_val_images), on the training device."""
+        if self._val_images is None:
+            files = find_images(self.config.data.val_folders, self.base)[: self.config.data.max_val_images]
+            self._val_images = load_images(files, self.config.data.max_side)
+        return center_crops(self._val_images, crop).to(self.device)
+
+    def _log(self, row: dict, kind: str = "log") -> None:
+        path = self.out / f"{kind}-{row['stage']}.csv"  # row["stage"] is "<index>-<name>"
         new = not path.is_file()
         with open(path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
@@ -114,9 +123,11 @@ class Trainer:
             self._mark_done(index)
         return self.out / "model"
 
-    def _loop(self, index, stage, modules, optimizers, step_fn, max_steps, deadline) -> bool:
+    def _loop(self, index, stage, modules, optimizers, step_fn, max_steps, deadline, val_fn=None) -> bool:
         """Generic resumable loop. `modules`: name -> trainable module (checkpointed);
-        `optimizers`: name -> (optimizer, base lr); `step_fn(step) -> dict of floats`."""
+        `optimizers`: name -> (optimizer, base lr); `step_fn(step) -> dict of floats`;
+        `val_fn() -> dict of floats` runs every `val_every` steps and after the last step
+        (no gradients, modules in eval mode; it draws no random numbers the training uses)."""
         ckpt = self.stage_dir(index) / "ckpt.pt"
         start = 0
         if ckpt.is_file():
@@ -153,6 +164,10 @@ class Trainer:
             if step % self.config.log_every == 0 or step == stage.steps - 1:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
                 self._log({"stage": f"{index}-{stage.name}", "step": step, "time": round(time.time(), 1), **{k: round(v, 6) for k, v in logs.items()}})
+            every = self.config.val_every
+            if val_fn is not None and every > 0 and ((step + 1) % every == 0 or step == stage.steps - 1):
+                self._log({"stage": f"{index}-{stage.name}", "step": step + 1, "time": round(time.time(), 1),
+                           **{k: round(v, 6) for k, v in self._validate(modules, val_fn).items()}}, kind="val")
             stop = (max_steps is not None and ran >= max_steps) or (deadline is not None and time.monotonic() > deadline)
             if stop or time.monotonic() - last_save > 60 * self.config.checkpoint_minutes:
                 save(step + 1)
@@ -163,6 +178,17 @@ class Trainer:
         bar.close()
         save(stage.steps)
         return True
+
+    def _validate(self, modules: dict, val_fn) -> dict:
+        modes = {name: m.training for name, m in modules.items()}
+        for m in modules.values():
+            m.eval()
+        try:
+            with torch.no_grad():
+                return val_fn()
+        finally:
+            for name, m in modules.items():
+                m.train(modes[name])
 
     def _prepare(self, *objects):
         return self.accelerator.prepare(*objects)
@@ -197,7 +223,12 @@ class Trainer:
             psnr = _psnr(x_hat, x)
             return {"loss": loss.item(), "l1": l1.item(), "perceptual": perc.item(), "latent_rms": reg.sqrt().item(), "psnr": psnr}
 
-        if not self._loop(index, stage, {"vae": vae}, {"vae": (opt, stage.lr)}, step_fn, max_steps, deadline):
+        def val_fn() -> dict:
+            x = self._val_batch(stage.crop)
+            model = self.accelerator.unwrap_model(vae)
+            return {"psnr": _psnr((model.decode(model.encode(x * 2 - 1)) + 1) / 2, x)}
+
+        if not self._loop(index, stage, {"vae": vae}, {"vae": (opt, stage.lr)}, step_fn, max_steps, deadline, val_fn):
             return False
         vae = self.accelerator.unwrap_model(vae)
         # scale latents to unit standard deviation, as SD does with its 0.18215
@@ -251,8 +282,19 @@ class Trainer:
                 opt.zero_grad()
             return {"loss": loss.item()}
 
+        def val_fn() -> dict:
+            z = encode_latent(vae, self._val_batch(stage.crop) * 2 - 1)
+            noise = torch.randn(z.shape, generator=torch.Generator("cpu").manual_seed(12345)).to(self.device)
+            ctx = conditioning(z.shape[0])
+            out = {}
+            for t in (100, 500, 900):  # noise-prediction MSE at three fixed timesteps
+                z_t = add_noise(z, noise, float(alphas[t]))
+                pred = unet(z_t, torch.full((z.shape[0],), t, device=self.device), encoder_hidden_states=ctx).sample
+                out[f"eps_mse_t{t}"] = F.mse_loss(pred, noise).item()
+            return out
+
         modules = {"unet": unet, "conditioning": conditioning}
-        if not self._loop(index, stage, modules, {"main": (opt, stage.lr)}, step_fn, max_steps, deadline):
+        if not self._loop(index, stage, modules, {"main": (opt, stage.lr)}, step_fn, max_steps, deadline, val_fn):
             return False
         out = self.stage_dir(index) / "out"
         self.accelerator.unwrap_model(unet).save_pretrained(out / "unet")
@@ -388,9 +430,27 @@ class Trainer:
                     "hint_mse": hint_mse.mean().item(), "perceptual": perc.mean().item(), "adv_g": adv.item(),
                     "adv_d": d_loss.item(), "aux": aux.item(), "psnr": psnr}
 
+        def val_fn() -> dict:
+            """Per quality level, on the fixed crops: bpp from the entropy models (rounded latents
+            in eval mode) and PSNR of the one-step reconstruction."""
+            x = self._val_batch(stage.crop)
+            z = encode_latent(vae, x * 2 - 1)
+            noise = torch.randn(z.shape, generator=torch.Generator("cpu").manual_seed(12345)).to(self.device)
+            ctx = conditioning(z.shape[0])
+            a0 = float(alphas[t0])
+            out = {}
+            for q in range(len(lambdas)):
+                coded = compressor(z, q)
+                x_t = add_noise(coded["hint"], noise, a0)
+                pred = unet(x_t, t0, encoder_hidden_states=ctx, controlnet_cond=coded["hint"]).sample
+                z_hat, _ = predict_x0_eps(pred, x_t, a0, prediction_type)
+                out[f"bpp_q{q + 1}"] = bits_per_pixel(coded["likelihoods"], x.shape[-2] * x.shape[-1]).mean().item()
+                out[f"psnr_q{q + 1}"] = _psnr((decode_latent(vae, z_hat) + 1) / 2, x)
+            return out
+
         modules = {"compressor": compressor, "unet": unet, "discriminator": discriminator}
         optimizers = {"main": (opt, stage.lr), "aux": (opt_aux, stage.lr_aux), "disc": (opt_d, stage.lr_discriminator)}
-        if not self._loop(index, stage, modules, optimizers, step_fn, max_steps, deadline):
+        if not self._loop(index, stage, modules, optimizers, step_fn, max_steps, deadline, val_fn):
             return False
         pipe = OSDiffPipeline(
             vae=vae, compressor=self.accelerator.unwrap_model(compressor), unet=self.accelerator.unwrap_model(unet),
