@@ -81,3 +81,23 @@ def test_cross_process_and_thread_count(tmp_path, model):
     # decoder run with oneDNN off and a fixed thread count (ComputeConfig), so the float32
     # work is split the same way whatever the caller's torch setting: identical pixels.
     assert np.array_equal(one, two) and np.array_equal(one, three)
+
+
+def test_several_files_in_one_call_decode_as_alone(tmp_path, tiny_codec_folder):
+    """No state carries over between files: decoding a folder in one CLI call gives the same
+    pixels as decoding each file by itself (there is no batched decoding to differ)."""
+    from osdiff.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    for i, (h, w) in enumerate([(40, 56), (64, 48), (33, 70)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    coded = tmp_path / "coded"
+    assert main(["compress", str(src), "-o", str(coded) + "/", "-m", str(tiny_codec_folder)]) == 0
+    together = tmp_path / "together"
+    assert main(["decompress", str(coded), "-o", str(together) + "/", "-m", str(tiny_codec_folder)]) == 0
+    for osd in sorted(coded.glob("*.osd")):
+        alone = tmp_path / f"alone-{osd.stem}.png"
+        assert main(["decompress", str(osd), "-o", str(alone), "-m", str(tiny_codec_folder)]) == 0
+        assert np.array_equal(np.asarray(Image.open(alone)), np.asarray(Image.open(together / f"{osd.stem}.png")))
