@@ -105,6 +105,8 @@ def test_end_to_end_eval_report(tmp_path, tiny_codec_folder, capsys):
     refs = re.findall(r"src='([^']+)'", html)
     assert refs and all((out / r).is_file() for r in refs)
     assert "unavailable" in html.lower()
+    for label in ("original", "osdiff-tiny", "jpeg", "webp"):  # side-by-side crops, one per codec
+        assert (out / "crops" / f"img0_{label}.png").is_file(), label
     rows = (out / "per_image.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2 * (4 + len(classical_codec("jpeg").settings) + len(classical_codec("webp").settings))
     # resume: nothing is recomputed, nothing duplicated

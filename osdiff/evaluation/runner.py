@@ -95,7 +95,7 @@ def evaluate(data_dir: Path, codecs: list[Codec], out_dir: Path, metrics: Metric
     write_bytes_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default).encode(), force=True)
     _write_aggregate_csv(out_dir / "aggregate.csv", summary["curves"], metrics.names)
     plots = plot_curves(summary["curves"], metrics.names, out_dir)
-    crop_sets = side_by_side_crops(images, codecs, out_dir) if crops else []
+    crop_sets = side_by_side_crops(images, codecs, out_dir, rows) if crops else []
     write_report(out_dir, summary, plots, crop_sets, metrics)
     return summary
 
@@ -189,9 +189,11 @@ def plot_curves(curves: dict, names: list[str], out_dir: Path) -> list[str]:
     return files
 
 
-def side_by_side_crops(images: list[Path], codecs: list[Codec], out_dir: Path, n_images: int = 3, crop: int = 192) -> list[dict]:
-    """For a few images: original and each codec at the setting whose bpp is closest to the
-    learned codec's middle setting, as 2x-zoomed crops from the image centre."""
+def side_by_side_crops(images: list[Path], codecs: list[Codec], out_dir: Path, rows: list[dict],
+                       n_images: int = 3, crop: int = 192) -> list[dict]:
+    """For a few images: original and each codec at the setting whose bpp (from the evaluation
+    `rows`) is closest to the learned codec's middle setting, as 2x-zoomed crops from the image
+    centre. Only the chosen setting is coded again, to get its pixels."""
     crops_dir = out_dir / "crops"
     crops_dir.mkdir(exist_ok=True)
     learned = next((c for c in codecs if c.learned), None)
@@ -200,18 +202,19 @@ def side_by_side_crops(images: list[Path], codecs: list[Codec], out_dir: Path, n
         pil = open_image(img_path)
         cx, cy = pil.width // 2, pil.height // 2
         box = (max(0, cx - crop // 2), max(0, cy - crop // 2), min(pil.width, cx + crop // 2), min(pil.height, cy + crop // 2))
-        target = None
-        if learned:
-            data, _ = learned.encode(pil, learned.settings[len(learned.settings) // 2])
-            target = len(data) * 8 / (pil.width * pil.height)
+        bpp = {(r["codec"], str(r["setting"])): float(r["bpp"]) for r in rows if r["image"] == img_path.name}
+        target = bpp.get((learned.name, str(learned.settings[len(learned.settings) // 2]))) if learned else None
         entries = [("original", None, pil)]
         for codec in codecs:
-            options = [(s, *codec.encode(pil, s)) for s in codec.settings]
+            known = [s for s in codec.settings if (codec.name, str(s)) in bpp]
+            if not known:
+                continue
             if target is None:
-                s, data, dec = options[len(options) // 2]
+                setting = known[len(known) // 2]
             else:
-                s, data, dec = min(options, key=lambda o: abs(len(o[1]) * 8 / (pil.width * pil.height) - target))
-            entries.append((codec.name, (s, len(data) * 8 / (pil.width * pil.height)), dec))
+                setting = min(known, key=lambda s: abs(bpp[(codec.name, str(s))] - target))
+            data, decoded = codec.encode(pil, setting)
+            entries.append((codec.name, (setting, len(data) * 8 / (pil.width * pil.height)), decoded))
         tiles = []
         for label, info, im in entries:
             name = f"crops/{img_path.stem}_{label}.png"
