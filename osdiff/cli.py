@@ -17,6 +17,7 @@ from .errors import OSDiffError, OSDiffWarning
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+FAST_HELP = "torch's default CPU kernels and threads: faster, but decoded pixels may differ by a level between thread counts"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quality", type=int, default=None, help="quality level, 1 (fewest bits) .. the model's highest")
     c.add_argument("-m", "--model", default=None, help="shipped model name or model folder (default osdiff-tiny)")
     c.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
-    c.add_argument("--fast", action="store_true", help="torch's default CPU kernels and threads: faster, but decoded pixels may differ by a level between thread counts")
+    c.add_argument("--fast", action="store_true", help=FAST_HELP)
 
     d = sub.add_parser("decompress", help=".osd files -> PNG images")
     d.add_argument("inputs", nargs="+", metavar="IN", help=".osd files or folders of them")
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-m", "--model", default=None, help="model name or folder (default: the model named in the file)")
     d.add_argument("--steps", type=int, default=1, help="denoising steps (1 = one-step decoding; >1 uses DDIM)")
     d.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
-    d.add_argument("--fast", action="store_true", help="torch's default CPU kernels and threads: faster, but decoded pixels may differ by a level between thread counts")
+    d.add_argument("--fast", action="store_true", help=FAST_HELP)
 
     i = sub.add_parser("info", help="print the header of .osd files")
     i.add_argument("inputs", nargs="+", metavar="FILE")
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=3)
     b.add_argument("--warmup", type=int, default=1)
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    b.add_argument("--fast", action="store_true", help="torch's default CPU kernels and threads: faster, but decoded pixels may differ by a level between thread counts")
+    b.add_argument("--fast", action="store_true", help=FAST_HELP)
 
     e = sub.add_parser("eval", help="rate-distortion evaluation against classical codecs, with an HTML report")
     e.add_argument("data_dir", help="folder of images")

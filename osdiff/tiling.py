@@ -27,8 +27,12 @@ def tile_starts(size: int, tile: int, overlap: int, align: int) -> list[int]:
     return starts
 
 
-def _extent(starts: list[int], i: int, size: int, tile: int) -> tuple[int, int]:
-    return starts[i], size if i == len(starts) - 1 else starts[i] + tile
+def _axis_tiles(size: int, tile: int, overlap: int, align: int) -> list[tuple[int, int, int, int]]:
+    """(start, end, overlap with the previous tile, overlap with the next one) along one axis."""
+    starts = tile_starts(size, tile, overlap, align)
+    ends = [s + tile for s in starts[:-1]] + [size]
+    return [(starts[i], ends[i], ends[i - 1] - starts[i] if i > 0 else 0, ends[i] - starts[i + 1] if i + 1 < len(starts) else 0)
+            for i in range(len(starts))]
 
 
 def _ramp(length: int, lead: int, trail: int) -> Tensor:
@@ -47,25 +51,20 @@ def run_tiled(fn: Callable[..., Tensor], inputs: list[Tensor], scale: Fraction |
     (B, C, H*scale, W*scale); `tile`, `overlap`, `align` are in input pixels."""
     scale = Fraction(scale)
     height, width = inputs[0].shape[-2:]
-    ys, xs = tile_starts(height, tile, overlap, align), tile_starts(width, tile, overlap, align)
-    if len(ys) == 1 and len(xs) == 1:
+    rows, cols = _axis_tiles(height, tile, overlap, align), _axis_tiles(width, tile, overlap, align)
+    if len(rows) == 1 and len(cols) == 1:
         return fn(*inputs)
-    out_h, out_w = int(height * scale), int(width * scale)
+    # 1-D blending weights per row and per column of tiles, in output pixels
+    ramp_y = [_ramp(int((y1 - y0) * scale), int(lead * scale), int(trail * scale)) for y0, y1, lead, trail in rows]
+    ramp_x = [_ramp(int((x1 - x0) * scale), int(lead * scale), int(trail * scale)) for x0, x1, lead, trail in cols]
     out = weight = None
-    for iy in range(len(ys)):
-        y0, y1 = _extent(ys, iy, height, tile)
-        for ix in range(len(xs)):
-            x0, x1 = _extent(xs, ix, width, tile)
+    for (y0, y1, _, _), wy in zip(rows, ramp_y):
+        for (x0, x1, _, _), wx in zip(cols, ramp_x):
             piece = fn(*[t[..., y0:y1, x0:x1] for t in inputs]).float()
             if out is None:
-                out = torch.zeros(*piece.shape[:2], out_h, out_w, dtype=torch.float32, device=piece.device)
-                weight = torch.zeros(1, 1, out_h, out_w, dtype=torch.float32, device=piece.device)
-            # overlap with the previous / next tile along each axis, in output pixels
-            lead_y = int((_extent(ys, iy - 1, height, tile)[1] - y0) * scale) if iy > 0 else 0
-            trail_y = int((y1 - ys[iy + 1]) * scale) if iy + 1 < len(ys) else 0
-            lead_x = int((_extent(xs, ix - 1, width, tile)[1] - x0) * scale) if ix > 0 else 0
-            trail_x = int((x1 - xs[ix + 1]) * scale) if ix + 1 < len(xs) else 0
-            w = (_ramp(piece.shape[-2], lead_y, trail_y)[:, None] * _ramp(piece.shape[-1], lead_x, trail_x)[None, :]).to(piece.device)
+                out = torch.zeros(*piece.shape[:2], int(height * scale), int(width * scale), dtype=torch.float32, device=piece.device)
+                weight = torch.zeros(1, 1, *out.shape[-2:], dtype=torch.float32, device=piece.device)
+            w = (wy[:, None] * wx[None, :]).to(piece.device)
             oy, ox = int(y0 * scale), int(x0 * scale)
             out[..., oy:oy + piece.shape[-2], ox:ox + piece.shape[-1]] += piece * w
             weight[..., oy:oy + piece.shape[-2], ox:ox + piece.shape[-1]] += w

@@ -96,9 +96,9 @@ def create_app(pipe: OSDiffPipeline, limits: ServeLimits = ServeLimits()) -> Fas
         with lock:
             return fn(*args)
 
-    def osdiff_result(image, quality: int) -> tuple[CodedImage, dict]:
+    def osdiff_result(image, original, quality: int) -> tuple[CodedImage, dict]:
+        """`original`: `image` as a tensor, the reference for the metrics."""
         coded = encode_timed(learned, image, quality)
-        original = to_tensor(image)
         return coded, {**coded.summary(original), "png": _png_b64(coded.decoded)}
 
     # ---- routes ---------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def create_app(pipe: OSDiffPipeline, limits: ServeLimits = ServeLimits()) -> Fas
         image, notes = open_upload(await read_upload(request))
 
         def work() -> dict:
-            _, result = osdiff_result(image, quality)
+            _, result = osdiff_result(image, to_tensor(image), quality)
             return {"width": image.width, "height": image.height, "quality": quality, "warnings": notes, **result}
 
         return await run_in_threadpool(locked, work)
@@ -157,8 +157,8 @@ def create_app(pipe: OSDiffPipeline, limits: ServeLimits = ServeLimits()) -> Fas
         def work(emit: Callable[[dict], None]) -> dict:
             total = 1 + len(chosen)
             emit({"progress": 0, "total": total, "stage": f"osdiff quality {quality}"})
-            coded, first = osdiff_result(image, quality)
             original = to_tensor(image)
+            coded, first = osdiff_result(image, original, quality)
             results = [first]
             for i, name in enumerate(chosen, 1):
                 emit({"progress": i, "total": total, "stage": f"{name} at {len(coded.data)} bytes"})

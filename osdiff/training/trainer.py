@@ -368,6 +368,13 @@ class Trainer:
         level_weights = lambdas ** -stage.level_balance
         t0 = cfg.decoding.timestep
         prediction_type = scheduler.config.prediction_type
+        a0 = float(alphas[t0])
+
+        def one_step(hint: torch.Tensor, noise: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+            """Clean latent from the hint: noise to t0, one controlled-UNet evaluation, x0."""
+            x_t = add_noise(hint, noise, a0)
+            pred = unet(x_t, t0, encoder_hidden_states=ctx, controlnet_cond=hint).sample
+            return predict_x0_eps(pred, x_t, a0, prediction_type)[0]
 
         def step_fn(step: int) -> dict:
             x = sampler.batch(step).to(self.device)
@@ -386,10 +393,7 @@ class Trainer:
                 out = compressor(z, level)
                 hint = out["hint"]
                 bpp = bits_per_pixel(out["likelihoods"], x.shape[-2] * x.shape[-1])
-                a0 = float(alphas[t0])
-                x_t = add_noise(hint, noise, a0)
-                pred = unet(x_t, t0, encoder_hidden_states=ctx, controlnet_cond=hint).sample
-                z_hat, _ = predict_x0_eps(pred, x_t, a0, prediction_type)
+                z_hat = one_step(hint, noise, ctx)
                 latent_mse = (z_hat - z).pow(2).mean(dim=(1, 2, 3))
                 hint_mse = (hint - z).pow(2).mean(dim=(1, 2, 3))
                 x_hat = (decode_latent(vae, z_hat) + 1) / 2
@@ -437,13 +441,10 @@ class Trainer:
             z = encode_latent(vae, x * 2 - 1)
             noise = torch.randn(z.shape, generator=torch.Generator("cpu").manual_seed(12345)).to(self.device)
             ctx = conditioning(z.shape[0])
-            a0 = float(alphas[t0])
             out = {}
             for q in range(len(lambdas)):
                 coded = compressor(z, q)
-                x_t = add_noise(coded["hint"], noise, a0)
-                pred = unet(x_t, t0, encoder_hidden_states=ctx, controlnet_cond=coded["hint"]).sample
-                z_hat, _ = predict_x0_eps(pred, x_t, a0, prediction_type)
+                z_hat = one_step(coded["hint"], noise, ctx)
                 out[f"bpp_q{q + 1}"] = bits_per_pixel(coded["likelihoods"], x.shape[-2] * x.shape[-1]).mean().item()
                 out[f"psnr_q{q + 1}"] = _psnr((decode_latent(vae, z_hat) + 1) / 2, x)
             return out
