@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from .errors import OSDiffError
 from .imageio import pad_right_bottom
 from .models.autoencoder import LATENT_DOWNSCALE, decode_latent, encode_latent
 
@@ -120,11 +121,42 @@ def _timer(device: torch.device, warmup: int, repeat: int) -> Callable[[Callable
 
 def benchmark(codec, size: tuple[int, int], steps: list[int], device: str = "cpu", dtype: str = "fp32",
               repeat: int = 3, warmup: int = 1, model_label: str = "", random_weights: bool = False) -> BenchResult:
-    """Time `codec` (an OSDiffPipeline) on a random image of `size` = (height, width), every
-    stage run as `codec.compute` says (deterministic by default; see ComputeConfig)."""
+    """Time `codec` on a random image of `size` = (height, width), every stage run as
+    `codec.compute` says (deterministic by default; see ComputeConfig). An OSDiffPipeline is
+    timed per component and per step count; a codec without diffusion (BaselinePipeline) only
+    as whole encodes and one-pass decodes."""
+    from .pipeline import OSDiffPipeline
+
     codec.to(torch.device(device))
+    if not isinstance(codec, OSDiffPipeline) and steps != [1]:
+        raise OSDiffError(f"{model_label or codec.config.model_name} is not a diffusion codec: it decodes in one pass (--steps 1)")
+    measure = _measure if isinstance(codec, OSDiffPipeline) else _measure_one_pass
     with codec.coding_context():
-        return _measure(codec, size, steps, device, dtype, repeat, warmup, model_label, random_weights)
+        return measure(codec, size, steps, device, dtype, repeat, warmup, model_label, random_weights)
+
+
+@torch.inference_mode()
+def _measure_one_pass(codec, size, steps, device, dtype, repeat, warmup, model_label, random_weights) -> BenchResult:
+    """Whole encode and decode of a codec without diffusion (fp32 only)."""
+    if dtype != "fp32":
+        raise OSDiffError(f"{model_label}: only fp32 is supported for codecs without diffusion")
+    dev = torch.device(device)
+    time_it, mem = _timer(dev, warmup, repeat), MemoryMeter(dev)
+    image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    data = codec.compress(image)
+    result = BenchResult(
+        model=model_label, device=_device_name(dev), dtype=dtype, size=size, threads=torch.get_num_threads(),
+        torch_version=torch.__version__, random_weights=random_weights,
+        bits_per_pixel=len(data) * 8 / (size[0] * size[1]), deterministic=codec.compute.deterministic,
+    )
+    result.encode["total"] = time_it(lambda: codec.compress(image))
+    result.decode_total[1] = time_it(lambda: codec.decompress_tensor(data))
+    with mem.measure(result.peak_memory_mb, "encode"):
+        codec.compress(image)
+    with mem.measure(result.peak_memory_mb, "decode_1_steps"):
+        codec.decompress_tensor(data)
+    result.ratio_measured[1] = result.ratio_ideal[1] = 1.0
+    return result
 
 
 @torch.inference_mode()

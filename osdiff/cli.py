@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("inputs", nargs="+", metavar="FILE")
     i.add_argument("--json", action="store_true", help="one JSON object per line")
     b = sub.add_parser("bench", help="latency and memory: one-step vs N-step decoding")
-    b.add_argument("--model", default="osdiff-tiny", help="osdiff-tiny, sd21-arch (SD 2.1 shapes, random weights) or a model folder")
+    b.add_argument("--model", default="osdiff-tiny", help="osdiff-tiny, sd21-arch (SD 2.1 shapes, random weights) or a model folder "
+                   "(a baseline codec's folder too, with --steps 1)")
     b.add_argument("--size", default="512x768", help="HEIGHTxWIDTH in pixels")
     b.add_argument("--steps", default="1,20,50", help="comma-separated step counts")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -63,11 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="rate-distortion evaluation against classical codecs, with an HTML report")
     e.add_argument("data_dir", help="folder of images")
-    e.add_argument("--codecs", default="osdiff-tiny,jpeg,webp,avif,jxl", help="comma-separated: osdiff-tiny (or any osdiff name), jpeg, webp, avif, jxl")
-    e.add_argument("--model", default=None, help="model folder for the osdiff codec (default: the shipped model of that name)")
+    e.add_argument("--codecs", default="osdiff-tiny,jpeg,webp,avif,jxl",
+                   help="comma-separated: jpeg, webp, avif, jxl, a learned model's name (osdiff-tiny, hific-tiny, ...) "
+                        "or NAME=FOLDER for a model folder (e.g. elic-tiny=../runs/elic-tiny/model)")
+    e.add_argument("--model", default=None, help="model folder for the osdiff-* codec (default: the shipped model of that name)")
     e.add_argument("--out", required=True, help="results folder (resumes if it holds an earlier run)")
     e.add_argument("--anchor", default="jpeg", help="BD-rate anchor codec")
     e.add_argument("--limit", type=int, default=None, help="only the first N images")
+    e.add_argument("--crop-bpp", type=float, default=None,
+                   help="side-by-side crops with each codec at the setting closest to this bpp (default: the first learned codec's middle level)")
     e.add_argument("--lpips-backbone", default=None, help="torchvision AlexNet ImageNet weights (local file)")
     e.add_argument("--lpips-linear", default=None, help="LPIPS v0.1 linear weights (local file)")
     e.add_argument("--dists-backbone", default=None, help="torchvision VGG16 ImageNet weights (local file)")
@@ -332,7 +337,7 @@ def cmd_eval(args) -> int:
     codecs = [make_codec(n, args.model if n.startswith("osdiff") else None) for n in names]
     metrics = MetricSuite(args.lpips_backbone, args.lpips_linear, args.dists_backbone, args.dists_weights)
     summary = evaluate(Path(args.data_dir), codecs, Path(args.out), metrics, limit=args.limit,
-                       anchor=args.anchor, crops=not args.no_crops, inception=args.inception)
+                       anchor=args.anchor, crops=not args.no_crops, inception=args.inception, crop_bpp=args.crop_bpp)
     from .evaluation.tables import bd_table, versus_table
 
     print(bd_table(summary, metrics.names))

@@ -89,6 +89,18 @@ class TinyArchitecture:
 
 
 @dataclass(frozen=True)
+class BaselineArchitecture:
+    """A compressai baseline codec family (osdiff.models.baselines): one model per rate."""
+
+    architecture: str = "elic2022-chandelier"  # | mean-scale-hyperprior
+    N: int = 32  # channels of the transforms
+    M: int = 64  # channels of the quantised latent y
+    groups: tuple[int, ...] = (4, 4, 8, 16, 32)  # ELIC's uneven channel groups, sum == M
+    num_rates: int = 4
+    discriminator_channels: tuple[int, ...] = (32, 64, 128, 256)  # training only (adversarial > 0)
+
+
+@dataclass(frozen=True)
 class BitstreamLimits:
     """What the `.osd` parser accepts before allocating anything (pixels)."""
 

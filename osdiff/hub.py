@@ -1,14 +1,15 @@
 """Find and load codecs by name (models shipped inside the package) or by folder path."""
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
 
 import torch
 
+from .codec_pipeline import ImageCodecPipeline
 from .errors import OSDiffError
-from .pipeline import OSDiffPipeline
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "osdiff-tiny"
@@ -34,14 +35,28 @@ def load(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype = torch.float32,
-) -> OSDiffPipeline:
-    """Load a codec offline. `compress(image) -> bytes`, `decompress(bytes) -> PIL.Image`."""
+) -> ImageCodecPipeline:
+    """Load a codec offline (an OSDiffPipeline, or a BaselinePipeline for the compressai
+    baselines). `compress(image) -> bytes`, `decompress(bytes) -> PIL.Image`."""
     folder = resolve(name_or_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            pipe = OSDiffPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=torch_dtype)
+            pipeline_class = _pipeline_class(folder)
+            pipe = pipeline_class.from_pretrained(folder, local_files_only=True, torch_dtype=torch_dtype)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise OSDiffError(f"{folder}: cannot load model ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _pipeline_class(folder: Path) -> type[ImageCodecPipeline]:
+    """The pipeline class that model_index.json names (only osdiff's own classes)."""
+    from .baseline_pipeline import BaselinePipeline
+    from .pipeline import OSDiffPipeline
+
+    classes = {cls.__name__: cls for cls in (OSDiffPipeline, BaselinePipeline)}
+    name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    if name not in classes:
+        raise ValueError(f"model_index.json names pipeline {name!r}, not one of {', '.join(classes)}")
+    return classes[name]

@@ -44,13 +44,15 @@ def fan_in(conv: nn.Conv2d | nn.ConvTranspose2d) -> int:
 
 
 def exact_forward(module: nn.Module, x: Tensor) -> Tensor:
-    """Run a Sequential of Conv2d / ConvTranspose2d / ReLU in exact fixed point (float64)."""
+    """Run a Sequential of Conv2d / ConvTranspose2d / (Leaky)ReLU in exact fixed point (float64)."""
     if isinstance(module, nn.Sequential):
         for layer in module:
             x = exact_forward(layer, x)
         return x
     if isinstance(module, nn.ReLU):
         return torch.relu(x)
+    if isinstance(module, nn.LeakyReLU):  # one IEEE multiply per element: the same everywhere
+        return F.leaky_relu(x, module.negative_slope)
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         if fan_in(module) > MAX_FAN_IN:
             raise ValueError(f"fan-in {fan_in(module)} too large for exact fixed point")
@@ -68,13 +70,14 @@ def exact_forward(module: nn.Module, x: Tensor) -> Tensor:
 
 
 @contextmanager
-def exact_modules(modules: list[nn.Module]) -> Iterator[None]:
-    """Within the block, calling any of `modules` runs `exact_forward` instead."""
+def exact_modules(modules: list[nn.Module], output_dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Within the block, calling any of `modules` runs `exact_forward` instead (its float64
+    result cast to `output_dtype` if given, for callers that expect the model's dtype)."""
     saved = []
     try:
         for m in modules:
             saved.append((m, m.__dict__.get("forward")))
-            m.forward = (lambda mod: (lambda x: exact_forward(mod, x)))(m)
+            m.forward = (lambda mod: (lambda x: _cast(exact_forward(mod, x), output_dtype)))(m)
         yield
     finally:
         for m, original in saved:
@@ -82,3 +85,7 @@ def exact_modules(modules: list[nn.Module]) -> Iterator[None]:
                 del m.forward
             else:
                 m.forward = original
+
+
+def _cast(x: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return x if dtype is None else x.to(dtype)

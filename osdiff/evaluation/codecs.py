@@ -70,19 +70,27 @@ def classical_codec(name: str) -> Codec:
     raise OSDiffError(f"unknown codec {name!r}")
 
 
-def osdiff_codec(name: str, model=None) -> Codec:
-    """A learned osdiff codec; `model` is a shipped name, a folder or a loaded pipeline
-    (default: the shipped model called `name`)."""
-    from ..hub import load
-    from ..pipeline import OSDiffPipeline
+CLASSICAL = ("jpeg", "webp", "avif", "jxl")
 
-    pipe = model if isinstance(model, OSDiffPipeline) else load(model or name)
+
+def learned_codec(name: str, model=None) -> Codec:
+    """A learned codec (osdiff or a baseline such as elic-tiny); `model` is a shipped name, a
+    folder or a loaded pipeline (default: the shipped model called `name`)."""
+    from ..codec_pipeline import ImageCodecPipeline
+    from ..hub import load
+
+    pipe = model if isinstance(model, ImageCodecPipeline) else load(model or name)
     levels = pipe.num_quality_levels
     return Codec(name, list(range(1, levels + 1)), lambda image, quality: pipe.compress(image, quality=quality),
                  pipe.decompress, (1, levels), "application/x-osdiff", ".osd", learned=True)
 
 
-def make_codec(name: str, model: str | None = None) -> Codec:
-    if name.startswith("osdiff"):
-        return osdiff_codec(name, model)
-    return classical_codec(name)
+def make_codec(spec: str, model: str | None = None) -> Codec:
+    """`spec`: a classical codec (jpeg, webp, avif, jxl), a learned model's name (shipped, or
+    loaded from `model`), or NAME=FOLDER for a learned model in FOLDER shown as NAME."""
+    name, _, folder = spec.partition("=")
+    if folder:
+        return learned_codec(name, folder)
+    if name in CLASSICAL:
+        return classical_codec(name)
+    return learned_codec(name, model)

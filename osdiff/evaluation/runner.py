@@ -46,7 +46,8 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def evaluate(data_dir: Path, codecs: list[Codec], out_dir: Path, metrics: MetricSuite,
-             limit: int | None = None, anchor: str = "jpeg", crops: bool = True, inception: str | None = None) -> dict:
+             limit: int | None = None, anchor: str = "jpeg", crops: bool = True, inception: str | None = None,
+             crop_bpp: float | None = None) -> dict:
     """Run (or resume) the evaluation; returns the summary written to summary.json.
     With Inception weights, patch features are kept in features/ and FID/KID computed per
     (codec, setting)."""
@@ -95,7 +96,7 @@ def evaluate(data_dir: Path, codecs: list[Codec], out_dir: Path, metrics: Metric
     write_bytes_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default).encode(), force=True)
     _write_aggregate_csv(out_dir / "aggregate.csv", summary["curves"], metrics.names)
     plots = plot_curves(summary["curves"], metrics.names, out_dir)
-    crop_sets = side_by_side_crops(images, codecs, out_dir, rows) if crops else []
+    crop_sets = side_by_side_crops(images, codecs, out_dir, rows, crop_bpp) if crops else []
     write_report(out_dir, summary, plots, crop_sets, metrics)
     return summary
 
@@ -190,10 +191,10 @@ def plot_curves(curves: dict, names: list[str], out_dir: Path) -> list[str]:
 
 
 def side_by_side_crops(images: list[Path], codecs: list[Codec], out_dir: Path, rows: list[dict],
-                       n_images: int = 3, crop: int = 192) -> list[dict]:
+                       target_bpp: float | None = None, n_images: int = 3, crop: int = 192) -> list[dict]:
     """For a few images: original and each codec at the setting whose bpp (from the evaluation
-    `rows`) is closest to the learned codec's middle setting, as 2x-zoomed crops from the image
-    centre. Only the chosen setting is coded again, to get its pixels."""
+    `rows`) is closest to `target_bpp` (default: the first learned codec's middle setting), as
+    2x-zoomed crops from the image centre. Only the chosen setting is coded again, to get its pixels."""
     crops_dir = out_dir / "crops"
     crops_dir.mkdir(exist_ok=True)
     learned = next((c for c in codecs if c.learned), None)
@@ -203,7 +204,9 @@ def side_by_side_crops(images: list[Path], codecs: list[Codec], out_dir: Path, r
         cx, cy = pil.width // 2, pil.height // 2
         box = (max(0, cx - crop // 2), max(0, cy - crop // 2), min(pil.width, cx + crop // 2), min(pil.height, cy + crop // 2))
         bpp = {(r["codec"], str(r["setting"])): float(r["bpp"]) for r in rows if r["image"] == img_path.name}
-        target = bpp.get((learned.name, str(learned.settings[len(learned.settings) // 2]))) if learned else None
+        target = target_bpp
+        if target is None and learned is not None:
+            target = bpp.get((learned.name, str(learned.settings[len(learned.settings) // 2])))
         entries = [("original", None, pil)]
         for codec in codecs:
             known = [s for s in codec.settings if (codec.name, str(s)) in bpp]
@@ -246,9 +249,10 @@ def write_report(out_dir: Path, summary: dict, plots: list[str], crop_sets: list
             parts.append(f"<tr><td>{escape(codec)}</td><td>{escape(str(p['setting']))}</td><td>{p['bpp']:.4f}</td>" + "".join(f"<td>{p[m]:.4f}</td>" for m in names) + "</tr>")
     parts.append("</table><h2>Rate-distortion curves</h2><div>" + "".join(f"<img class='plot' src='{p}' alt='{p}'>" for p in plots) + "</div>")
     if crop_sets:
-        parts.append("<h2>Side by side (2x zoom, centre crops, each codec at the bpp closest to osdiff's middle level)</h2>")
+        parts.append("<h2>Side by side (2x zoom, centre crops, each codec at the setting whose bpp is closest to the target)</h2>")
         for s in crop_sets:
-            parts.append(f"<h3>{escape(s['image'])}</h3><div class='tiles'>")
+            target = "" if s["target_bpp"] is None else f" (target {s['target_bpp']:.3f} bpp)"
+            parts.append(f"<h3>{escape(s['image'])}{target}</h3><div class='tiles'>")
             for t in s["tiles"]:
                 cap = t["label"] if t["bpp"] is None else f"{t['label']} q={t['setting']} {t['bpp']:.3f} bpp"
                 parts.append(f"<figure><img src='{t['file']}' alt='{escape(cap)}'><figcaption>{escape(cap)}</figcaption></figure>")

@@ -9,19 +9,16 @@ quality level scales y and z before quantisation, so one set of weights covers s
 y is coded in uneven channel groups (`ChannelGroupsLatentCodec`), each with a two-pass
 checkerboard spatial context (`CheckerboardLatentCodec`). Entropy coding is compressai's rANS.
 
-The CDF tables that `update()` computes are saved next to the weights
-(`entropy_tables.safetensors`) instead of being recomputed at load, so every machine codes
-with exactly the same integer tables.
+The CDF tables that `update()` computes are saved next to the weights (osdiff.entropy.tables)
+instead of being recomputed at load, so every machine codes with exactly the same integer tables.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-from pathlib import Path
 
 import torch
-from compressai.entropy_models import EntropyBottleneck, EntropyModel, GaussianConditional
+from compressai.entropy_models import EntropyBottleneck
 from compressai.latent_codecs import (
     ChannelGroupsLatentCodec,
     CheckerboardLatentCodec,
@@ -34,14 +31,12 @@ from compressai.models.base import CompressionModel, get_scale_table
 from compressai.models.utils import conv, deconv
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..entropy.exact import exact_modules
+from ..entropy.rans import pad_for_rans
+from ..entropy.tables import ENTROPY_TABLES_FILE, EntropyTablesMixin
 
-ENTROPY_TABLES_FILE = "entropy_tables.safetensors"
-_TABLE_BUFFERS = ("_offset", "_quantized_cdf", "_cdf_length", "scale_table")
-_SHARED_GAUSSIAN = "gaussian_conditional"
 
 
 class ResidualUnit(nn.Module):
@@ -91,7 +86,7 @@ def _hyper_synthesis(n: int, m: int, upsamples: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class LatentCompressor(CompressionModel, ModelMixin, ConfigMixin):
+class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigMixin):
     """Variable-rate ELIC-style compressor of a (B, latent_channels, h, w) latent.
 
     `h` and `w` must be multiples of `2 ** (analysis_downsamples + hyper_downsamples)`.
@@ -162,13 +157,7 @@ class LatentCompressor(CompressionModel, ModelMixin, ConfigMixin):
         self.z_gain = nn.Parameter(init[:, None].repeat(1, n))
         self.z_gain_inv = nn.Parameter((1.0 / init)[:, None].repeat(1, n))
         self.apply_context_masks()
-        for module in self.modules():
-            if isinstance(module, EntropyModel):
-                # Tables vary in size with the weights: kept out of the state dict and stored
-                # in ENTROPY_TABLES_FILE by save_pretrained.
-                module._non_persistent_buffers_set.update(
-                    b for b in _TABLE_BUFFERS if b in module._buffers
-                )
+        self.keep_tables_out_of_state_dict()
 
     @torch.no_grad()
     def apply_context_masks(self) -> None:
@@ -258,89 +247,12 @@ class LatentCompressor(CompressionModel, ModelMixin, ConfigMixin):
         symbols = self.max_symbols_per_string(latent_hw)
         with self._coding_context():
             out = self.latent_codec.decompress(
-                [[_pad_for_rans(s, symbols)] for s in strings], self.code_shapes(latent_hw), y_gain_inv, z_gain_inv
+                [[pad_for_rans(s, symbols)] for s in strings], self.code_shapes(latent_hw), y_gain_inv, z_gain_inv
             )
         return self.g_s(out["y_hat"].to(y_gain_inv.dtype).contiguous())
 
-    # ---- persistence of the integer CDF tables -------------------------------------------
-    def entropy_tables(self) -> dict[str, Tensor]:
-        """Integer CDF tables of every entropy model, keyed by module path. All Gaussian
-        conditionals share one scale table, so their identical tables are stored once."""
-        tables: dict[str, Tensor] = {}
-        gaussian: dict[str, Tensor] | None = None
-        for name, module in self.named_modules():
-            if not isinstance(module, EntropyModel):
-                continue
-            own = {
-                b: module._buffers[b].detach().cpu().contiguous()
-                for b in _TABLE_BUFFERS
-                if module._buffers.get(b) is not None and module._buffers[b].numel() > 0
-            }
-            if isinstance(module, GaussianConditional):
-                if gaussian is None:
-                    gaussian = own
-                    tables.update({f"{_SHARED_GAUSSIAN}.{b}": t for b, t in own.items()})
-                elif own.keys() != gaussian.keys() or any(not torch.equal(own[b], gaussian[b]) for b in own):
-                    raise RuntimeError(f"{name}: Gaussian conditional tables differ from the first one")
-            else:
-                tables.update({f"{name}.{b}": t for b, t in own.items()})
-        return tables
-
-    def load_entropy_tables(self, tables: dict[str, Tensor]) -> None:
-        """Restore buffers saved by `entropy_tables()` (sizes may differ from the fresh ones)."""
-        modules = dict(self.named_modules())
-        for key, value in tables.items():
-            name, buf = key.rsplit(".", 1)
-            if name == _SHARED_GAUSSIAN:
-                targets = [m for m in modules.values() if isinstance(m, GaussianConditional)]
-            else:
-                targets = [modules[name]]
-            for module in targets:
-                module._buffers[buf] = value.to(module._buffers[buf].device)
-
-    def is_updated(self) -> bool:
-        """True when every entropy model has CDF tables (compress/decompress can run)."""
-        return all(
-            m._quantized_cdf.numel() > 0 for m in self.modules() if isinstance(m, EntropyModel)
-        )
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Plain nn.Module loading: the CDF tables are not in the state dict (see
-        `entropy_tables`), so compressai's table-resizing override does not apply."""
-        return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        super().save_pretrained(save_directory, **kwargs)
-        if self.is_updated():
-            save_file(self.entropy_tables(), str(Path(save_directory) / ENTROPY_TABLES_FILE))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        # compressai's EntropyBottleneck cannot be built on the meta device.
-        kwargs["low_cpu_mem_usage"] = False
-        kwargs.pop("device_map", None)
-        model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        model.apply_context_masks()
-        folder = Path(pretrained_model_name_or_path)
-        if kwargs.get("subfolder"):
-            folder = folder / kwargs["subfolder"]
-        tables = folder / ENTROPY_TABLES_FILE
-        if tables.is_file():
-            model.load_entropy_tables(load_file(str(tables)))
-        else:
-            model.update(force=True)
-        return model
+    def after_load(self) -> None:
+        self.apply_context_masks()
 
 
 __all__ = ["LatentCompressor", "ENTROPY_TABLES_FILE"]
-
-
-def _pad_for_rans(string: bytes, symbols: int) -> bytes:
-    """`string` followed by enough zero bytes that compressai's rANS decoder, which reads
-    32-bit words without bounds checks, stays inside the buffer even on garbage input.
-
-    Past the real data the decoder reads zeros: each symbol then reads at most one word (4 bytes)
-    once the state's leftover bits are flushed (a few hundred bytes at most), and the bypass
-    escape of a symbol can read at most 15 nibbles for every nibble of the string
-    (`n_bypass` grows by at most 15 per nibble): 16 * len + 4 * symbols + 64 KiB covers it."""
-    return string + bytes(16 * len(string) + 4 * symbols + 65536)

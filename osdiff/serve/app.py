@@ -27,9 +27,9 @@ from starlette.concurrency import run_in_threadpool
 
 from ..config import ServeLimits
 from ..errors import InputTooLarge, OSDiffError
-from ..evaluation.codecs import Codec, classical_codec, osdiff_codec
+from ..evaluation.codecs import Codec, classical_codec, learned_codec
 from ..imageio import image_from_bytes, to_tensor
-from ..pipeline import OSDiffPipeline
+from ..codec_pipeline import ImageCodecPipeline
 from .comparison import CodedImage, encode_timed, match_file_size
 
 STATIC = resources.files("osdiff.serve") / "static"
@@ -41,11 +41,11 @@ class ApiError(Exception):
         self.status = status
 
 
-def create_app(pipe: OSDiffPipeline, limits: ServeLimits = ServeLimits()) -> FastAPI:
+def create_app(pipe: ImageCodecPipeline, limits: ServeLimits = ServeLimits()) -> FastAPI:
     """The web app around one loaded codec. Model work runs one request at a time."""
     app = FastAPI(title="osdiff", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()
-    learned = osdiff_codec(pipe.config.model_name, pipe)
+    learned = learned_codec(pipe.config.model_name, pipe)
     classical: dict[str, Codec] = {}
     for name in limits.compare_codecs:
         try:

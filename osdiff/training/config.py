@@ -5,6 +5,9 @@ A run is a list of stages executed in order, each resumable:
   denoiser     train the tiny UNet as an ordinary latent diffusion denoiser (noise prediction)
   codec        freeze autoencoder and UNet; train compressor + ControlNet-XS adapter
                (+ discriminator) with rate + latent MSE + hint MSE + perceptual + adversarial
+  baseline     (model: baseline) a compressai codec family, one model per rate, on pixels:
+               rate + lambda * (MSE + perceptual + adversarial from a conditional patch
+               discriminator); ELIC-style with MSE only, HiFiC-style with all three
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from ..config import CompressorArchitecture, DecodingConfig, TinyArchitecture
+from ..config import BaselineArchitecture, CompressorArchitecture, DecodingConfig, TinyArchitecture
 from ..errors import OSDiffError
 
 
@@ -27,7 +30,7 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    name: str = "codec"  # autoencoder | denoiser | codec
+    name: str = "codec"  # autoencoder | denoiser | codec | baseline
     steps: int = 1000
     batch_size: int = 4
     crop: int = 256
@@ -58,11 +61,14 @@ class LossConfig:
     adversarial: float = 0.01
     adversarial_start: int = 200  # codec steps before the adversarial term switches on
     latent_l2: float = 1e-3  # autoencoder stage: keeps the latent near unit scale
+    pixel_mse: float = 1.0  # baseline stage: weight of the image MSE (images in [0,1])
+    # baseline stage: loss = bpp + lambda * (pixel_mse * MSE + perceptual * P + adversarial * A),
+    # the adversarial term inside lambda as in HiFiC (its weight is relative to the distortion)
 
 
 @dataclass
 class TrainConfig:
-    model: str = "tiny"  # tiny | sd21
+    model: str = "tiny"  # tiny | sd21 | baseline
     output_dir: str = "runs/osdiff-tiny"
     base_model: str | None = None  # sd21: local diffusers folder of Stable Diffusion 2.1
     model_name: str = "osdiff-tiny"
@@ -78,6 +84,7 @@ class TrainConfig:
     tiny: TinyArchitecture = field(default_factory=TinyArchitecture)
     compressor: CompressorArchitecture | None = None  # sd21: defaults to ELIC sizes
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    baseline: BaselineArchitecture = field(default_factory=BaselineArchitecture)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
 
 
@@ -129,6 +136,8 @@ def load_config(path: str | Path) -> TrainConfig:
         raise OSDiffError(f"{path}: cannot parse config ({exc.__class__.__name__}: {exc})") from None
     config = _build(TrainConfig, data, path.name)
     for stage in config.stages:
-        if stage.name not in ("autoencoder", "denoiser", "codec"):
+        if stage.name not in ("autoencoder", "denoiser", "codec", "baseline"):
             raise OSDiffError(f"config {path.name}: unknown stage {stage.name!r}")
+        if (stage.name == "baseline") != (config.model == "baseline"):
+            raise OSDiffError(f"config {path.name}: stage 'baseline' goes with model 'baseline' and only with it")
     return config

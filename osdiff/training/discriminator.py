@@ -1,14 +1,20 @@
-"""Discriminator in the UNet's feature space (training only, no inference cost).
+"""Discriminators (training only, no inference cost).
+
+UNetFeatureDiscriminator, osdiff's own: in the UNet's feature space.
 
 A copy of the denoising UNet's encoder (conv_in, time embedding, down blocks) and middle
 block, initialised from the UNet's weights, followed by a small head that gives patch logits.
 It judges latents noised to a random timestep: real (true latent) vs reconstructed.
+
+ConditionalPatchDiscriminator, for the HiFiC-style baseline: judges image patches given the
+quantised latent they were decoded from.
 """
 from __future__ import annotations
 
 import copy
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import Tensor, nn
 
@@ -39,3 +45,27 @@ class UNetFeatureDiscriminator(nn.Module):
                 h, _ = block(h, emb)
         h = self.mid_block(h, emb, encoder_hidden_states=context)
         return self.head(h)
+
+
+class ConditionalPatchDiscriminator(nn.Module):
+    """HiFiC's conditional patch discriminator (Mentzer et al. 2020), narrower: the quantised
+    latent is projected to 12 channels and nearest-upsampled to the image size, concatenated
+    with the image, then 4x4 stride-2 spectrally normalised convolutions with LeakyReLU(0.2)
+    and a 1x1 convolution give one logit per patch."""
+
+    def __init__(self, latent_channels: int, channels: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+        sn = nn.utils.spectral_norm
+        self.condition = nn.Sequential(nn.Conv2d(latent_channels, 12, 3, padding=1), nn.LeakyReLU(0.2))
+        layers: list[nn.Module] = []
+        c_in = 3 + 12
+        for c in channels:
+            layers += [sn(nn.Conv2d(c_in, c, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+            c_in = c
+        layers.append(sn(nn.Conv2d(c_in, 1, 1)))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, image: Tensor, y_hat: Tensor) -> Tensor:
+        """Image (B,3,H,W) in [0,1], quantised latent (B,M,h,w) -> logits (B,1,H/16,W/16)."""
+        cond = F.interpolate(self.condition(y_hat), size=image.shape[-2:], mode="nearest")
+        return self.body(torch.cat([image * 2 - 1, cond], dim=1))

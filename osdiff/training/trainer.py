@@ -25,17 +25,19 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
+from torch import nn
 from tqdm import tqdm
 
 from ..build import SD_COMPRESSOR, add_control, compressor_from, sd_noise_scheduler, tiny_autoencoder, tiny_unet
 from ..denoise import add_noise, predict_x0_eps
 from ..errors import OSDiffError
 from ..models.autoencoder import TinyAutoencoder, decode_latent, encode_latent
+from ..models.baselines import LearnedImageCodec
 from ..models.conditioning import ConditioningEmbedding
 from ..pipeline import OSDiffPipeline
 from .config import StageConfig, TrainConfig
 from .data import CropSampler, center_crops, find_images, load_images
-from .discriminator import UNetFeatureDiscriminator
+from .discriminator import ConditionalPatchDiscriminator, UNetFeatureDiscriminator
 from .losses import PerceptualLoss, bits_per_pixel, discriminator_adversarial, generator_adversarial
 
 
@@ -116,7 +118,8 @@ class Trainer:
         for index, stage in enumerate(self.config.stages):
             if index in done:
                 continue
-            runner = {"autoencoder": self._autoencoder_stage, "denoiser": self._denoiser_stage, "codec": self._codec_stage}[stage.name]
+            runner = {"autoencoder": self._autoencoder_stage, "denoiser": self._denoiser_stage,
+                      "codec": self._codec_stage, "baseline": self._baseline_stage}[stage.name]
             finished = runner(index, stage, max_steps, deadline)
             if not finished:
                 return None
@@ -461,6 +464,99 @@ class Trainer:
         pipe.to("cpu")
         pipe.compressor.update(force=True)
         pipe.save_pretrained(self.out / "model")
+        return True
+
+    # ---- baseline codecs (model: baseline) ---------------------------------------------------
+    def _baseline_stage(self, index, stage, max_steps, deadline) -> bool:
+        """A compressai codec family, one model per rate, each trained on every batch with
+        bpp + lambda_r * (MSE + perceptual + adversarial); the HiFiC-style adversarial term comes
+        from one conditional patch discriminator per rate (non-saturating losses)."""
+        cfg, losses, arch = self.config, self.config.losses, self.config.baseline
+        rate_lambdas = stage.rate_lambdas or losses.rate_lambdas
+        if len(rate_lambdas) != arch.num_rates:
+            raise OSDiffError(f"rate_lambdas has {len(rate_lambdas)} values for {arch.num_rates} rates")
+        torch.manual_seed(cfg.seed + 3)
+        codec = LearnedImageCodec(arch.architecture, arch.N, arch.M, tuple(arch.groups), arch.num_rates)
+        main_params = [p for n, p in codec.named_parameters() if not n.endswith(".quantiles")]
+        aux_params = [p for n, p in codec.named_parameters() if n.endswith(".quantiles")]
+        opt = torch.optim.AdamW(main_params, lr=stage.lr, weight_decay=stage.weight_decay)
+        opt_aux = torch.optim.Adam(aux_params, lr=stage.lr_aux)
+        codec, opt, opt_aux = self._prepare(codec, opt, opt_aux)
+        modules = {"codec": codec}
+        optimizers = {"main": (opt, stage.lr), "aux": (opt_aux, stage.lr_aux)}
+        use_gan = losses.adversarial > 0
+        if use_gan:
+            discriminators = nn.ModuleList(
+                ConditionalPatchDiscriminator(arch.M, tuple(arch.discriminator_channels)) for _ in range(arch.num_rates)
+            )
+            opt_d = torch.optim.AdamW(discriminators.parameters(), lr=stage.lr_discriminator, betas=(0.5, 0.999))
+            discriminators, opt_d = self._prepare(discriminators, opt_d)
+            modules["discriminators"] = discriminators
+            optimizers["disc"] = (opt_d, stage.lr_discriminator)
+        perceptual = (PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear).to(self.device)
+                      if losses.perceptual > 0 else None)
+        sampler = CropSampler(self._images_cached(), stage.crop, stage.batch_size, cfg.seed, index)
+        rates = self.accelerator.unwrap_model(codec).rates
+
+        def step_fn(step: int) -> dict:
+            x = sampler.batch(step).to(self.device)
+            use_adv = use_gan and step >= losses.adversarial_start
+            logs: dict[str, float] = {}
+            total = torch.zeros((), device=self.device)
+            fakes = []
+            for r, lam in enumerate(rate_lambdas):
+                out = codec(x, r)
+                x_hat = out["x_hat"]
+                bpp = bits_per_pixel(out["likelihoods"], x.shape[-2] * x.shape[-1]).mean()
+                mse = F.mse_loss(x_hat, x)
+                distortion = losses.pixel_mse * mse
+                if perceptual is not None:
+                    distortion = distortion + losses.perceptual * perceptual(x_hat, x).mean()
+                if use_adv:
+                    discriminators[r].requires_grad_(False)
+                    adv = generator_adversarial(discriminators[r](x_hat, out["y_hat"].detach()))
+                    discriminators[r].requires_grad_(True)
+                    distortion = distortion + losses.adversarial * adv
+                    fakes.append((x_hat.detach(), out["y_hat"].detach()))
+                total = total + bpp + lam * distortion
+                logs[f"bpp_r{r + 1}"] = bpp.item()
+                logs[f"psnr_r{r + 1}"] = _psnr(x_hat, x)
+            self.accelerator.backward(total)
+            for model in rates:  # the rates are independent models: clip each on its own
+                self.accelerator.clip_grad_norm_([p for n, p in model.named_parameters() if not n.endswith(".quantiles")], stage.grad_clip)
+            opt.step()
+            opt.zero_grad()
+            aux = self.accelerator.unwrap_model(codec).aux_loss()
+            self.accelerator.backward(aux)
+            opt_aux.step()
+            opt_aux.zero_grad()
+            d_loss = torch.zeros(())
+            if use_adv:
+                d_loss = sum(discriminator_adversarial(discriminators[r](x, y_hat), discriminators[r](fake, y_hat))
+                             for r, (fake, y_hat) in enumerate(fakes))
+                self.accelerator.backward(d_loss)
+                opt_d.step()
+                opt_d.zero_grad()
+            return {"loss": total.item(), **logs, "aux": aux.item(), "adv_d": d_loss.item()}
+
+        def val_fn() -> dict:
+            """Per rate, on the fixed crops: bpp from the entropy models (rounded latents in eval
+            mode) and PSNR."""
+            x = self._val_batch(stage.crop)
+            out = {}
+            for r in range(len(rate_lambdas)):
+                coded = codec(x, r)
+                out[f"bpp_r{r + 1}"] = bits_per_pixel(coded["likelihoods"], x.shape[-2] * x.shape[-1]).mean().item()
+                out[f"psnr_r{r + 1}"] = _psnr(coded["x_hat"], x)
+            return out
+
+        if not self._loop(index, stage, modules, optimizers, step_fn, max_steps, deadline, val_fn):
+            return False
+        from ..baseline_pipeline import BaselinePipeline
+
+        codec = self.accelerator.unwrap_model(codec).to("cpu")
+        codec.update(force=True)
+        BaselinePipeline(codec=codec, model_name=cfg.model_name).save_pretrained(self.out / "model")
         return True
 
 

@@ -1,0 +1,187 @@
+"""ImageCodecPipeline: what every osdiff codec shares, whatever its networks.
+
+    compress:   image -> pad right/bottom -> encode_padded (the codec's networks) -> strings
+                -> `.osd` bytes (header + strings + CRC32; osdiff.entropy.bitstream)
+    decompress: `.osd` bytes -> header checks against this model -> decode_strings -> crop
+
+A subclass (OSDiffPipeline, BaselinePipeline) registers its components and provides
+`pad_multiple`, `min_padded_side`, `num_quality_levels`, `num_strings()`, `encode_padded()`
+and `decode_strings()`; `hashed_components` names the components whose weights the model hash
+covers and `entropy_coder` the one that holds compressai's entropy models.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+from torch import Tensor
+
+from .config import BitstreamLimits, ComputeConfig, TilingConfig
+from .entropy.bitstream import HASH_BYTES, OSDHeader, pack, parse
+from .errors import OSDiffError
+from .imageio import ImageInput, pad_right_bottom, tensor_to_pil, to_tensor
+
+
+@dataclass
+class DecodeResult:
+    """What `decompress_tensor` returns: the image (1,3,H,W) in [0,1] and its header."""
+
+    image: Tensor
+    header: OSDHeader
+
+
+class ImageCodecPipeline(DiffusionPipeline):
+    """Base of the osdiff codecs; see the module docstring."""
+
+    hashed_components: tuple[str, ...] = ()
+    entropy_coder: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limits = BitstreamLimits()
+        self.tiling = TilingConfig()
+        self.compute = ComputeConfig()
+        self._model_hash: bytes | None = None
+
+    # ---- what a subclass provides -------------------------------------------------------
+    @property
+    def pad_multiple(self) -> int:
+        """Image height and width are padded to a multiple of this many pixels."""
+        raise NotImplementedError
+
+    @property
+    def min_padded_side(self) -> int:
+        """Smallest padded side in pixels."""
+        return self.pad_multiple
+
+    @property
+    def num_quality_levels(self) -> int:
+        raise NotImplementedError
+
+    def num_strings(self) -> int:
+        """Entropy-coded strings in every file of this model."""
+        raise NotImplementedError
+
+    def encode_padded(self, image: Tensor, level: int) -> list[bytes]:
+        """Padded image (1,3,H,W) in [0,1] (float32) -> entropy-coded strings at `level` (1-based)."""
+        raise NotImplementedError
+
+    def decode_strings(self, strings: list[bytes], header: OSDHeader, steps: int) -> Tensor:
+        """Strings of a checked file -> padded image (1,3,H,W) in [0,1]."""
+        raise NotImplementedError
+
+    # ---- shared -------------------------------------------------------------------------
+    def padded_side(self, side: int) -> int:
+        """Pixels a side of `side` pixels is padded to before coding."""
+        return max(-(-side // self.pad_multiple) * self.pad_multiple, self.min_padded_side)
+
+    @property
+    def model_hash(self) -> bytes:
+        """First 8 bytes of SHA-256 over every weight (as float32), entropy table and config
+        that affects decoding. Written in each file; a file from another model is refused."""
+        if self._model_hash is None:
+            digest = hashlib.sha256()
+            settings = {k: v for k, v in self.config.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}
+            digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+            if getattr(self, "scheduler", None) is not None:
+                schedule = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
+                digest.update(json.dumps(schedule, sort_keys=True, default=str).encode())
+            for name in self.hashed_components:
+                module = getattr(self, name)
+                architecture = {k: v for k, v in module.config.items() if not k.startswith("_")}
+                digest.update(json.dumps(architecture, sort_keys=True, default=str).encode())
+                tensors = dict(module.state_dict())
+                if name == self.entropy_coder:
+                    tensors.update({f"tables.{k}": v for k, v in module.entropy_tables().items()})
+                for key in sorted(tensors):
+                    t = tensors[key].detach()
+                    t = t.float() if t.is_floating_point() else t.long()
+                    digest.update(f"{name}.{key}:{tuple(t.shape)}".encode())
+                    digest.update(t.cpu().contiguous().numpy().tobytes())
+            self._model_hash = digest.digest()[:HASH_BYTES]
+        return self._model_hash
+
+    def _check_quality(self, quality: int | None) -> int:
+        q = self.config.default_quality if quality is None else quality
+        if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 1 <= q <= self.num_quality_levels:
+            raise OSDiffError(f"quality must be an integer from 1 to {self.num_quality_levels}, got {quality!r}")
+        return int(q)
+
+    def _prepare(self) -> None:
+        coder = getattr(self, self.entropy_coder)
+        if not coder.is_updated():
+            coder.update(force=True)
+            self._model_hash = None
+
+    @contextlib.contextmanager
+    def coding_context(self):
+        """Run the networks as `self.compute` says (see ComputeConfig); restores torch's settings."""
+        if not self.compute.deterministic or self.device.type != "cpu":
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.compute.threads)
+        try:
+            with torch.backends.mkldnn.flags(enabled=False):
+                yield
+        finally:
+            torch.set_num_threads(before)
+
+    # ---- encoding -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def compress(self, image: ImageInput, quality: int | None = None) -> bytes:
+        """Image (path, PIL, numpy or torch; see osdiff.imageio) -> `.osd` bytes."""
+        level = self._check_quality(quality)
+        self._prepare()
+        x = to_tensor(image)
+        _, _, height, width = x.shape
+        if width > self.limits.max_side or height > self.limits.max_side or width * height > self.limits.max_pixels:
+            raise OSDiffError(f"image of {width}x{height} pixels is larger than this codec accepts")
+        pad_w, pad_h = self.padded_side(width) - width, self.padded_side(height) - height
+        x = pad_right_bottom(x, pad_w, pad_h)
+        with self.coding_context():
+            strings = self.encode_padded(x, level)
+        header = OSDHeader(self.config.model_name, self.model_hash, level, width, height, pad_w, pad_h)
+        return pack(header, strings)
+
+    # ---- decoding -----------------------------------------------------------------------
+    def read_header(self, data: bytes) -> tuple[OSDHeader, list[bytes]]:
+        """Parse `data` and check that this model can decode it."""
+        header, strings = parse(data, self.limits)
+        self._prepare()
+        if header.model_hash != self.model_hash or header.model_name != self.config.model_name:
+            raise OSDiffError(
+                f"file was made by model {header.model_name!r} ({header.model_hash.hex()}), "
+                f"not by the loaded model {self.config.model_name!r} ({self.model_hash.hex()})"
+            )
+        if header.quality > self.num_quality_levels:
+            raise OSDiffError(f"quality level {header.quality} does not exist in this model")
+        if (header.pad_w, header.pad_h) != (self.padded_side(header.width) - header.width, self.padded_side(header.height) - header.height):
+            raise OSDiffError("corrupted header (padding does not match the model)")
+        if len(strings) != self.num_strings():
+            raise OSDiffError(f"corrupted file: {len(strings)} strings, the model codes {self.num_strings()}")
+        return header, strings
+
+    @torch.inference_mode()
+    def decompress_tensor(self, data: bytes, steps: int = 1) -> DecodeResult:
+        """`.osd` bytes -> image tensor (1,3,H,W) in [0,1]; `steps` > 1: multi-step diffusion
+        decoding, for the codecs that have it."""
+        header, strings = self.read_header(data)
+        with self.coding_context():
+            image = self.decode_strings(strings, header, steps)
+        return DecodeResult(image[:, :, : header.height, : header.width].cpu(), header)
+
+    def decompress(self, data: bytes, steps: int = 1) -> Image.Image:
+        """`.osd` bytes -> PIL RGB image of the original size."""
+        return tensor_to_pil(self.decompress_tensor(data, steps=steps).image)
+
+    def __call__(self, image: ImageInput, quality: int | None = None, steps: int = 1) -> tuple[Image.Image, bytes]:
+        """Round trip: compress `image`, then decode it."""
+        data = self.compress(image, quality)
+        return self.decompress(data, steps=steps), data
