@@ -13,6 +13,7 @@ from .errors import OSDiffError
 from .models.autoencoder import TinyAutoencoder
 from .models.compressor import LatentCompressor
 from .models.conditioning import ConditioningEmbedding
+from .codec_pipeline import ImageCodecPipeline
 from .pipeline import OSDiffPipeline
 
 # ELIC's sizes (N=192, M=320, groups 16/16/32/64/192) for the SD latent.
@@ -122,11 +123,11 @@ def from_stable_diffusion(
     )
 
 
-def save_for_shipping(pipe: OSDiffPipeline, folder: str | os.PathLike) -> None:
+def save_for_shipping(pipe: ImageCodecPipeline, folder: str | os.PathLike) -> None:
     """Save with weights stored as float16 (half the size). The entropy tables are rebuilt
     from the float16-rounded weights first, so what is saved is exactly what loads."""
     pipe.to(torch.float16).to(torch.float32)
-    pipe.compressor.update(force=True)
+    getattr(pipe, pipe.entropy_coder).update(force=True)
     pipe._model_hash = None
     pipe.to(torch.float16).save_pretrained(folder)
     pipe.to(torch.float32)

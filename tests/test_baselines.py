@@ -184,3 +184,22 @@ def test_baseline_configs_load(tmp_path):
     bad.write_text("model: tiny\nstages: [{name: baseline, steps: 3}]\n")
     with pytest.raises(OSDiffError, match="goes with model 'baseline'"):
         load_config(bad)
+
+
+def test_serve_runs_a_baseline(tmp_path, photo):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from osdiff.serve import create_app
+
+    pipe = osdiff.load(_codec_folder(tmp_path, ARCHS["mean-scale-hyperprior"], "msh-serve"))
+    client = TestClient(create_app(pipe))
+    assert client.get("/api/info").json()["model"] == "msh-serve"
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, format="PNG")
+    body = client.post("/api/compress?quality=2", content=buf.getvalue()).json()
+    osd = base64.b64decode(body["file"])
+    assert parse(osd)[0].model_name == "msh-serve" and body["width"] == 56
+    assert client.post("/api/decompress", content=osd).status_code == 200

@@ -28,6 +28,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from tqdm import tqdm
 
+from ..baseline_pipeline import BaselinePipeline
 from ..build import SD_COMPRESSOR, add_control, compressor_from, sd_noise_scheduler, tiny_autoencoder, tiny_unet
 from ..denoise import add_noise, predict_x0_eps
 from ..errors import OSDiffError
@@ -552,8 +553,6 @@ class Trainer:
 
         if not self._loop(index, stage, modules, optimizers, step_fn, max_steps, deadline, val_fn):
             return False
-        from ..baseline_pipeline import BaselinePipeline
-
         codec = self.accelerator.unwrap_model(codec).to("cpu")
         codec.update(force=True)
         BaselinePipeline(codec=codec, model_name=cfg.model_name).save_pretrained(self.out / "model")
