@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-import torch
 from diffusers import DDIMScheduler, UNetControlNetXSModel
 from torch import Tensor
 

@@ -107,6 +107,21 @@ def tiny_codec(tiny_codec_folder):
     return osdiff.load(tiny_codec_folder)
 
 
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """Three noisy synthetic 128x96 training images."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("train-images")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        y, x = np.mgrid[0:96, 0:128]
+        img = np.stack([(x * (i + 1)) % 256, (y * 3) % 256, ((x + y) * 2) % 256], -1).astype(np.float64)
+        img += rng.normal(0, 8, img.shape)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
 @pytest.fixture
 def photo() -> np.ndarray:
     """A smooth synthetic 'photo' (H=40, W=56, RGB uint8) with edges and gradients."""

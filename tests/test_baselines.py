@@ -105,17 +105,6 @@ def _log(out: Path, kind: str = "log") -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("baseline-images")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        y, x = np.mgrid[0:96, 0:128]
-        img = np.stack([(x * (i + 1)) % 256, (y * 3) % 256, ((x + y) * 2) % 256], -1).astype(np.float64)
-        Image.fromarray(np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return folder
-
-
 def test_elic_training_reduces_loss_and_orders_rates(tmp_path, image_folder):
     cfg = _train_config(tmp_path / "run", image_folder, ARCHS["elic2022-chandelier"], steps=20, perceptual=0.0, adversarial=0.0)
     Trainer(cfg).run()

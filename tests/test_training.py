@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from osdiff.config import CompressorArchitecture, TinyArchitecture
 from osdiff.errors import OSDiffError
@@ -19,18 +18,6 @@ SMALL = TinyArchitecture(
     unet_block_out_channels=(32, 32), cross_attention_dim=32, unet_attention_head_dim=16, control_size_ratio=0.25,
     compressor=CompressorArchitecture(hidden_channels=16, code_channels=16, groups=(4, 4, 8)),
 )
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("train-images")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        y, x = np.mgrid[0:96, 0:128]
-        img = np.stack([(x * (i + 1)) % 256, (y * 3) % 256, ((x + y) * 2) % 256], -1).astype(np.float64)
-        img += rng.normal(0, 8, img.shape)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return folder
 
 
 def make_config(out: Path, folder: Path, stages: list[StageConfig], **losses) -> TrainConfig:

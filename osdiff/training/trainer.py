@@ -197,6 +197,14 @@ class Trainer:
     def _prepare(self, *objects):
         return self.accelerator.prepare(*objects)
 
+    def _aux_step(self, model, opt_aux) -> torch.Tensor:
+        """One step of compressai's auxiliary loss (the entropy bottlenecks' quantiles)."""
+        aux = self.accelerator.unwrap_model(model).aux_loss()
+        self.accelerator.backward(aux)
+        opt_aux.step()
+        opt_aux.zero_grad()
+        return aux
+
     # ---- stage 1: autoencoder -----------------------------------------------------------------
     def _autoencoder_stage(self, index, stage, max_steps, deadline) -> bool:
         arch, losses = self.config.tiny, self.config.losses
@@ -359,8 +367,8 @@ class Trainer:
         conditioning.to(self.device)
 
         control_params = [p for p in unet.parameters() if p.requires_grad]
-        main_params = [p for n, p in compressor.named_parameters() if not n.endswith(".quantiles")] + control_params
-        aux_params = [p for n, p in compressor.named_parameters() if n.endswith(".quantiles")]
+        compressor_params, aux_params = _split_quantiles(compressor)
+        main_params = compressor_params + control_params
         opt = torch.optim.AdamW(main_params, lr=stage.lr, weight_decay=stage.weight_decay)
         opt_aux = torch.optim.Adam(aux_params, lr=stage.lr_aux)
         opt_d = torch.optim.AdamW(discriminator.parameters(), lr=stage.lr_discriminator, betas=(0.5, 0.999))
@@ -417,10 +425,7 @@ class Trainer:
                     self.accelerator.clip_grad_norm_(main_params, stage.grad_clip)
                 opt.step()
                 opt.zero_grad()
-                aux = self.accelerator.unwrap_model(compressor).aux_loss()
-                self.accelerator.backward(aux)
-                opt_aux.step()
-                opt_aux.zero_grad()
+                aux = self._aux_step(compressor, opt_aux)
 
             d_loss = torch.zeros(())
             if use_adv:
@@ -478,8 +483,7 @@ class Trainer:
             raise OSDiffError(f"rate_lambdas has {len(rate_lambdas)} values for {arch.num_rates} rates")
         torch.manual_seed(cfg.seed + 3)
         codec = LearnedImageCodec(arch.architecture, arch.N, arch.M, tuple(arch.groups), arch.num_rates)
-        main_params = [p for n, p in codec.named_parameters() if not n.endswith(".quantiles")]
-        aux_params = [p for n, p in codec.named_parameters() if n.endswith(".quantiles")]
+        main_params, aux_params = _split_quantiles(codec)
         opt = torch.optim.AdamW(main_params, lr=stage.lr, weight_decay=stage.weight_decay)
         opt_aux = torch.optim.Adam(aux_params, lr=stage.lr_aux)
         codec, opt, opt_aux = self._prepare(codec, opt, opt_aux)
@@ -524,13 +528,10 @@ class Trainer:
                 logs[f"psnr_r{r + 1}"] = _psnr(x_hat, x)
             self.accelerator.backward(total)
             for model in rates:  # the rates are independent models: clip each on its own
-                self.accelerator.clip_grad_norm_([p for n, p in model.named_parameters() if not n.endswith(".quantiles")], stage.grad_clip)
+                self.accelerator.clip_grad_norm_(_split_quantiles(model)[0], stage.grad_clip)
             opt.step()
             opt.zero_grad()
-            aux = self.accelerator.unwrap_model(codec).aux_loss()
-            self.accelerator.backward(aux)
-            opt_aux.step()
-            opt_aux.zero_grad()
+            aux = self._aux_step(codec, opt_aux)
             d_loss = torch.zeros(())
             if use_adv:
                 d_loss = sum(discriminator_adversarial(discriminators[r](x, y_hat), discriminators[r](fake, y_hat))
@@ -557,6 +558,12 @@ class Trainer:
         codec.update(force=True)
         BaselinePipeline(codec=codec, model_name=cfg.model_name).save_pretrained(self.out / "model")
         return True
+
+
+def _split_quantiles(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(parameters the main loss trains, the entropy bottlenecks' quantiles the aux loss trains)."""
+    named = list(module.named_parameters())
+    return [p for n, p in named if not n.endswith(".quantiles")], [p for n, p in named if n.endswith(".quantiles")]
 
 
 def _psnr(x_hat, x) -> float:
