@@ -338,12 +338,14 @@ def cmd_eval(args) -> int:
     metrics = MetricSuite(args.lpips_backbone, args.lpips_linear, args.dists_backbone, args.dists_weights)
     summary = evaluate(Path(args.data_dir), codecs, Path(args.out), metrics, limit=args.limit,
                        anchor=args.anchor, crops=not args.no_crops, inception=args.inception, crop_bpp=args.crop_bpp)
-    from .evaluation.tables import bd_table, versus_table
+    from .evaluation.tables import bd_against_each, bd_table, versus_table
 
     print(bd_table(summary, metrics.names))
     for codec in (c for c in codecs if c.learned):
         print()
         print(versus_table(summary, codec.name, [c.name for c in codecs if not c.learned]))
+        print()
+        print(bd_against_each(summary, codec.name, metrics.names))
     print(f"\nreport: {Path(args.out) / 'report.html'}")
     return 0
 

@@ -147,7 +147,7 @@ def test_baseline_resume_is_exact(tmp_path, image_folder, photo):
     assert a.compress(photo) == b.compress(photo)
 
 
-def test_eval_takes_a_baseline_by_folder(tmp_path, photo):
+def test_eval_takes_a_baseline_by_folder(tmp_path, photo, capsys):
     baseline_folder = _codec_folder(tmp_path, ARCHS["mean-scale-hyperprior"], "msh-test")
     data = tmp_path / "photos"
     data.mkdir()
@@ -155,6 +155,8 @@ def test_eval_takes_a_baseline_by_folder(tmp_path, photo):
     out = tmp_path / "eval"
     spec = f"mybase={baseline_folder}"
     assert main(["eval", str(data), "--codecs", f"{spec},jpeg", "--out", str(out), "--crop-bpp", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "| mybase vs |" in printed and "\n| jpeg |" in printed  # BD-rate of the learned codec against each other
     with open(out / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["setting"] for r in rows if r["codec"] == "mybase") == ["1", "2", "3"]

@@ -33,3 +33,22 @@ def test_every_level_round_trips_with_rising_rate_and_falling_distortion():
     assert haarpsi == sorted(haarpsi), haarpsi
     assert 0.02 < bpps[0] and bpps[-1] < 1.0
     assert np.isfinite(psnrs).all() and psnrs[-1] > 20
+
+
+@pytest.mark.skipif(PHOTO is None, reason="../shared/data/images is not here")
+def test_shipped_hific_baseline_round_trips_every_level():
+    """hific-tiny, the HiFiC-style baseline shipped for comparisons (issue 7). As a GAN codec
+    its distortion need not fall at every level; its rate must rise."""
+    codec = osdiff.load("hific-tiny")
+    assert type(codec).__name__ == "BaselinePipeline" and codec.num_quality_levels == 4
+    image = open_image(PHOTO)
+    ref = to_tensor(image)
+    bpps = []
+    for q in range(1, 5):
+        data = codec.compress(image, quality=q)
+        out = codec.decompress(data)
+        assert out.size == image.size
+        assert MetricSuite()(to_tensor(out), ref)["psnr"] > 18
+        bpps.append(len(data) * 8 / (image.width * image.height))
+    assert bpps == sorted(bpps) and len(set(bpps)) == 4 and 0.02 < bpps[0] and bpps[-1] < 1.0, bpps
+    assert "hific-tiny" in osdiff.available_models()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .bdrate import quality_at_rate, rate_at_quality
+from .bdrate import bd_rate, quality_at_rate, rate_at_quality
 from .metrics import HIGHER_IS_BETTER
 
 
@@ -49,4 +49,22 @@ def bd_table(summary: dict, metrics: list[str]) -> str:
     rows = [f"| codec vs {summary['anchor']} | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for codec, vals in summary["bd_rate_percent"].items():
         rows.append(f"| {codec} | " + " | ".join("n/a" if vals.get(m) is None else f"{vals[m]:+.1f}%" for m in metrics) + " |")
+    return "\n".join(rows)
+
+
+def bd_against_each(summary: dict, codec: str, metrics: list[str]) -> str:
+    """BD-rate (%) of `codec` with every other codec of the summary as the anchor, per metric
+    (negative = `codec` needs fewer bits for the same quality)."""
+    curves = summary["curves"]
+    test = curves[codec]
+    rows = [f"| {codec} vs | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for anchor, pts in curves.items():
+        if anchor == codec:
+            continue
+        cells = []
+        for m in metrics:
+            v = bd_rate([p["bpp"] for p in pts], [p[m] for p in pts], [p["bpp"] for p in test], [p[m] for p in test],
+                        HIGHER_IS_BETTER[m])
+            cells.append("n/a" if v is None else f"{v:+.1f}%")
+        rows.append(f"| {anchor} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
