@@ -19,6 +19,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "OSDiffPipeline": ".pipeline",
+    "BaselinePipeline": ".baseline_pipeline",
+    "ImageCodecPipeline": ".codec_pipeline",
+    "LearnedImageCodec": ".models.baselines",
     "LatentCompressor": ".models.compressor",
     "TinyAutoencoder": ".models.autoencoder",
     "ConditioningEmbedding": ".models.conditioning",
@@ -30,7 +33,10 @@ _LAZY = {
 __all__ = ["OSDiffError", "OSDiffWarning", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
+    from .baseline_pipeline import BaselinePipeline
+    from .codec_pipeline import ImageCodecPipeline
     from .hub import DEFAULT_MODEL, available_models, load
+    from .models.baselines import LearnedImageCodec
     from .models.autoencoder import TinyAutoencoder
     from .models.compressor import LatentCompressor
     from .models.conditioning import ConditioningEmbedding
