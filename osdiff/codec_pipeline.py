@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,9 @@ from .config import BitstreamLimits, ComputeConfig, TilingConfig
 from .entropy.bitstream import HASH_BYTES, OSDHeader, pack, parse
 from .errors import OSDiffError
 from .imageio import ImageInput, pad_right_bottom, tensor_to_pil, to_tensor
+
+# torch.backends.mkldnn.flags(), used by coding_context, warns on every use on CPU-only builds
+warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN", category=UserWarning)
 
 
 @dataclass
