@@ -135,6 +135,20 @@ def benchmark(codec, size: tuple[int, int], steps: list[int], device: str = "cpu
         return measure(codec, size, steps, device, dtype, repeat, warmup, model_label, random_weights)
 
 
+def _coded_test_image(codec, size, dev, dtype, model_label, random_weights):
+    """(random image (1,3,H,W), its `.osd` bytes, an empty BenchResult for it); compressing
+    also computes and caches the model hash, so no timed run pays for it."""
+    image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    data = codec.compress(image)
+    result = BenchResult(
+        model=model_label, device=_device_name(dev), dtype=dtype, size=size, threads=torch.get_num_threads(),
+        torch_version=torch.__version__, random_weights=random_weights,
+        bits_per_pixel=len(data) * 8 / (size[0] * size[1]), deterministic=codec.compute.deterministic,
+        note="weights are random: timings do not depend on weight values" if random_weights else "",
+    )
+    return image, data, result
+
+
 @torch.inference_mode()
 def _measure_one_pass(codec, size, steps, device, dtype, repeat, warmup, model_label, random_weights) -> BenchResult:
     """Whole encode and decode of a codec without diffusion (fp32 only)."""
@@ -142,13 +156,7 @@ def _measure_one_pass(codec, size, steps, device, dtype, repeat, warmup, model_l
         raise OSDiffError(f"{model_label}: only fp32 is supported for codecs without diffusion")
     dev = torch.device(device)
     time_it, mem = _timer(dev, warmup, repeat), MemoryMeter(dev)
-    image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
-    data = codec.compress(image)
-    result = BenchResult(
-        model=model_label, device=_device_name(dev), dtype=dtype, size=size, threads=torch.get_num_threads(),
-        torch_version=torch.__version__, random_weights=random_weights,
-        bits_per_pixel=len(data) * 8 / (size[0] * size[1]), deterministic=codec.compute.deterministic,
-    )
+    image, data, result = _coded_test_image(codec, size, dev, dtype, model_label, random_weights)
     result.encode["total"] = time_it(lambda: codec.compress(image))
     result.decode_total[1] = time_it(lambda: codec.decompress_tensor(data))
     with mem.measure(result.peak_memory_mb, "encode"):
@@ -167,16 +175,8 @@ def _measure(codec, size, steps, device, dtype, repeat, warmup, model_label, ran
     codec._model_hash = None
     time_it = _timer(dev, warmup, repeat)
     mem = MemoryMeter(dev)
-    height, width = size
-    image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
-    data = codec.compress(image)  # also computes and caches the model hash
+    image, data, result = _coded_test_image(codec, size, dev, dtype, model_label, random_weights)
     header, strings = codec.read_header(data)
-    result = BenchResult(
-        model=model_label, device=_device_name(dev), dtype=dtype, size=size, threads=torch.get_num_threads(),
-        torch_version=torch.__version__, random_weights=random_weights,
-        bits_per_pixel=len(data) * 8 / (height * width), deterministic=codec.compute.deterministic,
-        note="weights are random: timings do not depend on weight values" if random_weights else "",
-    )
 
     # --- encoding components
     x = (pad_right_bottom(image, header.pad_w, header.pad_h) * 2 - 1).to(dev, DTYPES[dtype])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from compressai.layers import CheckerboardMaskedConv2d
 from compressai.models import Elic2022Chandelier, MeanScaleHyperprior
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from ..entropy.exact import exact_modules
 from ..entropy.rans import pad_for_rans
 from ..entropy.tables import EntropyTablesMixin
+from .compressor import channel_group_entropy_networks, zero_checkerboard_masks
 
 ARCHITECTURES = ("elic2022-chandelier", "mean-scale-hyperprior")
 IMAGE_DOWNSCALE = 16  # g_a: four stride-2 convolutions
@@ -52,19 +52,11 @@ class LearnedImageCodec(EntropyTablesMixin, ModelMixin, ConfigMixin):
         else:
             build = lambda: MeanScaleHyperprior(N=N, M=M)  # noqa: E731
         self.rates = nn.ModuleList(build() for _ in range(num_rates))
-        self.apply_context_masks()
+        zero_checkerboard_masks(self)
         self.keep_tables_out_of_state_dict()
 
-    @torch.no_grad()
-    def apply_context_masks(self) -> None:
-        """Zero the masked checkerboard taps now (compressai does it on each forward), so the
-        weights and the model hash are the same before and after the first use."""
-        for module in self.modules():
-            if isinstance(module, CheckerboardMaskedConv2d):
-                module.weight.mul_(module.mask)
-
     def after_load(self) -> None:
-        self.apply_context_masks()
+        zero_checkerboard_masks(self)
 
     # ---- shapes -------------------------------------------------------------------------------
     @property
@@ -118,11 +110,7 @@ class LearnedImageCodec(EntropyTablesMixin, ModelMixin, ConfigMixin):
         model = self.rates[rate]
         if self.config.architecture == "mean-scale-hyperprior":
             return [model.h_s]
-        groups = model.latent_codec["y"]
-        mods: list[nn.Module] = [model.latent_codec["hyper"].h_s, *groups.channel_context.values()]
-        for codec in groups.latent_codec.values():
-            mods += [codec.context_prediction, codec.entropy_parameters]
-        return mods
+        return channel_group_entropy_networks(model.latent_codec)
 
     def _coding_context(self, rate: int):
         if self.config.exact_entropy_parameters:  # compressai's mean-scale decoder adds means to y in the model's dtype

@@ -55,6 +55,28 @@ class ResidualUnit(nn.Module):
         return x + self.body(x)
 
 
+@torch.no_grad()
+def zero_checkerboard_masks(model: nn.Module) -> None:
+    """Zero the masked taps of every checkerboard context convolution in `model`. compressai
+    does this in place on every forward; doing it at build and load keeps the weights (and the
+    model hash) the same before and after the first use."""
+    for module in model.modules():
+        if isinstance(module, CheckerboardMaskedConv2d):
+            module.weight.mul_(module.mask)
+
+
+def channel_group_entropy_networks(latent_codec) -> list[nn.Module]:
+    """The networks whose outputs choose the entropy models in a compressai hyperprior latent
+    codec (`latent_codec["hyper"]`, `latent_codec["y"]` = ChannelGroupsLatentCodec of
+    CheckerboardLatentCodecs): hyper-synthesis, channel context, and each group's checkerboard
+    context and parameter aggregation."""
+    groups = latent_codec["y"]
+    mods: list[nn.Module] = [latent_codec["hyper"].h_s, *groups.channel_context.values()]
+    for codec in groups.latent_codec.values():
+        mods += [codec.context_prediction, codec.entropy_parameters]
+    return mods
+
+
 def _analysis(c_in: int, n: int, m: int, downsamples: int) -> nn.Sequential:
     layers: list[nn.Module] = [conv(c_in, n, kernel_size=3, stride=1)]
     for _ in range(downsamples):
@@ -156,26 +178,13 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
         self.y_gain_inv = nn.Parameter((1.0 / init)[:, None].repeat(1, m))
         self.z_gain = nn.Parameter(init[:, None].repeat(1, n))
         self.z_gain_inv = nn.Parameter((1.0 / init)[:, None].repeat(1, n))
-        self.apply_context_masks()
+        zero_checkerboard_masks(self)
         self.keep_tables_out_of_state_dict()
-
-    @torch.no_grad()
-    def apply_context_masks(self) -> None:
-        """Zero the masked taps of the checkerboard context convolutions. compressai does this
-        in place on every forward; doing it at build and load keeps the weights (and the model
-        hash) the same before and after the first use."""
-        for module in self.modules():
-            if isinstance(module, CheckerboardMaskedConv2d):
-                module.weight.mul_(module.mask)
 
     def entropy_parameter_modules(self) -> list[nn.Module]:
         """The networks whose outputs choose the entropy models: hyper-synthesis, channel
         context, checkerboard context and parameter aggregation of every group."""
-        groups = self.latent_codec["y"]
-        mods: list[nn.Module] = [self.latent_codec["hyper"].h_s, *groups.channel_context.values()]
-        for codec in groups.latent_codec.values():
-            mods += [codec.context_prediction, codec.entropy_parameters]
-        return mods
+        return channel_group_entropy_networks(self.latent_codec)
 
     def _coding_context(self):
         if self.config.exact_entropy_parameters:
@@ -252,7 +261,7 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
         return self.g_s(out["y_hat"].to(y_gain_inv.dtype).contiguous())
 
     def after_load(self) -> None:
-        self.apply_context_masks()
+        zero_checkerboard_masks(self)
 
 
-__all__ = ["LatentCompressor", "ENTROPY_TABLES_FILE"]
+__all__ = ["LatentCompressor", "ENTROPY_TABLES_FILE", "channel_group_entropy_networks", "zero_checkerboard_masks"]
