@@ -42,6 +42,12 @@ def bd_rate(anchor_rates, anchor_quality, test_rates, test_quality, higher_is_be
     return float((math.exp((it - ia) / (hi - lo)) - 1) * 100)
 
 
+def curve_bd_rate(anchor: list[dict], test: list[dict], metric: str, higher_is_better: bool = True) -> float | None:
+    """`bd_rate` of two evaluation curves: lists of points {"bpp": ..., metric: ...}."""
+    return bd_rate([p["bpp"] for p in anchor], [p[metric] for p in anchor],
+                   [p["bpp"] for p in test], [p[metric] for p in test], higher_is_better)
+
+
 def rate_at_quality(rates, quality, target: float, higher_is_better: bool = True) -> float | None:
     """Rate a curve needs to reach `target` quality (log-rate interpolation), or None."""
     q, r = _clean(rates, quality, higher_is_better)

@@ -19,7 +19,7 @@ from ..errors import OSDiffError
 from ..fileio import write_bytes_atomic
 from ..imageio import PHOTO_SUFFIXES, open_image, to_tensor
 from ..imageio import find_images as list_images
-from .bdrate import bd_rate
+from .bdrate import curve_bd_rate
 from .codecs import Codec
 from .metrics import HIGHER_IS_BETTER, MetricSuite
 
@@ -129,8 +129,7 @@ def summarize(rows: list[dict], codec_names: list[str], metrics: MetricSuite, an
             if codec == anchor:
                 continue
             bd[codec] = {
-                m: bd_rate([p["bpp"] for p in a], [p[m] for p in a], [p["bpp"] for p in pts], [p[m] for p in pts], HIGHER_IS_BETTER[m])
-                for m in metrics.names
+                m: curve_bd_rate(a, pts, m, HIGHER_IS_BETTER[m]) for m in metrics.names
             }
     return {"anchor": anchor, "curves": dict(curves), "bd_rate_percent": bd, "unavailable_metrics": metrics.unavailable,
             "note": "BD-rate: negative = fewer bits than the anchor at equal quality; null = quality ranges do not overlap"}

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 
-from .bdrate import bd_rate, quality_at_rate, rate_at_quality
+from .bdrate import curve_bd_rate, quality_at_rate, rate_at_quality
 from .metrics import HIGHER_IS_BETTER
 
 
 def _fmt(v, digits=3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _percent(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.1f}%"
 
 
 def level_table(summary: dict, codec: str, metrics: list[str]) -> str:
@@ -48,7 +52,7 @@ def versus_table(summary: dict, codec: str, others: list[str], metric: str = "ha
 def bd_table(summary: dict, metrics: list[str]) -> str:
     rows = [f"| codec vs {summary['anchor']} | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for codec, vals in summary["bd_rate_percent"].items():
-        rows.append(f"| {codec} | " + " | ".join("n/a" if vals.get(m) is None else f"{vals[m]:+.1f}%" for m in metrics) + " |")
+        rows.append(f"| {codec} | " + " | ".join(_percent(vals.get(m)) for m in metrics) + " |")
     return "\n".join(rows)
 
 
@@ -61,10 +65,6 @@ def bd_against_each(summary: dict, codec: str, metrics: list[str]) -> str:
     for anchor, pts in curves.items():
         if anchor == codec:
             continue
-        cells = []
-        for m in metrics:
-            v = bd_rate([p["bpp"] for p in pts], [p[m] for p in pts], [p["bpp"] for p in test], [p[m] for p in test],
-                        HIGHER_IS_BETTER[m])
-            cells.append("n/a" if v is None else f"{v:+.1f}%")
+        cells = [_percent(curve_bd_rate(pts, test, m, HIGHER_IS_BETTER[m])) for m in metrics]
         rows.append(f"| {anchor} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
