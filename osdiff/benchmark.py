@@ -200,7 +200,7 @@ def _measure(codec, size, steps, device, dtype, repeat, warmup, model_label, ran
     hint = comp.g_s(y_hat).to(DTYPES[dtype])
     context = codec.conditioning(1).to(hint.dtype)
     t = int(codec.config.timestep)
-    x_t = codec.noised_hint(hint)
+    x_t = codec.start_latent(hint)
     result.decode["entropy_decode"] = time_it(lambda: comp.latent_codec.decompress(nested, shapes, gains[2], gains[3]))
     result.decode["synthesis"] = time_it(lambda: comp.g_s(y_hat))
     result.decode["unet_step"] = time_it(lambda: codec.unet(

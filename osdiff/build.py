@@ -87,6 +87,7 @@ def build_tiny(
         scheduler=sd_noise_scheduler(),
         model_name=name,
         timestep=decoding.timestep, noise_seed=decoding.noise_seed, control_scale=decoding.control_scale,
+        decoding_start=decoding.start,
     )
 
 
@@ -120,6 +121,7 @@ def from_stable_diffusion(
         scheduler=scheduler,
         model_name=name,
         timestep=decoding.timestep, noise_seed=decoding.noise_seed, control_scale=decoding.control_scale,
+        decoding_start=decoding.start,
     )
 
 

@@ -92,6 +92,8 @@ class ImageCodecPipeline(DiffusionPipeline):
         if self._model_hash is None:
             digest = hashlib.sha256()
             settings = {k: v for k, v in self.config.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}
+            if settings.get("decoding_start") == "hint":  # the v1 procedure: v1 models keep their hash
+                del settings["decoding_start"]
             digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
             if getattr(self, "scheduler", None) is not None:
                 schedule = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}

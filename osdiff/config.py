@@ -33,12 +33,19 @@ class CompressorArchitecture:
 
 @dataclass(frozen=True)
 class DecodingConfig:
-    """One-step decoding: the hint is noised to `timestep` with noise from `noise_seed`,
-    then one UNet evaluation predicts the clean latent."""
+    """One-step decoding. start="hint": the hint is noised to `timestep` with noise from
+    `noise_seed` (osdiff v1). start="noise": x_T is pure noise from `noise_seed` and the hint
+    reaches the UNet only through the control module (the official OSDiff procedure, used with
+    timestep=999). Then one UNet evaluation predicts the clean latent."""
 
     timestep: int = 499
     noise_seed: int = 0
     control_scale: float = 1.0
+    start: str = "hint"  # hint | noise
+
+    def __post_init__(self) -> None:
+        if self.start not in ("hint", "noise"):
+            raise ValueError(f"decoding start must be 'hint' or 'noise', got {self.start!r}")
 
 
 @dataclass(frozen=True)

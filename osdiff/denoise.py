@@ -1,14 +1,36 @@
 """One-step and N-step (DDIM) denoising of the hint latent with the controlled UNet.
 
-One-step decoding: x_t = sqrt(a_t) * hint + sqrt(1 - a_t) * eps_fixed at the fixed timestep t,
-one UNet evaluation predicts the noise (or v), and x0 follows in closed form. N-step decoding
+Two ways to start (`DecodingConfig.start`):
+  "hint"   x_t = sqrt(a_t) * hint + sqrt(1 - a_t) * eps_fixed at the fixed timestep t (osdiff v1);
+  "noise"  x_T = eps_fixed, pure fixed-seed Gaussian noise at t = 999: the hint enters only
+           through the control branch (the official OSDiff code's one-step decoding).
+One UNet evaluation predicts the noise (or v), and x0 follows in closed form. N-step decoding
 starts from the same x_t and runs deterministic DDIM (eta = 0) over N evenly spaced timesteps
 down to 0 with the same network, so the two differ only in the number of UNet calls.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
+
+DECODING_STARTS = ("hint", "noise")
+
+
+def alphas_cumprod_float64(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                           beta_end: float = 0.012) -> np.ndarray:
+    """SD/ldm's "scaled linear" schedule computed in float64, as the ldm code does:
+    betas = linspace(sqrt(start), sqrt(end), n) ** 2, alpha_bar = cumprod(1 - betas)."""
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+def x0_from_eps_ldm(x_t: Tensor, eps: Tensor, alpha_bar: float) -> Tensor:
+    """x0 = sqrt(1/a) * x_t - sqrt(1/a - 1) * eps with both coefficients computed in float64
+    and rounded to the tensors' dtype first, as ldm's `predict_start_from_noise` does."""
+    c1 = torch.tensor(np.sqrt(1.0 / alpha_bar), dtype=x_t.dtype, device=x_t.device)
+    c2 = torch.tensor(np.sqrt(1.0 / alpha_bar - 1.0), dtype=x_t.dtype, device=x_t.device)
+    return c1 * x_t - c2 * eps
 
 
 def fixed_noise(shape: tuple[int, ...], seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -3,7 +3,10 @@
     compress:   image -> pad -> autoencoder encode -> latent z -> LatentCompressor.compress
                 -> entropy-coded strings -> `.osd` bytes (header + strings + CRC32)
     decompress: `.osd` bytes -> strings -> LatentCompressor.decompress -> hint
-                -> noise hint to timestep t (fixed seed) -> one controlled-UNet step -> x0
+                -> start latent at timestep t: the hint noised with fixed-seed noise
+                   (decoding_start="hint"), or the fixed-seed noise alone ("noise", t = 999:
+                   the official OSDiff procedure, hint only through the control module)
+                -> one controlled-UNet step -> x0
                 -> autoencoder decode -> crop -> image
 
 The file format, padding, model hash and compute mode are shared with every codec
@@ -24,7 +27,7 @@ from diffusers import DDIMScheduler, UNetControlNetXSModel
 from torch import Tensor
 
 from .codec_pipeline import DecodeResult, ImageCodecPipeline
-from .denoise import add_noise, ddim_timesteps, fixed_noise, predict_x0_eps
+from .denoise import add_noise, alphas_cumprod_float64, ddim_timesteps, fixed_noise, predict_x0_eps, x0_from_eps_ldm
 from .entropy.bitstream import OSDHeader
 from .errors import OSDiffError
 from .models.autoencoder import LATENT_DOWNSCALE, decode_latent, encode_latent
@@ -54,12 +57,13 @@ class OSDiffPipeline(ImageCodecPipeline):
         noise_seed: int = 0,
         control_scale: float = 1.0,
         default_quality: int = 2,
+        decoding_start: str = "hint",
     ) -> None:
         super().__init__()
         self.register_modules(vae=vae, compressor=compressor, unet=unet, conditioning=conditioning, scheduler=scheduler)
         self.register_to_config(
             model_name=model_name, timestep=timestep, noise_seed=noise_seed,
-            control_scale=control_scale, default_quality=default_quality,
+            control_scale=control_scale, default_quality=default_quality, decoding_start=decoding_start,
         )
 
     # ---- properties ---------------------------------------------------------------------
@@ -112,31 +116,43 @@ class OSDiffPipeline(ImageCodecPipeline):
             latent = self.denoise(hint_tile, steps=steps, x_t=x_t)
             return decode_latent(self.vae, latent.to(self.vae.dtype)).float()
 
-        return run_tiled(decode, [self.noised_hint(hint), hint], LATENT_DOWNSCALE, t.tile, t.overlap, t.align)
+        return run_tiled(decode, [self.start_latent(hint), hint], LATENT_DOWNSCALE, t.tile, t.overlap, t.align)
 
-    def noised_hint(self, hint: Tensor) -> Tensor:
-        """x_t: the hint noised to the decoding timestep with the fixed-seed noise."""
+    def start_latent(self, hint: Tensor) -> Tensor:
+        """x_t at the decoding timestep: the hint noised with the fixed-seed noise, or (start
+        "noise") that noise alone."""
         noise = fixed_noise(tuple(hint.shape), self.config.noise_seed, hint.device, hint.dtype)
-        return add_noise(hint, noise, float(self.scheduler.alphas_cumprod[int(self.config.timestep)]))
+        if self.config.decoding_start == "noise":
+            return noise
+        return add_noise(hint, noise, self.alpha_bar(int(self.config.timestep)))
+
+    def alpha_bar(self, t: int) -> float:
+        """Cumulative alpha at timestep t. Start "noise" uses the float64 ldm schedule (as the
+        official code), "hint" the scheduler's float32 table (osdiff v1, unchanged)."""
+        sc = self.scheduler.config
+        if self.config.decoding_start == "noise" and sc.beta_schedule == "scaled_linear":
+            return float(alphas_cumprod_float64(sc.num_train_timesteps, sc.beta_start, sc.beta_end)[t])
+        return float(self.scheduler.alphas_cumprod[t])
 
     def denoise(self, hint: Tensor, steps: int = 1, x_t: Tensor | None = None) -> Tensor:
         """Hint latent (B,C,h,w) -> clean latent, with `steps` controlled-UNet evaluations,
-        starting from `x_t` (default: `noised_hint(hint)`)."""
-        alphas = self.scheduler.alphas_cumprod
+        starting from `x_t` (default: `start_latent(hint)`)."""
         prediction_type = self.scheduler.config.prediction_type
         timesteps = ddim_timesteps(int(self.config.timestep), steps)
-        x = self.noised_hint(hint) if x_t is None else x_t
+        x = self.start_latent(hint) if x_t is None else x_t
         context = self.conditioning(hint.shape[0]).to(hint.dtype)
         x0 = x
         for i, t in enumerate(timesteps):
-            a_t = float(alphas[t])
+            a_t = self.alpha_bar(t)
             out = self.unet(
                 x, t, encoder_hidden_states=context, controlnet_cond=hint,
                 conditioning_scale=self.config.control_scale,
             ).sample
             x0, eps = predict_x0_eps(out, x, a_t, prediction_type)
+            if prediction_type == "epsilon" and self.config.decoding_start == "noise":
+                x0 = x0_from_eps_ldm(x, out, a_t)
             if i + 1 < len(timesteps):
-                x = add_noise(x0, eps, float(alphas[timesteps[i + 1]]))
+                x = add_noise(x0, eps, self.alpha_bar(timesteps[i + 1]))
         return x0
 
     def _to_model(self, x: Tensor) -> Tensor:

@@ -466,6 +466,7 @@ class Trainer:
             vae=vae, compressor=self.accelerator.unwrap_model(compressor), unet=self.accelerator.unwrap_model(unet),
             conditioning=conditioning, scheduler=scheduler, model_name=cfg.model_name,
             timestep=cfg.decoding.timestep, noise_seed=cfg.decoding.noise_seed, control_scale=cfg.decoding.control_scale,
+            decoding_start=cfg.decoding.start,
         )
         pipe.to("cpu")
         pipe.compressor.update(force=True)
