@@ -87,8 +87,9 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads, 0 = torch's default
     device: str = "auto"  # auto (accelerate's choice: a GPU if there is one) | cpu
     taesd_weights: str = "../shared/data/weights/taesd"  # taef2_encoder.pth / taef2_decoder.pth (decoder stage)
-    # codec stage: start from this checkpoint's compressor / control / discriminator weights
-    # (a stages/<i>-codec/ckpt.pt or its weights-only copy) instead of fresh ones
+    # codec stage: start from earlier weights instead of fresh ones: a model folder (e.g. the
+    # shipped osdiff/weights/osdiff-tiny: its autoencoder, conditioning, UNet, control and
+    # compressor; the discriminator starts fresh) or a stages/<i>-codec/ckpt.pt
     init_from: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     losses: LossConfig = field(default_factory=LossConfig)

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import piq
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -392,9 +393,22 @@ class Trainer:
         return True
 
     # ---- stage 3: codec ---------------------------------------------------------------------
+    def _init_model(self) -> OSDiffPipeline | None:
+        """The model folder named by init_from (codec stage), if it names one."""
+        if not self.config.init_from:
+            return None
+        path = Path(self.config.init_from)
+        path = path if path.is_absolute() else self.base / path
+        if not (path / "model_index.json").is_file():
+            return None
+        return OSDiffPipeline.from_pretrained(path).to(torch.float32)
+
     def _codec_parts(self):
         """(vae, plain unet, conditioning, scheduler, compressor architecture)."""
         cfg = self.config
+        init = self._init_model()
+        if init is not None:  # continue a finished model: its parts (the plain UNet only gives shapes)
+            return init.vae, tiny_unet(cfg.tiny), init.conditioning, init.scheduler, cfg.compressor or cfg.tiny.compressor
         if cfg.model == "sd21":
             if not cfg.base_model:
                 raise OSDiffError("model 'sd21' needs base_model: a local Stable Diffusion 2.1 diffusers folder")
@@ -436,7 +450,12 @@ class Trainer:
         discriminator = UNetFeatureDiscriminator(plain_unet)
         del plain_unet
         earlier = self._earlier_codec_checkpoint(index)
-        if earlier is None and cfg.init_from:
+        init_model = self._init_model() if earlier is None else None
+        if init_model is not None:  # compressor and controlled UNet from a model folder
+            compressor.load_state_dict(init_model.compressor.state_dict())
+            unet.load_state_dict(init_model.unet.state_dict())
+            del init_model
+        elif earlier is None and cfg.init_from:
             earlier = Path(cfg.init_from) if Path(cfg.init_from).is_absolute() else self.base / cfg.init_from
             if not earlier.is_file():
                 raise OSDiffError(f"init_from: {earlier} not found")
@@ -540,7 +559,9 @@ class Trainer:
                 coded = compressor(z, q)
                 z_hat = one_step(coded["hint"], noise, ctx)
                 out[f"bpp_q{q + 1}"] = bits_per_pixel(coded["likelihoods"], x.shape[-2] * x.shape[-1]).mean().item()
-                out[f"psnr_q{q + 1}"] = _psnr((decode_latent(vae, z_hat) + 1) / 2, x)
+                x_hat = ((decode_latent(vae, z_hat) + 1) / 2).clamp(0, 1)
+                out[f"psnr_q{q + 1}"] = _psnr(x_hat, x)
+                out[f"haarpsi_q{q + 1}"] = piq.haarpsi(x_hat, x, data_range=1.0).item()
                 # ablation: the hint decoded directly by the latent decoder, no UNet step
                 out[f"psnr_hint_q{q + 1}"] = _psnr((decode_latent(vae, coded["hint"]) + 1) / 2, x)
             return out
