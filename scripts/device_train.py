@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def last_val(run: Path) -> dict:
     if not files:
         return {}
     rows = list(csv.DictReader(open(files[-1])))
-    return {k: float(v) for k, v in rows[-1].items() if k != "stage"} if rows else {}
+    return {k: float(v) for k, v in rows[-1].items() if k not in ("stage", None) and v not in (None, "")} if rows else {}
 
 
 def curve(row: dict, metric: str) -> tuple[list[float], list[float]]:
@@ -90,15 +91,15 @@ def steps_per_second(run: Path) -> float | None:
     return (int(rows[-1]["step"]) - int(rows[1]["step"])) / dt if dt > 0 else None
 
 
-def ship(model: Path, out: Path) -> list[str]:
+def ship(model: Path, out: Path, work: Path) -> list[str]:
     """Model folder -> float16 copy -> tar split in parts below 15 MiB."""
     from osdiff.build import save_for_shipping
     from osdiff.pipeline import OSDiffPipeline
 
     pipe = OSDiffPipeline.from_pretrained(model)
-    staging = Path("/tmp/osdiff-ship")
+    staging = work / "ship"
     save_for_shipping(pipe, staging)
-    tar = Path("/tmp/model.tar")
+    tar = work / "model.tar"
     with tarfile.open(tar, "w") as t:
         t.add(staging, arcname="model")
     data, parts = tar.read_bytes(), []
@@ -113,7 +114,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto")
     parser.add_argument("--minutes", type=float, default=8.0, help="training time in all (GPU)")
-    parser.add_argument("--ab-minutes", type=float, default=2.0, help="bootstrap: each decoding start's codec run")
+    parser.add_argument("--ab-minutes", type=float, default=0.0,
+                        help="bootstrap: compare the decoding starts, each codec run this long (0: 'hint' only)")
     parser.add_argument("--mode", choices=("auto", "bootstrap", "continue"), default="auto")
     parser.add_argument("--data", default=".carry/data", help="train/ and val/ image folders")
     parser.add_argument("--taesd", default=".carry/taesd", help="taef2_encoder.pth / taef2_decoder.pth")
@@ -148,36 +150,41 @@ def main() -> int:
     if dry:  # a few steps of everything, small crops
         cfg = dataclasses.replace(cfg, val_every=2, stages=[
             dataclasses.replace(s, steps=3, batch_size=2, crop=128, warmup_steps=1, max_minutes=None) for s in cfg.stages])
-    runs = Path("/tmp/osdiff-runs")
+    work = Path(tempfile.mkdtemp(prefix="osdiff-device-"))  # run folders, configs, logs
+    runs = work / "runs"
     summary: dict = {"mode": mode, "device": torch.cuda.get_device_name(0) if not dry else "cpu"}
     remaining = lambda: args.minutes - (time.time() - t_start) / 60  # noqa: E731
 
     if mode == "bootstrap":
         base = runs / "base"
         pre = dataclasses.replace(cfg, output_dir=str(base), stages=cfg.stages[:2])
-        proc = train(write_config(pre, Path("/tmp/pre.yaml")), Path("/tmp/pre.log"), args.device)
+        proc = train(write_config(pre, work / "pre.yaml"), work / "pre.log", args.device)
         if proc.wait() != 0:
-            print(Path("/tmp/pre.log").read_text()[-3000:], file=sys.stderr)
+            print((work / "pre.log").read_text()[-3000:], file=sys.stderr)
             return 1
         procs = {}
-        for start, t in (("hint", 299), ("noise", 999)):
+        starts = (("hint", 299), ("noise", 999)) if args.ab_minutes > 0 else (("hint", 299),)
+        for start, t in starts:
             run = runs / start
             subprocess.run(["cp", "-r", str(base), str(run)], check=True)
             stages = list(cfg.stages)
-            if not dry:
-                stages[2] = dataclasses.replace(stages[2], max_minutes=args.ab_minutes)
+            if not dry:  # without an A/B, the one codec run is the first part of the budget
+                stages[2] = dataclasses.replace(stages[2], max_minutes=args.ab_minutes or 1.0)
             variant = dataclasses.replace(cfg, output_dir=str(run), stages=stages, decoding=DecodingConfig(timestep=t, start=start))
-            procs[start] = (train(write_config(variant, Path(f"/tmp/{start}.yaml")), Path(f"/tmp/{start}.log"), args.device), variant)
+            procs[start] = (train(write_config(variant, work / f"{start}.yaml"), work / f"{start}.log", args.device), variant)
         for start, (proc, _) in procs.items():
             if proc.wait() != 0:
-                print(Path(f"/tmp/{start}.log").read_text()[-3000:], file=sys.stderr)
+                print((work / f"{start}.log").read_text()[-3000:], file=sys.stderr)
                 return 1
         vals = {start: last_val(runs / start) for start in procs}
-        summary["ab"] = {"val": vals, "bd_rate_noise_vs_hint": compare(vals["hint"], vals["noise"]),
-                         "steps_per_second": {s: steps_per_second(runs / s) for s in procs}}
-        bd = summary["ab"]["bd_rate_noise_vs_hint"]
-        score = bd.get("haarpsi") if bd.get("haarpsi") is not None else bd.get("psnr")
-        winner = "noise" if score is not None and score < 0 else "hint"
+        summary["ab"] = {"val": vals, "steps_per_second": {s: steps_per_second(runs / s) for s in procs}}
+        winner = "hint"
+        if "noise" in vals:
+            bd = summary["ab"]["bd_rate_noise_vs_hint"] = compare(vals["hint"], vals["noise"])
+            score = bd.get("haarpsi") if bd.get("haarpsi") is not None else bd.get("psnr")
+            # no overlap of the rate ranges: the one with the better quality at its own top level
+            better = vals["noise"].get("haarpsi_q4", 0) > vals["hint"].get("haarpsi_q4", 0)
+            winner = "noise" if (score < 0 if score is not None else better) else "hint"
         summary["winner"] = winner
         print(json.dumps(summary, indent=1), flush=True)
         run, (_, variant) = runs / winner, procs[winner]
@@ -195,17 +202,17 @@ def main() -> int:
         shipped_cfg = json.loads((shipped / "model_index.json").read_text())
         variant = dataclasses.replace(variant, decoding=DecodingConfig(
             timestep=shipped_cfg["timestep"], start=shipped_cfg.get("decoding_start", "hint")))
-    proc = train(write_config(variant, Path("/tmp/final.yaml")), Path("/tmp/final.log"), args.device)
+    proc = train(write_config(variant, work / "final.yaml"), work / "final.log", args.device)
     if proc.wait() != 0:  # ship what the earlier stage saved, if anything
-        print(Path("/tmp/final.log").read_text()[-3000:], file=sys.stderr)
+        print((work / "final.log").read_text()[-3000:], file=sys.stderr)
         summary["final_failed"] = True
     if not (run / "model").is_dir():
         return 1
     summary["final_val"] = last_val(run)
-    summary["parts"] = ship(run / "model", out)
+    summary["parts"] = ship(run / "model", out, work)
     summary["minutes"] = round((time.time() - t_start) / 60, 2)
     with tarfile.open(out / "logs.tar", "w") as t:
-        for path in sorted(runs.glob("*/*.csv")) + sorted(Path("/tmp").glob("*.yaml")) + sorted(Path("/tmp").glob("*.log")):
+        for path in sorted(runs.glob("*/*.csv")) + sorted(work.glob("*.yaml")) + sorted(work.glob("*.log")):
             t.add(path, arcname=f"{path.parent.name}/{path.name}")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

@@ -162,25 +162,31 @@ class Trainer:
         last_save = stage_start = time.monotonic()
         bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"{index}-{stage.name}",
                    disable=not self.accelerator.is_local_main_process, mininterval=5)
+
+        def log_validation(step: int) -> None:
+            self._log({"stage": f"{index}-{stage.name}", "step": step, "time": round(time.time(), 1),
+                       **{k: round(_number(v), 6) for k, v in self._validate(modules, val_fn).items()}}, kind="val")
+
         ran = 0
         for step in bar:
             for opt, base in optimizers.values():
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, stage, base)
             torch.manual_seed(self._step_seed(index, step))  # library-internal noise (entropy models)
-            logs = step_fn(step)
+            logs = step_fn(step)  # floats or 0-d tensors, read (one device sync) only when logged
             ran += 1
             if step % self.config.log_every == 0 or step == stage.steps - 1:
+                logs = {k: _number(v) for k, v in logs.items()}
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
                 self._log({"stage": f"{index}-{stage.name}", "step": step, "time": round(time.time(), 1), **{k: round(v, 6) for k, v in logs.items()}})
             every = self.config.val_every
-            if val_fn is not None and every > 0 and ((step + 1) % every == 0 or step == stage.steps - 1):
-                self._log({"stage": f"{index}-{stage.name}", "step": step + 1, "time": round(time.time(), 1),
-                           **{k: round(v, 6) for k, v in self._validate(modules, val_fn).items()}}, kind="val")
+            validated = val_fn is not None and every > 0 and ((step + 1) % every == 0 or step == stage.steps - 1)
+            if validated:
+                log_validation(step + 1)
             stop = (max_steps is not None and ran >= max_steps) or (deadline is not None and time.monotonic() > deadline)
             if stage.max_minutes is not None and time.monotonic() - stage_start > 60 * stage.max_minutes:
-                if val_fn is not None and step % self.config.val_every != 0:  # end-of-stage validation
-                    self._log({"stage": f"{index}-{stage.name}", "step": step + 1, **self._validate(modules, val_fn)}, kind="val")
+                if val_fn is not None and not validated:  # end-of-stage validation
+                    log_validation(step + 1)
                 bar.close()
                 save(step + 1)
                 return True  # the stage's time budget counts as its end
@@ -308,7 +314,7 @@ class Trainer:
                     self.accelerator.clip_grad_norm_(params, stage.grad_clip)
                 opt.step()
                 opt.zero_grad()
-            return {"loss": loss.item(), "l1": l1.item(), "features": feat.item(), "psnr_teacher": _psnr(pred, target)}
+            return {"loss": loss.detach(), "l1": l1.detach(), "features": feat.detach(), "psnr_teacher": _psnr_tensor(pred, target)}
 
         def val_fn() -> dict:
             x = self._val_batch(stage.crop)
@@ -371,7 +377,7 @@ class Trainer:
                     self.accelerator.clip_grad_norm_(params, stage.grad_clip)
                 opt.step()
                 opt.zero_grad()
-            return {"loss": loss.item()}
+            return {"loss": loss.detach()}
 
         def val_fn() -> dict:
             z = encode_latent(vae, self._val_batch(stage.crop) * 2 - 1)
@@ -540,12 +546,11 @@ class Trainer:
                 self.accelerator.backward(d_loss)
                 opt_d.step()
                 opt_d.zero_grad()
-            psnr = _psnr(x_hat, x)
-            per_level = {f"bpp_q{q + 1}": (bpp[level == q].mean().item() if (level == q).any() else float("nan"))
-                         for q in range(len(lambdas))}
-            return {"loss": loss.item(), "bpp": bpp.mean().item(), **per_level, "latent_mse": latent_mse.mean().item(),
-                    "hint_mse": hint_mse.mean().item(), "perceptual": perc.mean().item(), "adv_g": adv.item(),
-                    "adv_d": d_loss.item(), "aux": aux.item(), "psnr": psnr}
+            bpp = bpp.detach()  # per level: a mean over the samples at that level (nan when none)
+            per_level = {f"bpp_q{q + 1}": (bpp * (level == q)).sum() / (level == q).sum() for q in range(len(lambdas))}
+            return {"loss": loss.detach(), "bpp": bpp.mean(), **per_level, "latent_mse": latent_mse.detach().mean(),
+                    "hint_mse": hint_mse.detach().mean(), "perceptual": perc.detach().mean(), "adv_g": adv.detach(),
+                    "adv_d": d_loss.detach(), "aux": aux.detach(), "psnr": _psnr_tensor(x_hat, x)}
 
         def val_fn() -> dict:
             """Per quality level, on the fixed crops: bpp from the entropy models (rounded latents
@@ -673,6 +678,16 @@ def _split_quantiles(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Par
     """(parameters the main loss trains, the entropy bottlenecks' quantiles the aux loss trains)."""
     named = list(module.named_parameters())
     return [p for n, p in named if not n.endswith(".quantiles")], [p for n, p in named if n.endswith(".quantiles")]
+
+
+def _number(v) -> float:
+    """A logged value as a float (0-d tensors are read here, not in the training step)."""
+    return float(v.item()) if torch.is_tensor(v) else float(v)
+
+
+def _psnr_tensor(x_hat, x) -> torch.Tensor:
+    """Batch PSNR in dB of images in [0,1] as a 0-d tensor (no device sync)."""
+    return -10 * torch.log10(F.mse_loss(x_hat.detach().clamp(0, 1), x).clamp_min(1e-10))
 
 
 def _psnr(x_hat, x) -> float:
