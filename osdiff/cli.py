@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="codec stage: start from this checkpoint's compressor/control weights (e.g. a shipped run's ckpt)")
     t.add_argument("--output-dir", default=None, help="run folder (default: the config's output_dir)")
 
+    k = sub.add_parser("conformance", help="decode the shipped conformance vectors; check symbols, pixels and PSNR")
+    k.add_argument("-m", "--model", default=None, help="only this shipped model's vectors")
+    k.add_argument("--device", default="cpu", help="cpu or cuda (decode on a GPU)")
+    k.add_argument("--fast", action="store_true", help=FAST_HELP)
+    k.add_argument("--vectors", default=None, help="a folder laid out like osdiff/conformance_vectors (default: the shipped ones)")
+
     s = sub.add_parser("serve", help="local web page: osdiff vs AVIF/WebP/JPEG at the same file size")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     s.add_argument("--port", type=int, default=8000)
@@ -260,6 +266,33 @@ def cmd_info(args) -> int:
     return failures
 
 
+def cmd_conformance(args) -> int:
+    """One line per vector and a summary; a symbol mismatch or decode error fails (exit 1)."""
+    import torch
+
+    from .conformance import VECTOR_ROOT, check_vector, vector_files
+    from .config import ComputeConfig
+    from .hub import load
+
+    root = Path(args.vectors) if args.vectors else VECTOR_ROOT
+    files = vector_files(args.model, root)
+    if not files:
+        raise OSDiffError(f"no conformance vectors{' for ' + args.model if args.model else ''} in {root}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise OSDiffError("--device cuda: no GPU is visible to torch")
+    failures, codecs = 0, {}
+    for path in files:
+        model = path.parent.parent.name
+        if model not in codecs:
+            codecs[model] = load(model, device=args.device)
+            codecs[model].compute = ComputeConfig(deterministic=not args.fast)
+        result = check_vector(codecs[model], path)
+        failures += not result.passed
+        print(result.line(), flush=True)
+    print(f"conformance: {len(files)} vectors, {len(files) - failures} pass, {failures} fail")
+    return failures
+
+
 def cmd_train(args) -> int:
     from .training.config import load_config
     from .training.trainer import Trainer
@@ -358,7 +391,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train, "serve": cmd_serve}
+COMMANDS = {"conformance": cmd_conformance, "eval": cmd_eval, "bench": cmd_bench, "compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train, "serve": cmd_serve}
 
 
 def _on_sigterm(signum, frame):

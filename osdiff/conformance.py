@@ -1,0 +1,193 @@
+"""Conformance vectors: shipped `.osd` files with what every decoder must get from them.
+
+A vector is `<model>/format-<v>/<name>.osd` under `osdiff/conformance_vectors/` (package data,
+so an installed wheel can check itself) with `<name>.json` beside it:
+
+  symbols_sha256  SHA-256 of the entropy-decoded symbols: the integers every compressai entropy
+                  model of the codec decodes (quantised y and z, before dequantisation), int64
+                  little-endian, in decoding order. They must be identical on every machine and
+                  device: the entropy parameters are computed in exact fixed point.
+  pixels_sha256   SHA-256 of the decoded image's raw pixels (H,W,3 uint8), valid on the CPU
+                  model, torch version and compute mode in `recorded_on`: there they must match.
+  psnr_db         PSNR of the decoded image against its generated source (`source_image`);
+                  elsewhere (other CPUs, --fast, a GPU) it must stay within PSNR_TOLERANCE_DB.
+
+`check` decodes a vector with the symbols recorded and says which of the three held; the
+images come from `source_image`, integer arithmetic only, so no photo is needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from compressai.entropy_models import EntropyModel
+from torch import Tensor, nn
+
+from .entropy.bitstream import parse
+from .errors import OSDiffError
+
+VECTOR_ROOT = Path(__file__).resolve().parent / "conformance_vectors"
+# Measured here (AMD EPYC, torch 2.14.1): --fast against the default deterministic mode changed at
+# most 86 of 3.4 M decoded values, by one level, and every vector's PSNR by at most 0.00001 dB
+# (docs/bitstream.md). The tolerance leaves room for other CPUs and GPUs, whose float rounding
+# differs more, and for the UNet step's amplification of it (x1.8 for the shipped models' start
+# at t = 299; a model decoding from pure noise at t = 999 amplifies by x14.6).
+PSNR_TOLERANCE_DB = 0.05
+
+
+def source_image(width: int, height: int) -> np.ndarray:
+    """The generated test image (height, width, 3) uint8: gradients, a disc, stripes and
+    hashed texture, from integer arithmetic only (the same on every platform and numpy)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.int64)
+    texture = ((x * 73856093) ^ (y * 19349663)) % 29 - 14
+    r = (x * 255) // max(1, width - 1)
+    g = (y * 255) // max(1, height - 1)
+    b = ((x + 2 * y) * 3) % 256
+    disc = (x - width // 3) ** 2 + (y - height // 2) ** 2 < (min(width, height) // 4) ** 2
+    stripes = ((x // 4) % 2 == 0) & (x > 2 * width // 3)
+    img = np.stack([r, g, b], axis=-1) + texture[..., None]
+    img[disc] = (img[disc] + np.array([180, 40, 60])) // 2
+    img[stripes] = 255 - img[stripes]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@contextlib.contextmanager
+def record_symbols(module: nn.Module) -> Iterator[list[Tensor]]:
+    """Collect the integer symbols each compressai entropy model inside `module` decodes, in
+    order, while the context is open (the hook on `dequantize`, which every entropy model's
+    `decompress` calls with the decoded integers)."""
+    recorded: list[Tensor] = []
+    models = [m for m in module.modules() if isinstance(m, EntropyModel)]
+
+    def hook(original):
+        def dequantize(inputs, means=None, dtype=torch.float):
+            recorded.append(inputs.detach().to(torch.int64).cpu().clone())
+            return original(inputs, means, dtype)
+
+        return dequantize
+
+    for m in models:
+        m.dequantize = hook(m.dequantize)
+    try:
+        yield recorded
+    finally:
+        for m in models:
+            del m.dequantize
+
+
+def symbols_digest(symbols: list[Tensor]) -> tuple[str, int]:
+    """(SHA-256 hex, count) of recorded symbols, shapes included."""
+    digest, count = hashlib.sha256(), 0
+    for t in symbols:
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.contiguous().numpy().astype("<i8").tobytes())
+        count += t.numel()
+    return digest.hexdigest(), count
+
+
+def pixels_digest(pixels: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def cpu_name() -> str:
+    """The CPU model as the kernel names it (Linux), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(pipe, device: torch.device) -> dict:
+    """Where pixels are decoded: CPU model (or GPU name), torch version, compute mode."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {"device": device.type, "processor": where, "torch": torch.__version__.split("+")[0],
+            "mode": "deterministic" if pipe.compute.deterministic else "fast"}
+
+
+def decode_recording(pipe, data: bytes) -> tuple[np.ndarray, list[Tensor]]:
+    """Decode `.osd` bytes -> (pixels (H,W,3) uint8, entropy-decoded symbols)."""
+    with record_symbols(getattr(pipe, pipe.entropy_coder)) as symbols:
+        image = pipe.decompress(data)
+    return np.asarray(image), list(symbols)
+
+
+@dataclass
+class VectorResult:
+    name: str
+    symbols: str  # "ok" | "MISMATCH" | "decode error: ..."
+    pixels: str  # "ok" | "MISMATCH" | "not comparable (...)"
+    psnr: str  # "ok (x dB)" | "OUT OF TOLERANCE (...)"
+
+    @property
+    def passed(self) -> bool:
+        return self.symbols == "ok" and self.pixels != "MISMATCH" and self.psnr.startswith("ok")
+
+    def line(self) -> str:
+        return f"{'PASS' if self.passed else 'FAIL'}  {self.name}: symbols {self.symbols}; pixels {self.pixels}; psnr {self.psnr}"
+
+
+def check_vector(pipe, osd_path: Path, data: bytes | None = None) -> VectorResult:
+    """Decode one vector (or `data` in its place) and compare it with its JSON record."""
+    record = json.loads(osd_path.with_suffix(".json").read_text())
+    name = f"{record['model']}/{osd_path.stem}"
+    data = osd_path.read_bytes() if data is None else data
+    try:
+        pixels, symbols = decode_recording(pipe, data)
+    except OSDiffError as exc:
+        return VectorResult(name, f"decode error: {exc}", "-", "-")
+    sha, count = symbols_digest(symbols)
+    sym = "ok" if (sha, count) == (record["symbols_sha256"], record["symbol_count"]) else "MISMATCH"
+    here = environment(pipe, pipe.device)
+    if here == record["recorded_on"]:
+        pix = "ok" if pixels_digest(pixels) == record["pixels_sha256"] else "MISMATCH"
+    else:
+        pix = f"not comparable (recorded on {record['recorded_on']['processor']}, torch {record['recorded_on']['torch']}, {record['recorded_on']['mode']})"
+    src = source_image(record["width"], record["height"])
+    value = psnr_db(pixels, src) if pixels.shape == src.shape else float("nan")
+    delta = abs(value - record["psnr_db"])
+    ps = f"ok ({value:.2f} dB)" if delta <= PSNR_TOLERANCE_DB else f"OUT OF TOLERANCE ({value:.2f} dB, recorded {record['psnr_db']:.2f})"
+    return VectorResult(name, sym, pix, ps)
+
+
+def vector_files(model: str | None = None, root: Path = VECTOR_ROOT) -> list[Path]:
+    pattern = f"{model}/format-*/*.osd" if model else "*/format-*/*.osd"
+    return sorted(root.glob(pattern))
+
+
+def write_vector(pipe, folder: Path, name: str, width: int, height: int, quality) -> Path:
+    """Code the generated image and record what decoding it gives here."""
+    data = pipe.compress(source_image(width, height), quality=quality)
+    header, _ = parse(data)
+    folder = folder / pipe.config.model_name / f"format-{header.version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels, symbols = decode_recording(pipe, data)
+    sha, count = symbols_digest(symbols)
+    record = {
+        "model": pipe.config.model_name, "model_hash": pipe.model_hash.hex(), "quality": header.quality,
+        "width": width, "height": height, "bytes": len(data),
+        "symbols_sha256": sha, "symbol_count": count,
+        "pixels_sha256": pixels_digest(pixels), "psnr_db": round(psnr_db(pixels, source_image(width, height)), 4),
+        "recorded_on": environment(pipe, pipe.device),
+    }
+    (folder / f"{name}.osd").write_bytes(data)
+    (folder / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return folder / f"{name}.osd"
+
+
+__all__ = ["PSNR_TOLERANCE_DB", "VECTOR_ROOT", "VectorResult", "check_vector", "decode_recording", "record_symbols",
+           "source_image", "vector_files", "write_vector"]

@@ -1,0 +1,51 @@
+"""Regenerate the conformance vectors of the shipped models (osdiff/conformance_vectors/).
+
+Run only when the format or a shipped model changes on purpose, and commit the new vectors in the
+same commit, with the reason in its message. Vectors of older format versions that are still
+read stay (format-<v>/ folders); a model's folder is replaced only for the versions written now.
+
+    .venv/bin/python scripts/make_conformance_vectors.py [--model osdiff-tiny ...]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from osdiff.conformance import VECTOR_ROOT, write_vector  # noqa: E402
+from osdiff.hub import available_models, load  # noqa: E402
+
+# (name, width, height, quality: an int, "each" for every level, or None for the default)
+CASES = [("q{q}-96x64", 96, 64, "each"), ("tiny-8x8", 8, 8, 1), ("odd-37x23", 37, 23, None),
+         ("tiled-1100x1040", 1100, 1040, 1)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", help="shipped model name (default: all)")
+    args = parser.parse_args()
+    for model in args.model or available_models():
+        pipe = load(model)
+        staging = Path(tempfile.mkdtemp())
+        for name, width, height, quality in CASES:
+            levels = range(1, pipe.num_quality_levels + 1) if quality == "each" else [quality]
+            for q in levels:
+                path = write_vector(pipe, staging, name.format(q=q), width, height, q)
+                print(f"{model}/{path.parent.name}/{path.name}: {path.stat().st_size} bytes")
+        for written in (staging / model).iterdir():  # replace the format versions written now, keep others
+            target = VECTOR_ROOT / model / written.name
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(written), target)
+        shutil.rmtree(staging)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
