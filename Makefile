@@ -3,24 +3,30 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+LOG := $(VENV)/install.log
 
 .PHONY: install demo test serve clean
 
+# One line of output; pip's messages go to $(LOG), printed only if a step fails.
+# torch first, pinned: compressai imports torchvision, which must match torch exactly.
+# setuptools >= 77 reads pyproject.toml's SPDX licence form (and builds the wheel in the tests).
 $(VENV)/.installed: pyproject.toml requirements/torch.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# torch first, pinned: compressai imports torchvision, which must match torch exactly
-	$(PIP) install -q -r requirements/torch.txt
-	$(PIP) install -q -c requirements/torch.txt -e ".[test]"
-	touch $@
+	@echo "installing into $(VENV) (log: $(LOG))"
+	@mkdir -p $(VENV) && $(PYTHON) -m venv $(VENV) >$(LOG) 2>&1 \
+	  && $(PIP) install -q --upgrade pip "setuptools>=77" >>$(LOG) 2>&1 \
+	  && $(PIP) install -q -r requirements/torch.txt >>$(LOG) 2>&1 \
+	  && $(PIP) install -q -c requirements/torch.txt -e ".[test]" >>$(LOG) 2>&1 \
+	  || { cat $(LOG) >&2; echo "make install: failed (log: $(LOG))" >&2; exit 1; }
+	@touch $@
 
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) scripts/demo.py $(IMAGE)
+	@$(PY) scripts/demo.py $(IMAGE)
 
+# installs Debian's chromium for the end-to-end tests of `osdiff serve`
 test: install
-	scripts/install_browser.sh  # Debian's chromium for the end-to-end tests of `osdiff serve`
+	scripts/install_browser.sh
 	$(PY) -m pytest -q
 
 serve: install

@@ -119,7 +119,7 @@ def from_stable_diffusion(
     missing = [sub for sub in ("vae", "unet", "text_encoder", "tokenizer", "scheduler") if not (folder / sub).is_dir()]
     if missing:
         raise OSDiffError(f"{folder}: not a Stable Diffusion diffusers folder (missing {', '.join(missing)}/)")
-    load = dict(local_files_only=True, torch_dtype=torch_dtype)
+    load = dict(local_files_only=True, dtype=torch_dtype)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **load)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **load)
     scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)

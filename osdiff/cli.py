@@ -18,6 +18,7 @@ from .errors import OSDiffError, OSDiffWarning
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+VERBOSE_HELP = "also show the libraries' model-loading progress bars, log messages and warnings"
 FAST_HELP = "torch's default CPU kernels and threads: faster, but decoded pixels may differ by a level between thread counts"
 
 
@@ -30,6 +31,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="osdiff", description="One-step diffusion perceptual image compression.")
     parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("compress", help="images -> .osd files")
@@ -103,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-m", "--model", default=None, help="shipped model name or model folder (default osdiff-tiny)")
     s.add_argument("--max-upload-mb", type=float, default=25.0, help="largest upload accepted (MiB)")
     s.add_argument("--max-pixels", type=float, default=4.0, help="largest image accepted (megapixels)")
+    for command in (c, d, i, b, e, t, s):  # also accepted after the command; SUPPRESS keeps a global one
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
@@ -144,18 +148,19 @@ def _outputs(files: list[Path], output: str | None, suffix: str, several: bool) 
 
 
 def _progress(items, enabled: bool, desc: str):
+    """A bar over several files, on stderr and only when stderr is a terminal."""
     if not enabled:
         return items
-    from tqdm import tqdm
+    from .verbosity import progress
 
-    return tqdm(items, desc=desc, unit="file", file=sys.stderr)
+    return progress(items, desc=desc, unit="file")
 
 
-def _load(model: str | None, fast: bool = False):
+def _load(model: str | None, fast: bool = False, verbose: bool = False):
     from .config import ComputeConfig
     from .hub import DEFAULT_MODEL, load
 
-    codec = load(model or DEFAULT_MODEL)
+    codec = load(model or DEFAULT_MODEL, verbose=verbose)
     codec.compute = ComputeConfig(deterministic=not fast)
     return codec
 
@@ -182,7 +187,7 @@ def cmd_compress(args) -> int:
     outputs = _outputs(files, args.output, ".osd", len(files) > 1)
     for dst in outputs:
         check_writable(dst, args.force)
-    codec = _load(args.model, args.fast)
+    codec = _load(args.model, args.fast, args.verbose)
     codec._check_quality(args.quality)
 
     def work(src: Path, dst: Path) -> None:
@@ -220,7 +225,7 @@ def cmd_decompress(args) -> int:
         header, _ = parse(data)
         key = args.model or header.model_name
         if key not in codecs:
-            codecs[key] = _load(key, args.fast)
+            codecs[key] = _load(key, args.fast, args.verbose)
         image = codecs[key].decompress(data, steps=args.steps)
         fmt = (dst.suffix.lstrip(".") or "png").upper()
         fmt = {"JPG": "JPEG", "TIF": "TIFF"}.get(fmt, fmt)
@@ -322,7 +327,7 @@ def cmd_serve(args) -> int:
     except OSError as exc:
         raise OSDiffError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
     limits = ServeLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=int(args.max_pixels * 1e6))
-    pipe = _load(args.model)
+    pipe = _load(args.model, verbose=args.verbose)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"osdiff: warning: listening on {args.host}: other machines can reach this page", file=sys.stderr)
     print(f"osdiff serve: http://{args.host}:{args.port}/ (model {pipe.config.model_name}; Ctrl-C stops)", flush=True)
@@ -356,7 +361,7 @@ def cmd_bench(args) -> int:
         codec.compressor.update(force=True)
         codec.compute = ComputeConfig(deterministic=not args.fast)
     else:
-        codec, random_weights = _load(args.model, args.fast), False
+        codec, random_weights = _load(args.model, args.fast, args.verbose), False
     result = benchmark(codec, (height, width), steps, args.device, args.dtype, args.repeat, args.warmup,
                        model_label=args.model, random_weights=random_weights)
     print(format_table(result))
@@ -375,7 +380,7 @@ def cmd_eval(args) -> int:
     names = [c.strip() for c in args.codecs.split(",") if c.strip()]
     if not names:
         raise OSDiffError("--codecs is empty")
-    codecs = [make_codec(n, args.model if n.startswith("osdiff") else None) for n in names]
+    codecs = [make_codec(n, args.model if n.startswith("osdiff") else None, verbose=args.verbose) for n in names]
     metrics = MetricSuite(args.lpips_backbone, args.lpips_linear, args.dists_backbone, args.dists_weights)
     summary = evaluate(Path(args.data_dir), codecs, Path(args.out), metrics, limit=args.limit,
                        anchor=args.anchor, crops=not args.no_crops, inception=args.inception, crop_bpp=args.crop_bpp)
@@ -403,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command != "info":
-            _quiet_libraries()
+            _quiet_libraries(args.verbose)
         failures = COMMANDS[args.command](args)
     except OSDiffError as exc:
         print(f"osdiff: error: {exc}", file=sys.stderr)
@@ -419,8 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_ERROR if failures else 0
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(verbose: bool = False) -> None:
+    """The command line owns its process: library chatter stays off for the whole command
+    (training and evaluation load networks outside `osdiff.load` too), unless --verbose."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if verbose:
+        return
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

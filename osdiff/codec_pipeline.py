@@ -28,8 +28,22 @@ from .entropy.bitstream import HASH_BYTES, OSDHeader, pack, parse
 from .errors import OSDiffError
 from .imageio import ImageInput, pad_right_bottom, tensor_to_pil, to_tensor
 
-# torch.backends.mkldnn.flags(), used by coding_context, warns on every use on CPU-only builds
-warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN", category=UserWarning)
+
+@contextlib.contextmanager
+def _onednn_off():
+    """torch.backends.mkldnn.flags(enabled=False) without the TF32 warning that CPU-only torch
+    builds print on every use (filtered here, not globally: a caller's or pytest's
+    catch_warnings would drop a global filter)."""
+    flags = torch.backends.mkldnn.flags(enabled=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN", category=UserWarning)
+        flags.__enter__()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN", category=UserWarning)
+            flags.__exit__(None, None, None)
 
 
 @dataclass
@@ -134,7 +148,7 @@ class ImageCodecPipeline(DiffusionPipeline):
         before = torch.get_num_threads()
         torch.set_num_threads(self.compute.threads)
         try:
-            with torch.backends.mkldnn.flags(enabled=False):
+            with _onednn_off():
                 yield
         finally:
             torch.set_num_threads(before)

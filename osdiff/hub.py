@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .codec_pipeline import ImageCodecPipeline
 from .errors import OSDiffError
+from .verbosity import library_output
+
+if TYPE_CHECKING:
+    from .codec_pipeline import ImageCodecPipeline
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_MODEL = "osdiff-tiny"
@@ -35,19 +38,22 @@ def load(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     device: str | torch.device = "cpu",
     torch_dtype: torch.dtype = torch.float32,
+    verbose: bool = False,
 ) -> ImageCodecPipeline:
     """Load a codec offline (an OSDiffPipeline, or a BaselinePipeline for the compressai
-    baselines). `compress(image) -> bytes`, `decompress(bytes) -> PIL.Image`."""
+    baselines). `compress(image) -> bytes`, `decompress(bytes) -> PIL.Image`.
+
+    Quiet unless `verbose`: diffusers' and transformers' progress bars, log messages and
+    warnings are off while loading, and their settings are restored afterwards."""
     folder = resolve(name_or_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with library_output(verbose):
         try:
             pipeline_class = _pipeline_class(folder)
-            pipe = pipeline_class.from_pretrained(folder, local_files_only=True, torch_dtype=torch_dtype)
+            pipe = pipeline_class.from_pretrained(folder, local_files_only=True, dtype=torch_dtype)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise OSDiffError(f"{folder}: cannot load model ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+        pipe.set_progress_bar_config(disable=not verbose)
+        return pipe.to(device)
 
 
 def _pipeline_class(folder: Path) -> type[ImageCodecPipeline]:

@@ -8,6 +8,8 @@ otherwise it draws a synthetic test picture.
 """
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,29 +38,45 @@ def sample_image() -> Path:
     return path
 
 
-def run(*args: str) -> None:
-    print("$", " ".join(args))
-    subprocess.run(args, check=True)
+def shown(path: Path) -> str:
+    """A path as the user would type it: relative to the current folder where possible."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def run(osdiff: str, *args: Path | str) -> None:
+    """Print and run one osdiff command; if it fails (it has printed why), stop with its status."""
+    args = [shown(a) if isinstance(a, Path) else a for a in args]
+    print("$ osdiff", shlex.join(args), flush=True)
+    code = subprocess.run([osdiff, *args]).returncode
+    if code:
+        raise SystemExit(code)
 
 
 def main() -> int:
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+    if source is not None and not source.is_file():
+        print(f"demo: error: {source}: no such image file", file=sys.stderr)
+        return 1
     OUT.mkdir(exist_ok=True)
-    source = Path(sys.argv[1]) if len(sys.argv) > 1 else sample_image()
+    source = source or sample_image()
     original = OUT / f"{source.stem}{source.suffix}"
     if source.resolve() != original.resolve():
         shutil.copyfile(source, original)
     coded, decoded = OUT / f"{source.stem}.osd", OUT / f"{source.stem}.decoded.png"
     osdiff = str(Path(sys.executable).with_name("osdiff"))
-    run(osdiff, "compress", str(original), "-o", str(coded), "--force")
-    run(osdiff, "decompress", str(coded), "-o", str(decoded), "--force")
-    run(osdiff, "info", str(coded))
+    run(osdiff, "compress", original, "-o", coded, "--force")
+    run(osdiff, "decompress", coded, "-o", decoded, "--force")
+    run(osdiff, "info", coded)
     a = np.asarray(Image.open(original).convert("RGB"), dtype=np.float64)
     b = np.asarray(Image.open(decoded), dtype=np.float64)
     mse = np.mean((a - b) ** 2)
     psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
     bpp = coded.stat().st_size * 8 / (a.shape[0] * a.shape[1])
-    print(f"\noriginal:  {original}\ncompressed: {coded} ({coded.stat().st_size} bytes, {bpp:.4f} bpp)")
-    print(f"decoded:   {decoded}\nPSNR:      {psnr:.2f} dB")
+    print(f"\noriginal:   {shown(original)}\ncompressed: {shown(coded)} ({coded.stat().st_size} bytes, {bpp:.4f} bpp)")
+    print(f"decoded:    {shown(decoded)}\nPSNR:       {psnr:.2f} dB")
     return 0
 
 

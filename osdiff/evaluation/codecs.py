@@ -73,24 +73,25 @@ def classical_codec(name: str) -> Codec:
 CLASSICAL = ("jpeg", "webp", "avif", "jxl")
 
 
-def learned_codec(name: str, model=None) -> Codec:
+def learned_codec(name: str, model=None, verbose: bool = False) -> Codec:
     """A learned codec (osdiff or a baseline such as elic-tiny); `model` is a shipped name, a
-    folder or a loaded pipeline (default: the shipped model called `name`)."""
+    folder or a loaded pipeline (default: the shipped model called `name`); `verbose` as in
+    `osdiff.load`."""
     from ..codec_pipeline import ImageCodecPipeline
     from ..hub import load
 
-    pipe = model if isinstance(model, ImageCodecPipeline) else load(model or name)
+    pipe = model if isinstance(model, ImageCodecPipeline) else load(model or name, verbose=verbose)
     levels = pipe.num_quality_levels
     return Codec(name, list(range(1, levels + 1)), lambda image, quality: pipe.compress(image, quality=quality),
                  pipe.decompress, (1, levels), "application/x-osdiff", ".osd", learned=True)
 
 
-def make_codec(spec: str, model: str | None = None) -> Codec:
+def make_codec(spec: str, model: str | None = None, verbose: bool = False) -> Codec:
     """`spec`: a classical codec (jpeg, webp, avif, jxl), a learned model's name (shipped, or
     loaded from `model`), or NAME=FOLDER for a learned model in FOLDER shown as NAME."""
     name, _, folder = spec.partition("=")
     if folder:
-        return learned_codec(name, folder)
+        return learned_codec(name, folder, verbose)
     if name in CLASSICAL:
         return classical_codec(name)
-    return learned_codec(name, model)
+    return learned_codec(name, model, verbose)

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from ..errors import OSDiffError
 from ..fileio import write_bytes_atomic
 from ..imageio import PHOTO_SUFFIXES, open_image, to_tensor
 from ..imageio import find_images as list_images
+from ..verbosity import progress
 from .bdrate import curve_bd_rate
 from .codecs import Codec
 from .metrics import HIGHER_IS_BETTER, MetricSuite
@@ -72,7 +72,7 @@ def evaluate(data_dir: Path, codecs: list[Codec], out_dir: Path, metrics: Metric
         if new_file:
             writer.writeheader()
         cache: dict[Path, tuple[Image.Image, torch.Tensor]] = {}
-        for img_path, codec, setting in tqdm(todo, desc="eval", unit="code", mininterval=2):
+        for img_path, codec, setting in progress(todo, desc="eval", unit="code", mininterval=2):
             if img_path not in cache:
                 cache.clear()
                 pil = open_image(img_path)

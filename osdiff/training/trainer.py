@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
 from torch import nn
-from tqdm import tqdm
 
 from ..baseline_pipeline import BaselinePipeline
 from ..build import SD_COMPRESSOR, add_control, compressor_from, sd_noise_scheduler, tiny_autoencoder, tiny_unet
@@ -38,6 +37,7 @@ from ..models.baselines import LearnedImageCodec
 from ..models.taesd import TAESDAutoencoder
 from ..models.conditioning import ConditioningEmbedding
 from ..pipeline import OSDiffPipeline
+from ..verbosity import progress
 from .config import StageConfig, TrainConfig
 from .data import CropSampler, center_crops, find_images, load_images
 from .discriminator import ConditionalPatchDiscriminator, UNetFeatureDiscriminator
@@ -160,7 +160,7 @@ class Trainer:
             os.replace(tmp, ckpt)
 
         last_save = stage_start = time.monotonic()
-        bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"{index}-{stage.name}",
+        bar = progress(range(start, stage.steps), initial=start, total=stage.steps, desc=f"{index}-{stage.name}",
                    disable=not self.accelerator.is_local_main_process, mininterval=5)
 
         def log_validation(step: int) -> None:
