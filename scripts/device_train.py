@@ -118,7 +118,7 @@ def main() -> int:
                         help="bootstrap: compare the decoding starts, each codec run this long (0: 'hint' only)")
     parser.add_argument("--mode", choices=("auto", "bootstrap", "continue"), default="auto")
     parser.add_argument("--data", default=".carry/data", help="train/ and val/ image folders")
-    parser.add_argument("--taesd", default=".carry/taesd", help="taef2_encoder.pth / taef2_decoder.pth")
+    parser.add_argument("--taesd", default=None, help="a folder with taef2_encoder.pth / taef2_decoder.pth (default: the packaged copy)")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/osdiff-device-out"))
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ def main() -> int:
     cfg = load_config(ROOT / "configs" / "tiny-v2.yaml")
     data = (ROOT / args.data).resolve()
     cfg = dataclasses.replace(
-        cfg, taesd_weights=str((ROOT / args.taesd).resolve()), checkpoint_minutes=1.0,
+        cfg, taesd_weights=str((ROOT / args.taesd).resolve()) if args.taesd else None, checkpoint_minutes=1.0,
         data=dataclasses.replace(cfg.data, train_folders=[str(data / "train")], val_folders=[str(data / "val")]),
     )
     if dry:  # a few steps of everything, small crops

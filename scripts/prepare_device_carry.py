@@ -1,7 +1,7 @@
 """Make .carry/ (git-ignored), what scripts/device_train.sh needs on a device machine that has
 its own python3 + torch and no package registry: wheels for the packages it lacks (Python 3.12,
 manylinux x86-64), a training subset of ../shared/data kept small enough that the working tree
-plus .carry stays under the device tool's 64 MiB, and the TAEF2 pair.
+plus .carry stays under the device tool's 64 MiB (the TAEF2 teacher travels inside the package).
 
     .venv/bin/python scripts/prepare_device_carry.py [--train-images 200]
 """
@@ -47,7 +47,6 @@ def main() -> int:
             im.save(carry / "data" / "train" / f"{sub[:5]}-{f.stem}.jpg", quality=92)
     for f in sorted((images / "cbsd68").glob("*.png"))[: args.val_images]:
         shutil.copy(f, carry / "data" / "val" / f.name)
-    shutil.copytree(shared / "weights" / "taesd", carry / "taesd", ignore=shutil.ignore_patterns("*.md"))
     size = sum(p.stat().st_size for p in carry.rglob("*") if p.is_file())
     print(f"{carry}: {size / 2**20:.1f} MiB")
     return 0

@@ -16,23 +16,28 @@ from .conftest import SHARED_IMAGES, shared_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 TAESD_DIR = SHARED_IMAGES.parent / "weights" / "taesd"
-needs_taef2 = pytest.mark.skipif(not (TAESD_DIR / "taef2_encoder.pth").is_file(), reason="../shared/data/weights/taesd absent")
+needs_photos = pytest.mark.skipif(shared_photo() is None, reason="../shared/data photos absent")
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(-10 * torch.log10(((a - b) ** 2).mean()))
 
 
-@needs_taef2
-def test_taef2_pair_reconstructs_a_photo_sharply():
-    """The released pair, loaded by our layer definitions, reconstructs the first CBSD68 photo's
-    top-left 256x256 crop at the quality measured when this test was written (25.44 dB; the
-    issue measured 28.95 dB mean over 20 whole photos), within 0.5 dB."""
+@needs_photos
+def test_packaged_taef2_reconstructs_a_photo_sharply():
+    """The TAEF2 pair shipped in the package, loaded by our layer definitions, reconstructs the
+    first CBSD68 photo's top-left 256x256 crop at the quality measured when this test was
+    written (25.44 dB; the issue measured 28.95 dB mean over 20 whole photos), within 0.5 dB."""
+    from osdiff.hub import WEIGHTS_DIR
     from osdiff.imageio import to_tensor
     from osdiff.models.taesd import TAESDAutoencoder
 
     photo = shared_photo()
-    vae = TAESDAutoencoder.from_taesd_files(TAESD_DIR / "taef2_encoder.pth", TAESD_DIR / "taef2_decoder.pth").eval()
+    vae = TAESDAutoencoder.from_pretrained(WEIGHTS_DIR / "taef2" / "vae").float().eval()
+    assert (WEIGHTS_DIR / "taef2" / "vae" / "LICENSE-TAESD.txt").read_text().count("MIT License") == 1
+    if (TAESD_DIR / "taef2_encoder.pth").is_file():  # the same values as the released files
+        released = TAESDAutoencoder.from_taesd_files(TAESD_DIR / "taef2_encoder.pth", TAESD_DIR / "taef2_decoder.pth")
+        assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), released.state_dict().values()))
     x = to_tensor(photo)[:, :, :256, :256]
     with torch.no_grad():
         y = ((vae.decode_raw(vae.encode_raw(x * 2 - 1)) + 1) / 2).clamp(0, 1)
@@ -113,8 +118,7 @@ def test_x0_from_eps_ldm_inverts_forward_diffusion():
         assert torch.allclose(x0_from_eps_ldm(add_noise(x0, eps, a), eps, a), x0, atol=2e-4 * (1 / np.sqrt(a)))
 
 
-@needs_taef2
-@pytest.mark.skipif(not (SHARED_IMAGES / "mcmaster").is_dir(), reason="shared photos absent")
+@needs_photos
 def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
     """scripts/device_train.sh --device cpu: every v2 stage for a few steps, then the shipped
     float16 model as tar parts and the logs, as on a GPU."""
@@ -126,7 +130,7 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path)}
     proc = subprocess.run(
-        ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data"), "--taesd", str(TAESD_DIR)],
+        ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

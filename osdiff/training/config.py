@@ -86,7 +86,9 @@ class TrainConfig:
     val_every: int = 250  # steps between validations on data.val_folders (and at a stage's end); 0: never
     threads: int = 0  # torch CPU threads, 0 = torch's default
     device: str = "auto"  # auto (accelerate's choice: a GPU if there is one) | cpu
-    taesd_weights: str = "../shared/data/weights/taesd"  # taef2_encoder.pth / taef2_decoder.pth (decoder stage)
+    # decoder stage: the TAEF2 teacher. None: the copy shipped in the package (osdiff/weights/taef2);
+    # else a folder holding the released taef2_encoder.pth / taef2_decoder.pth
+    taesd_weights: str | None = None
     # codec stage: start from earlier weights instead of fresh ones: a model folder (e.g. the
     # shipped osdiff/weights/osdiff-tiny: its autoencoder, conditioning, UNet, control and
     # compressor; the discriminator starts fresh) or a stages/<i>-codec/ckpt.pt

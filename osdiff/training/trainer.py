@@ -272,13 +272,7 @@ class Trainer:
         cfg, arch = self.config, self.config.tiny
         if arch.autoencoder != "taef2":
             raise OSDiffError("stage 'decoder' needs tiny.autoencoder: taef2")
-        folder = Path(cfg.taesd_weights)
-        folder = folder if folder.is_absolute() else self.base / folder
-        files = [folder / "taef2_encoder.pth", folder / "taef2_decoder.pth"]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise OSDiffError(f"TAEF2 weights not found: {', '.join(missing)}")
-        teacher = TAESDAutoencoder.from_taesd_files(*files, latent_channels=arch.compressor.latent_channels)
+        teacher = self._teacher_autoencoder()
         teacher.to(self.device).requires_grad_(False).eval()
         sampler = CropSampler(self._images_cached(), stage.crop, stage.batch_size, cfg.seed, index)
         with torch.no_grad():  # per-channel latent statistics from 64 fixed training crops
@@ -328,6 +322,20 @@ class Trainer:
             return False
         self.accelerator.unwrap_model(student).save_pretrained(self.stage_dir(index) / "out" / "vae")
         return True
+
+    def _teacher_autoencoder(self) -> TAESDAutoencoder:
+        """TAEF2 (encoder and decoder): the packaged copy, or the released .pth pair."""
+        if self.config.taesd_weights is None:
+            from ..hub import WEIGHTS_DIR
+
+            return TAESDAutoencoder.from_pretrained(WEIGHTS_DIR / "taef2" / "vae").float()
+        folder = Path(self.config.taesd_weights)
+        folder = folder if folder.is_absolute() else self.base / folder
+        files = [folder / "taef2_encoder.pth", folder / "taef2_decoder.pth"]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise OSDiffError(f"TAEF2 weights not found: {', '.join(missing)}")
+        return TAESDAutoencoder.from_taesd_files(*files, latent_channels=self.config.tiny.compressor.latent_channels)
 
     def _load_vae(self):
         """The tiny model's frozen autoencoder from its stage's output (decoder or autoencoder)."""
