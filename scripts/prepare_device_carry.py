@@ -1,13 +1,17 @@
 """Make .carry/ (git-ignored), what scripts/device_train.sh needs on a device machine that has
 its own python3 + torch and no package registry: wheels for the packages it lacks (Python 3.12,
-manylinux x86-64), a training subset of ../shared/data kept small enough that the working tree
-plus .carry stays under the device tool's 64 MiB (the TAEF2 teacher travels inside the package).
+manylinux x86-64), validation photos and as many training photos as fit: the device tool sends
+the working tree plus .carry, at most 64 MiB, so training photos are added (CBSD432 JPEGs as
+stored, Urban100 and Wikipedia photos resized to 768 px as JPEG q92, interleaved) until the total
+reaches --budget-mib. The TAEF2 teacher travels inside the package.
 
-    .venv/bin/python scripts/prepare_device_carry.py [--train-images 200]
+    .venv/bin/python scripts/prepare_device_carry.py [--budget-mib 62]
 """
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import shutil
 import subprocess
 import sys
@@ -20,11 +24,27 @@ WHEELS = ["diffusers==0.42.1", "compressai==1.2.8", "piq==0.8.0", "pytorch-msssi
 PLATFORMS = ["manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 
 
+def tree_bytes() -> int:
+    """What the device tool sends besides .carry: tracked files and untracked, not ignored ones."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                         capture_output=True, check=True).stdout
+    return sum((ROOT / p).stat().st_size for p in out.decode().split("\0") if p and (ROOT / p).is_file())
+
+
+def resized_jpeg(path: Path) -> bytes:
+    im = Image.open(path).convert("RGB")
+    scale = 768 / max(im.size)
+    if scale < 1:
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--train-images", type=int, default=200, help="CBSD432 photos (JPEG, as stored)")
-    parser.add_argument("--extra-images", type=int, default=20, help="from each of urban100-subset and wikipedia-photos")
+    parser.add_argument("--budget-mib", type=float, default=62.0, help="working tree + .carry")
     parser.add_argument("--val-images", type=int, default=8, help="CBSD68 photos")
     args = parser.parse_args()
     shared, carry = Path(args.shared), ROOT / ".carry"
@@ -36,19 +56,23 @@ def main() -> int:
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
                     "--implementation", "cp", *platform_args, "-d", str(carry / "wheels"), *WHEELS], check=True)
     images = shared / "images"
-    for f in sorted((images / "cbsd432").glob("*.jpg"))[: args.train_images]:
-        shutil.copy(f, carry / "data" / "train" / f.name)
-    for sub in ("urban100-subset", "wikipedia-photos"):  # resized to 768 px, JPEG q92
-        for f in sorted((images / sub).glob("*.png"))[: args.extra_images]:
-            im = Image.open(f).convert("RGB")
-            scale = 768 / max(im.size)
-            if scale < 1:
-                im = im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS)
-            im.save(carry / "data" / "train" / f"{sub[:5]}-{f.stem}.jpg", quality=92)
     for f in sorted((images / "cbsd68").glob("*.png"))[: args.val_images]:
         shutil.copy(f, carry / "data" / "val" / f.name)
-    size = sum(p.stat().st_size for p in carry.rglob("*") if p.is_file())
-    print(f"{carry}: {size / 2**20:.1f} MiB")
+    used = tree_bytes() + sum(p.stat().st_size for p in carry.rglob("*") if p.is_file())
+    budget = int(args.budget_mib * 2**20)
+    sources = [
+        ((f.name, f.read_bytes) for f in sorted((images / "cbsd432").glob("*.jpg"))),
+        ((f"urban-{f.stem}.jpg", lambda f=f: resized_jpeg(f)) for f in sorted((images / "urban100-subset").glob("*.png"))),
+        ((f"wiki-{f.stem}.jpg", lambda f=f: resized_jpeg(f)) for f in sorted((images / "wikipedia-photos").glob("*.png"))),
+    ]
+    count = 0
+    for name, read in (item for group in itertools.zip_longest(*sources) for item in group if item):
+        data = read()
+        if used + len(data) > budget:
+            break
+        (carry / "data" / "train" / name).write_bytes(data)
+        used, count = used + len(data), count + 1
+    print(f"{count} training photos; working tree + .carry = {used / 2**20:.1f} MiB (budget {args.budget_mib} MiB)")
     return 0
 
 
