@@ -38,9 +38,6 @@ def _source_copy(dst: Path) -> Path:
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, dst / name)
     shutil.copytree(ROOT / "osdiff", dst / "osdiff", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    if not list(dst.glob(WEIGHT_LICENCES)):
-        # no third-party weights shipped yet: a stand-in notice checks that the glob picks one up
-        shutil.copy2(ROOT / "LICENSE", dst / "osdiff/weights/osdiff-tiny/vae/LICENSE-STANDIN.txt")
     return dst
 
 
@@ -66,7 +63,10 @@ def test_wheel_round_trip(tmp_path, photo):
     assert {n for n in shipped if n.endswith((".safetensors", ".json"))} <= names
     assert {p.relative_to(src).as_posix() for p in (src / "osdiff/serve/static").iterdir()} <= names
     licences = {p.relative_to(src).as_posix() for p in src.glob(WEIGHT_LICENCES)}
+    assert "osdiff/weights/taef2/vae/LICENSE-TAESD.txt" in licences  # the third-party TAEF2 weights
     assert licences <= names  # beside the weights ...
+    vectors = {p.relative_to(src).as_posix() for p in (src / "osdiff/conformance_vectors").rglob("*") if p.is_file()}
+    assert vectors and vectors <= names  # an installed wheel can check itself (osdiff conformance)
     assert {f"{info}/licenses/{n}" for n in ["LICENSE", *licences]} <= names  # ... and in the metadata
     assert not [n for n in names if n.endswith((".pth", ".pt", ".bin", ".ckpt", ".pkl"))]
 
