@@ -10,7 +10,8 @@ Run through scripts/device_train.sh (it installs the carried wheels first). Two 
   continue   the codec stage started from the shipped weights (osdiff/weights/osdiff-tiny).
 
 $OUT receives: model.tar.part-* (the trained model folder, float16, split below 15 MiB),
-logs.tar (every log/val CSV and the configs used) and summary.json.
+logs.tar (every log/val CSV and the configs used), summary.json, and conformance-cuda.txt (the
+output of `osdiff conformance --device cuda`, run first).
 --device cpu is a dry run (a few steps of each stage, small crops) that checks the whole path.
 """
 from __future__ import annotations
@@ -137,6 +138,11 @@ def main() -> int:
     if not dry and not torch.cuda.is_available():
         print("no GPU visible: use --device cpu for a dry run", file=sys.stderr)
         return 1
+    if not dry:  # the conformance vectors on this GPU first (issue 16): a record, not a gate
+        check = subprocess.run([sys.executable, "-m", "osdiff.cli", "conformance", "--device", "cuda"], cwd=ROOT,
+                               capture_output=True, text=True)
+        (out / "conformance-cuda.txt").write_text(check.stdout + check.stderr)
+        print(check.stdout.strip().splitlines()[-1] if check.stdout.strip() else check.stderr[-500:], flush=True)
     shipped = ROOT / "osdiff" / "weights" / "osdiff-tiny"
     vae_kind = json.loads((shipped / "model_index.json").read_text())["vae"][1]
     mode = args.mode if args.mode != "auto" else ("continue" if vae_kind == TAESDAutoencoder.__name__ else "bootstrap")
