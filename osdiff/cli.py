@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpointed)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after this long (checkpointed)")
 
+    co = sub.add_parser("convert-official", help="the paper's released checkpoints (SD 2.1 + lambda_*.ckpt) -> an osdiff model folder")
+    co.add_argument("--sd", required=True, help="v2-1_512-ema-pruned.ckpt (ldm single file) or a local SD 2.1 diffusers folder")
+    co.add_argument("--ckpt", required=True, action="append", metavar="LAMBDA.ckpt",
+                    help="an official lambda checkpoint; repeat for several quality levels (ordered by bpp)")
+    co.add_argument("--config", default=None, help="official-format model config (default: the full-size configs/model/osdiff.yaml)")
+    co.add_argument("-o", "--output", required=True, help="model folder to write")
+    co.add_argument("--name", default="osdiff-official", help="model name written in every .osd file")
+    co.add_argument("-f", "--force", action="store_true", help="overwrite an existing output folder")
+
     s = sub.add_parser("serve", help="local web page: osdiff vs AVIF/WebP/JPEG at the same file size")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     s.add_argument("--port", type=int, default=8000)
@@ -265,6 +274,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_convert_official(args) -> int:
+    from .convert.official import convert_official
+
+    report = convert_official(args.sd, args.ckpt, args.output, config=args.config, name=args.name, force=args.force)
+    for path, keys in report.unused.items():
+        if keys:
+            shown = ", ".join(sorted({k.rsplit(".", 2)[0] for k in keys})[:6])
+            print(f"{path}: {len(keys)} keys not used ({shown}, ...)")
+    for level, (path, bpp) in enumerate(zip(report.levels, report.bpp), 1):
+        print(f"quality {level}: {path} ({bpp:.4f} bpp on the probe image)")
+    print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     import socket
 
@@ -350,7 +373,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "bench": cmd_bench, "compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train, "serve": cmd_serve}
+COMMANDS = {"convert-official": cmd_convert_official, "eval": cmd_eval, "bench": cmd_bench, "compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train, "serve": cmd_serve}
 
 
 def _on_sigterm(signum, frame):
