@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("inputs", nargs="+", metavar="FILE")
     i.add_argument("--json", action="store_true", help="one JSON object per line")
     b = sub.add_parser("bench", help="latency and memory: one-step vs N-step decoding")
-    b.add_argument("--model", default="osdiff-tiny", help="osdiff-tiny, sd21-arch (SD 2.1 shapes, random weights) or a model folder "
-                   "(a baseline codec's folder too, with --steps 1)")
+    b.add_argument("--model", default="osdiff-tiny", help="osdiff-tiny, sd21-arch (SD 2.1 shapes, random weights), official-arch "
+                   "(the paper's full-size model, random weights; --steps 1) or a model folder "
+                   "(a baseline codec's or converted official model's folder too, with --steps 1)")
     b.add_argument("--size", default="512x768", help="HEIGHTxWIDTH in pixels")
     b.add_argument("--steps", default="1,20,50", help="comma-separated step counts")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -336,6 +337,11 @@ def cmd_bench(args) -> int:
 
         codec, random_weights = build_sd21_architecture(), True
         codec.compressor.update(force=True)
+        codec.compute = ComputeConfig(deterministic=not args.fast)
+    elif args.model == "official-arch":
+        from .convert.official import build_official_architecture
+
+        codec, random_weights = build_official_architecture(), True
         codec.compute = ComputeConfig(deterministic=not args.fast)
     else:
         codec, random_weights = _load(args.model, args.fast), False

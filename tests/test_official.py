@@ -262,3 +262,18 @@ def test_exact_gelu_table_has_no_rounding_ties():
     big = torch.tensor([-20.0, -8.5, 8.5, 20.0], dtype=torch.float64)
     assert exact_gelu(big).tolist() == [0.0, 0.0, 8.5, 20.0]
     assert (exact_gelu(x) - torch.nn.functional.gelu(x)).abs().max() <= 2**-ACT_FRAC
+
+
+def test_bench_times_a_converted_model(official_pipe):
+    """`osdiff bench` on a converted official model: components, both entropy-coding modes."""
+    from osdiff.benchmark import benchmark, format_table
+    from osdiff.errors import OSDiffError
+
+    result = benchmark(official_pipe, (64, 64), [1], repeat=1, warmup=0, model_label="official-tiny")
+    for key in ("compress_exact", "compress_float", "analysis", "autoencoder_encode"):
+        assert result.encode[key].median_s > 0
+    for key in ("entropy_decode_exact", "entropy_decode_float", "synthesis", "unet_step", "autoencoder_decode"):
+        assert result.decode[key].median_s > 0
+    assert "decode.entropy_decode_exact" in format_table(result)
+    with pytest.raises(OSDiffError, match="one step"):
+        benchmark(official_pipe, (64, 64), [1, 4], repeat=1, warmup=0)

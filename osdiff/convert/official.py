@@ -333,8 +333,6 @@ def convert_official(sd: str | Path, ckpts: list[str | Path], output: str | Path
                      name: str = "osdiff-official", force: bool = False) -> ConversionReport:
     """Convert and save; see the module docstring. Output is written to a temporary folder
     beside `output`, then moved into place."""
-    from diffusers import DDIMScheduler
-
     from ..models.conditioning import ConditioningEmbedding
     from ..official_pipeline import OfficialLevels, OfficialOSDiffPipeline
 
@@ -365,8 +363,7 @@ def convert_official(sd: str | Path, ckpts: list[str | Path], output: str | Path
     unused[str(sd)] = sd_unused
     conditioning = ConditioningEmbedding(num_tokens=embedding.shape[1], dim=embedding.shape[2])
     conditioning.embedding.data.copy_(embedding)
-    scheduler = DDIMScheduler(num_train_timesteps=cfg.timesteps, beta_start=cfg.linear_start, beta_end=cfg.linear_end,
-                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, prediction_type="epsilon")
+    scheduler = official_scheduler(cfg)
     vae.register_to_config(scaling_factor=cfg.scale_factor)
     levels.update(force=True)
     pipe = OfficialOSDiffPipeline(vae=vae.eval(), unet=unet.eval(), levels=levels.eval(), conditioning=conditioning,
@@ -389,6 +386,35 @@ def convert_official(sd: str | Path, ckpts: list[str | Path], output: str | Path
     return ConversionReport([str(ckpts[i]) for i in order], [bpp[i] for i in order], unused)
 
 
+def official_scheduler(cfg: OfficialModelConfig):
+    """The official noise schedule (ldm "linear" = diffusers "scaled_linear"), epsilon prediction."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=cfg.timesteps, beta_start=cfg.linear_start, beta_end=cfg.linear_end,
+                         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, prediction_type="epsilon")
+
+
+def build_official_architecture(cfg: OfficialModelConfig | None = None, name: str = "official-arch"):
+    """The full-size official model (SD 2.1 base UNet/VAE, LFGCM, CDDM; one level) with random
+    weights: for `osdiff bench` without the checkpoints (speed does not depend on weight values)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm, create_vae_diffusers_config_from_ldm
+
+    from ..models.conditioning import ConditioningEmbedding
+    from ..official_pipeline import OfficialLevels, OfficialOSDiffPipeline
+
+    cfg = cfg or OfficialModelConfig.from_dict(OFFICIAL_SD21_CONFIG)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**create_unet_diffusers_config_from_ldm(cfg.ldm_config(), {}))
+    vae = AutoencoderKL(**create_vae_diffusers_config_from_ldm(cfg.ldm_config(), {}))
+    levels = OfficialLevels(num_levels=1, compressor=cfg.lfgcm_kwargs(), control=cfg.control_kwargs())
+    levels.update(force=True)
+    conditioning = ConditioningEmbedding(num_tokens=77, dim=cfg.unet["context_dim"])
+    conditioning.embedding.data.normal_()
+    return OfficialOSDiffPipeline(vae=vae.eval(), unet=unet.eval(), levels=levels.eval(), conditioning=conditioning,
+                                  scheduler=official_scheduler(cfg), model_name=name)
+
+
 @torch.no_grad()
 def _order_by_rate(pipe) -> tuple[list[int], list[float]]:
     """Level indices sorted by bits on `rate_probe_image` (fewest first), and each one's bpp."""
@@ -407,4 +433,4 @@ def _reorder(levels, order: list[int]) -> None:
 
 
 __all__ = ["OFFICIAL_SD21_CONFIG", "OfficialModelConfig", "convert_official", "read_state_dict", "map_control_key",
-           "map_lfgcm_key", "rate_probe_image", "ConversionReport"]
+           "map_lfgcm_key", "rate_probe_image", "ConversionReport", "build_official_architecture"]
