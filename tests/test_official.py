@@ -277,3 +277,55 @@ def test_bench_times_a_converted_model(official_pipe):
     assert "decode.entropy_decode_exact" in format_table(result)
     with pytest.raises(OSDiffError, match="one step"):
         benchmark(official_pipe, (64, 64), [1, 4], repeat=1, warmup=0)
+
+
+def test_official_training_on_the_tiny_sd(sd_folder, tmp_path):
+    """Stage 'official' trains the ported LFGCM + CDDM on a frozen SD (tiny), resumes, and
+    writes a converted-model folder that codes images."""
+    import shutil
+
+    import yaml
+
+    import osdiff
+    from osdiff.training.config import load_config
+    from osdiff.training.official import control_kwargs_for, init_control_from_unet
+    from osdiff.training.trainer import Trainer
+
+    from PIL import Image
+
+    image_folder = tmp_path / "images"
+    image_folder.mkdir()
+    for i in range(2):
+        pixels = torch.rand(128, 128, 3, generator=torch.Generator().manual_seed(i))
+        Image.fromarray((pixels * 255).to(torch.uint8).numpy()).save(image_folder / f"{i}.png")
+    base = tmp_path / "sd"
+    shutil.copytree(sd_folder, base)
+    sched = base / "scheduler" / "scheduler_config.json"
+    sched.write_text(sched.read_text().replace("v_prediction", "epsilon"))
+    config = {
+        "model": "official", "base_model": str(base), "official_config": str(FIXTURE / "osdiff_tiny.yaml"),
+        "model_name": "official-trained", "output_dir": str(tmp_path / "run"), "val_every": 2,
+        "data": {"train_folders": [str(image_folder)], "val_folders": [str(image_folder)], "max_val_images": 1},
+        "stages": [{"name": "official", "steps": 2, "batch_size": 1, "crop": 128, "rate_lambdas": [1.0], "warmup_steps": 1}],
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    cfg = load_config(tmp_path / "c.yaml")
+    assert Trainer(cfg).run(max_steps=1) is None  # stopped after a checkpoint
+    model = Trainer(cfg).run()
+    assert model is not None
+    log = (tmp_path / "run" / "log-0-official.csv").read_text().splitlines()
+    assert len(log) == 3 and "hint_mse" in log[0]
+    pipe = osdiff.load(model)
+    data = pipe.compress(torch.rand(1, 3, 128, 120, generator=torch.Generator().manual_seed(0)))  # this UNet's deepest level needs 128 px
+    assert pipe.decompress_tensor(data).image.shape == (1, 3, 128, 120)
+
+    from diffusers import UNet2DConditionModel
+
+    from osdiff.models.official import CDDMControl
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    control = CDDMControl(**control_kwargs_for(unet, {"control_model_ratio": 0.5}))
+    init_control_from_unet(control, unet)
+    assert torch.equal(control.time_embedding.linear_1.weight, unet.time_embedding.linear_1.weight)
+    w = unet.conv_in.weight
+    assert torch.equal(control.input_blocks[0][0].weight, torch.cat([w, w], 1)[: control.input_blocks[0][0].out_channels])

@@ -47,7 +47,8 @@ def _resnet(c_in: int, c_out: int, temb: int) -> ResnetBlock2D:
 def _transformer(ch: int, heads: int, dim_head: int, depth: int, context_dim: int) -> Transformer2DModel:
     return Transformer2DModel(
         num_attention_heads=heads, attention_head_dim=dim_head, in_channels=ch, num_layers=depth,
-        cross_attention_dim=context_dim, use_linear_projection=True, norm_num_groups=32,
+        cross_attention_dim=context_dim, use_linear_projection=True,
+        norm_num_groups=find_denominator(ch, 32),  # ldm: 32 (its widths are multiples of 32)
     )
 
 
