@@ -329,3 +329,12 @@ def test_official_training_on_the_tiny_sd(sd_folder, tmp_path):
     assert torch.equal(control.time_embedding.linear_1.weight, unet.time_embedding.linear_1.weight)
     w = unet.conv_in.weight
     assert torch.equal(control.input_blocks[0][0].weight, torch.cat([w, w], 1)[: control.input_blocks[0][0].out_channels])
+
+
+def test_sd21_config_trains_the_official_model():
+    from osdiff.training.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "sd21.yaml")
+    assert cfg.model == "official" and [s.name for s in cfg.stages] == ["official"]
+    stage = cfg.stages[0]
+    assert (stage.lr, stage.lr_aux, stage.lr_discriminator, stage.rate_lambdas) == (1e-4, 1e-3, 1e-4, [1.0])
