@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test serve clean
+.PHONY: install demo test serve clean check-official
 
 $(VENV)/.installed: pyproject.toml requirements/torch.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,8 @@ serve: install
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
+
+# The port of the official OSDiff code, against a checkout of it: make check-official OFFICIAL=../OSDiff
+check-official: install
+	$(PIP) install -q -c requirements/torch.txt -e ".[check]"
+	$(PY) scripts/check_official.py --official $(OFFICIAL)

@@ -281,8 +281,9 @@ def cmd_convert_official(args) -> int:
     report = convert_official(args.sd, args.ckpt, args.output, config=args.config, name=args.name, force=args.force)
     for path, keys in report.unused.items():
         if keys:
-            shown = ", ".join(sorted({k.rsplit(".", 2)[0] for k in keys})[:6])
-            print(f"{path}: {len(keys)} keys not used ({shown}, ...)")
+            groups = sorted({".".join(k.split(".")[:3]) for k in keys})
+            shown = ", ".join(groups[:6]) + (", ..." if len(groups) > 6 else "")
+            print(f"{path}: {len(keys)} keys not used ({shown})")
     for level, (path, bpp) in enumerate(zip(report.levels, report.bpp), 1):
         print(f"quality {level}: {path} ({bpp:.4f} bpp on the probe image)")
     print(f"wrote {args.output}")
