@@ -338,3 +338,29 @@ def test_sd21_config_trains_the_official_model():
     assert cfg.model == "official" and [s.name for s in cfg.stages] == ["official"]
     stage = cfg.stages[0]
     assert (stage.lr, stage.lr_aux, stage.lr_discriminator, stage.rate_lambdas) == (1e-4, 1e-3, 1e-4, [1.0])
+
+
+def test_tampered_official_files_fail_cleanly(official_pipe, photo):
+    """Corrupted payloads (CRC recomputed) decode to an image or raise OSDiffError, nothing else."""
+    import random
+    import struct
+    import zlib
+
+    from osdiff.errors import OSDiffError
+
+    data = official_pipe.compress(photo)
+    rng = random.Random(0)
+    outcomes = set()
+    for trial in range(8):
+        body = bytearray(data[:-4])
+        if trial == 0:
+            body[-(len(body) // 3)] = 7  # inside the strings
+        for _ in range(rng.randint(1, 6)):
+            i = rng.randrange(30, len(body))
+            body[i] ^= 1 << rng.randrange(8)
+        try:
+            official_pipe.decompress_tensor(bytes(body) + struct.pack(">I", zlib.crc32(bytes(body))))
+            outcomes.add("image")
+        except OSDiffError:
+            outcomes.add("error")
+    assert outcomes
