@@ -134,9 +134,10 @@ class OfficialOSDiffPipeline(ImageCodecPipeline):
             raise OSDiffError(f"corrupted entropy-coded data ({exc})") from None
         return self.decode_hint(hint, header.quality)
 
-    def decode_official_stream(self, data: bytes, quality: int) -> Tensor:
+    def decode_official_stream(self, data: bytes, quality: int, x_t: Tensor | None = None) -> Tensor:
         """A stream file the official `compress` wrote (`write_body`: z shape, strings) ->
-        padded image (1,3,H,W) in [0,1], floor-rounded, decoded with level `quality`."""
+        padded image (1,3,H,W) in [0,1], floor-rounded, decoded with level `quality` from `x_t`
+        (default: the fixed-seed noise)."""
         try:
             zh, zw, n = struct.unpack_from(">3I", data, 0)
             pos, strings = 12, []
@@ -152,7 +153,7 @@ class OfficialOSDiffPipeline(ImageCodecPipeline):
         self._prepare()
         with torch.inference_mode(), self.coding_context():
             hint = self.levels.compressors[level - 1].decompress(strings, (zh, zw), exact=False)
-            return self.decode_hint(hint, level)
+            return self.decode_hint(hint, level, x_t)
 
     def official_x0(self, x_t: Tensor, eps: Tensor) -> Tensor:
         """x0 of the official one-step sampler at t = 999 from x_T and the predicted noise."""

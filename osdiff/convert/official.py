@@ -372,12 +372,15 @@ def convert_official(sd: str | Path, ckpts: list[str | Path], output: str | Path
     if order != list(range(len(ckpts))):
         _reorder(levels, order)
         pipe._model_hash = None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.exists() else None))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    except OSError as exc:
+        raise OSDiffError(f"{output}: cannot write ({exc.strerror or exc})") from None
     try:
         pipe.save_pretrained(tmp)
         if output.exists():
             shutil.rmtree(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(output)
     except OSError as exc:
         raise OSDiffError(f"{output}: cannot write ({exc.strerror or exc})") from None
