@@ -116,6 +116,9 @@ def test_fullsize_key_map_covers_the_official_layout():
         assert all(mapped[k] == ours[k] for k in ours), [k for k in ours if mapped[k] != ours[k]][:5]
         unused = {k for k in layout if k.startswith(prefix) and (mapper(k) is None or mapper(k) not in ours)}
         assert all(re.search(r"(sft|h_a[1478]\.|f_c\.|_quantized_cdf|_offset|_cdf_length|scale_table)", k) for k in unused), sorted(unused)[:5]
+    from osdiff.convert.official import official_control_keys
+
+    assert set(official_control_keys(control).values()) == {k for k in layout if k.startswith("control_model.")}
     sd = {k: torch.empty(v, device="meta") for k, v in layout.items() if k.startswith(("model.diffusion_model.", "first_stage_model."))}
     for module, converted in ((unet, convert_ldm_unet_checkpoint(sd, unet.config)), (vae, convert_ldm_vae_checkpoint(sd, vae.config))):
         ours = {k: list(v.shape) for k, v in module.state_dict().items()}
@@ -284,6 +287,7 @@ def test_bench_times_a_converted_model(official_pipe):
 def test_official_training_on_the_tiny_sd(sd_folder, tmp_path):
     """Stage 'official' trains the ported LFGCM + CDDM on a frozen SD (tiny), resumes, and
     writes a converted-model folder that codes images."""
+    import copy
     import shutil
 
     import yaml
@@ -317,7 +321,16 @@ def test_official_training_on_the_tiny_sd(sd_folder, tmp_path):
     assert model is not None
     log = (tmp_path / "run" / "log-0-official.csv").read_text().splitlines()
     assert len(log) == 3 and "hint_mse" in log[0]
+    from osdiff.convert.official import convert_level, read_state_dict
+
+    exported = read_state_dict(tmp_path / "run" / "official_lambda.ckpt", "test")
     pipe = osdiff.load(model)
+    lfgcm, ctl = copy.deepcopy(pipe.levels.compressors[0]), copy.deepcopy(pipe.levels.controls[0])
+    for m in (lfgcm, ctl):
+        for p in m.parameters():
+            p.data.zero_()
+    assert convert_level(exported, ctl, lfgcm, Path("x")) == []  # the official layout maps back, nothing left over
+    assert all(torch.equal(a, b) for a, b in zip(ctl.state_dict().values(), pipe.levels.controls[0].state_dict().values()))
     data = pipe.compress(torch.rand(1, 3, 128, 120, generator=torch.Generator().manual_seed(0)))  # this UNet's deepest level needs 128 px
     assert pipe.decompress_tensor(data).image.shape == (1, 3, 128, 120)
 

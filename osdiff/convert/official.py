@@ -218,6 +218,51 @@ def map_lfgcm_key(key: str) -> str | None:
     return re.sub(r"^entropy_bottleneck\._(matrix|bias|factor)(\d+)$", lambda m: f"entropy_bottleneck._{m[1]}{'ices' if m[1] == 'matrix' else 'es'}.{m[2]}", k)
 
 
+def official_control_keys(control) -> dict[str, str]:
+    """CDDMControl parameter name -> the official `control_model.*` key (inverse of
+    `map_control_key`), for writing a trained control module in the official layout."""
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D
+
+    reverse = {new: old for old, new in _RESBLOCK_NAMES}
+    out = {"scale_list": "control_model.scale_list"}
+    owners = [n for n, m in control.named_modules() if isinstance(m, (ResnetBlock2D, Downsample2D))]
+    for key in control.state_dict():
+        if key == "scale_list":
+            continue
+        m = re.match(r"(enc|dec)_zero_convs\.(\d+)\.(weight|bias)$", key)
+        if m:
+            out[key] = f"control_model.{m[1]}_zero_convs_out.{m[2]}.0.{m[3]}"
+            continue
+        m = re.match(r"middle_zero_conv\.(weight|bias)$", key)
+        if m:
+            out[key] = f"control_model.middle_block_out.0.{m[1]}"
+            continue
+        m = re.match(r"time_embedding\.linear_(1|2)\.(weight|bias)$", key)
+        if m:
+            out[key] = f"control_model.control_model.time_embed.{0 if m[1] == '1' else 2}.{m[2]}"
+            continue
+        owner = next((n for n in owners if key.startswith(n + ".")), None)
+        rest = key
+        if owner is not None:
+            tail = "." + key[len(owner) + 1:]
+            for new, old in reverse.items():
+                if tail.startswith(new):
+                    tail = old + tail[len(new):]
+                    break
+            rest = owner + tail
+        out[key] = f"control_model.control_model.{rest}"
+    return out
+
+
+def official_lambda_state(control, lfgcm) -> dict[str, Tensor]:
+    """A trained CDDMControl + OfficialLFGCM as an official λ checkpoint's state dict
+    (`control_model.*`, `preprocess_model.*`), which `convert-official --ckpt` reads back."""
+    names = official_control_keys(control)
+    state = {names[k]: v.detach().cpu() for k, v in control.state_dict().items()}
+    state.update({f"preprocess_model.{k}": v.detach().cpu() for k, v in lfgcm.state_dict().items()})
+    return state
+
+
 def convert_level(state: dict[str, Tensor], control, lfgcm, path: Path) -> list[str]:
     """Load one λ checkpoint's weights into `control` and `lfgcm`; returns the unused keys."""
     targets = {"control_model.": ("control", control, map_control_key), "preprocess_model.": ("lfgcm", lfgcm, map_lfgcm_key)}

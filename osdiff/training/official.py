@@ -242,4 +242,9 @@ def official_stage(trainer, index: int, stage, max_steps, deadline) -> bool:
                                   model_name=cfg.model_name, noise_seed=cfg.decoding.noise_seed)
     pipe.to("cpu")
     pipe.save_pretrained(trainer.out / "model")
+    # the run in the official layout too: `osdiff convert-official --ckpt` joins runs (one per
+    # lambda) into the quality levels of one model folder
+    from ..convert.official import official_lambda_state
+
+    torch.save({"state_dict": official_lambda_state(levels.controls[0], levels.compressors[0])}, trainer.out / "official_lambda.ckpt")
     return True
