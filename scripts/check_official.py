@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import json
-import struct
 import sys
 import tempfile
 import types

@@ -33,8 +33,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
-from diffusers.models.resnet import Downsample2D, ResnetBlock2D
-from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
 from ..errors import OSDiffError
