@@ -11,6 +11,8 @@ from diffusers import AutoencoderKL, ControlNetXSAdapter, DDIMScheduler, UNet2DC
 from .config import CompressorArchitecture, DecodingConfig, TinyArchitecture, to_dict
 from .errors import OSDiffError
 from .models.autoencoder import TinyAutoencoder
+from .models.control import ControlledUNet
+from .models.taesd import TAESDAutoencoder
 from .models.compressor import LatentCompressor
 from .models.conditioning import ConditioningEmbedding
 from .codec_pipeline import ImageCodecPipeline
@@ -33,12 +35,13 @@ def sd_noise_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
 
 def add_control(unet: UNet2DConditionModel, size_ratio: float) -> UNetControlNetXSModel:
     """Fuse `unet` with a new ControlNet-XS adapter that takes a latent-resolution hint
-    (4 channels, no downsampling in its conditioning embedding); connections start at zero."""
+    (the latent's channels, no downsampling in its conditioning embedding); connections start
+    at zero. A `ControlledUNet`: diffusers' model for any latent channel count."""
     adapter = ControlNetXSAdapter.from_unet(
         unet, size_ratio=size_ratio, conditioning_channels=unet.config.in_channels,
         conditioning_embedding_out_channels=(16,),
     )
-    return UNetControlNetXSModel.from_unet(unet, adapter)
+    return ControlledUNet.from_unet(unet, adapter)
 
 
 def compressor_from(arch: CompressorArchitecture) -> LatentCompressor:
@@ -60,7 +63,14 @@ def tiny_unet(arch: TinyArchitecture) -> UNet2DConditionModel:
     )
 
 
-def tiny_autoencoder(arch: TinyArchitecture) -> TinyAutoencoder:
+def tiny_autoencoder(arch: TinyArchitecture) -> TinyAutoencoder | TAESDAutoencoder:
+    """The tiny model's autoencoder with fresh weights: ours ("own"), or the TAEF2 layout with the
+    slim student decoder ("taef2"; the pretrained weights come from the decoder stage)."""
+    if arch.autoencoder == "taef2":
+        return TAESDAutoencoder(
+            latent_channels=arch.compressor.latent_channels, midblock_gn=True,
+            decoder_channels=arch.student_decoder_channels, decoder_blocks=arch.student_decoder_blocks,
+        )
     return TinyAutoencoder(
         latent_channels=arch.compressor.latent_channels,
         encoder_channels=arch.autoencoder_encoder_channels,

@@ -6,6 +6,7 @@ non-zero; outputs are written atomically and never overwrite without --force.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="configs/tiny.yaml, configs/sd21.yaml, ...")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (checkpointed)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop after this long (checkpointed)")
+    t.add_argument("--device", choices=("auto", "cpu"), default=None,
+                   help="auto: a GPU when there is one (accelerate's choice); cpu: force the CPU (default: the config's)")
+    t.add_argument("--init-from", default=None,
+                   help="codec stage: start from this checkpoint's compressor/control weights (e.g. a shipped run's ckpt)")
+    t.add_argument("--output-dir", default=None, help="run folder (default: the config's output_dir)")
 
     co = sub.add_parser("convert-official", help="the paper's released checkpoints (SD 2.1 + lambda_*.ckpt) -> an osdiff model folder")
     co.add_argument("--sd", required=True, help="v2-1_512-ema-pruned.ckpt (ldm single file) or a local SD 2.1 diffusers folder")
@@ -270,6 +276,8 @@ def cmd_train(args) -> int:
 
     config_path = Path(args.config)
     config = load_config(config_path)
+    overrides = {"device": args.device, "init_from": args.init_from, "output_dir": args.output_dir}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     model = Trainer(config, config_dir=Path.cwd()).run(max_steps=args.max_steps, max_minutes=args.max_minutes)
     print(f"finished: {model}" if model else "stopped early; run the same command again to resume")
     return 0

@@ -85,6 +85,11 @@ class TinyArchitecture:
     autoencoder_encoder_channels: tuple[int, ...] = (16, 32, 64, 64)
     autoencoder_decoder_channels: tuple[int, ...] = (64, 48, 32, 16)
     autoencoder_blocks: int = 2  # residual blocks at 1/8 resolution in each direction
+    # "own": our TinyAutoencoder trained from scratch (v1); "taef2": the frozen pretrained TAEF2
+    # encoder (32 latent channels) with a slim decoder distilled from TAEF2's (v2)
+    autoencoder: str = "own"
+    student_decoder_channels: tuple[int, ...] = (64, 48, 32, 16)  # at 1/8, 1/4, 1/2, 1/1 resolution
+    student_decoder_blocks: tuple[int, ...] = (2, 2, 1, 1)
     unet_block_out_channels: tuple[int, ...] = (64, 128)
     unet_down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
     unet_up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")

@@ -25,6 +25,23 @@ def alphas_cumprod_float64(num_train_timesteps: int = 1000, beta_start: float = 
     return np.cumprod(1.0 - betas)
 
 
+def decoding_alpha_bar(scheduler, t: int, start: str) -> float:
+    """Cumulative alpha at timestep t for decoding: start "noise" uses the float64 ldm schedule
+    (as the official code does), "hint" the scheduler's float32 table (osdiff v1, unchanged)."""
+    sc = scheduler.config
+    if start == "noise" and sc.beta_schedule == "scaled_linear":
+        return float(alphas_cumprod_float64(sc.num_train_timesteps, sc.beta_start, sc.beta_end)[t])
+    return float(scheduler.alphas_cumprod[t])
+
+
+def one_step_x0(model_output: Tensor, x_t: Tensor, alpha_bar: float, prediction_type: str, start: str) -> Tensor:
+    """x0 from one network evaluation; for start "noise" with epsilon prediction with ldm's
+    float64 coefficients (x_t is pure noise there and errors are amplified by 1/sqrt(a))."""
+    if start == "noise" and prediction_type == "epsilon":
+        return x0_from_eps_ldm(x_t, model_output, alpha_bar)
+    return predict_x0_eps(model_output, x_t, alpha_bar, prediction_type)[0]
+
+
 def x0_from_eps_ldm(x_t: Tensor, eps: Tensor, alpha_bar: float) -> Tensor:
     """x0 = sqrt(1/a) * x_t - sqrt(1/a - 1) * eps with both coefficients computed in float64
     and rounded to the tensors' dtype first, as ldm's `predict_start_from_noise` does."""

@@ -27,12 +27,13 @@ from diffusers import DDIMScheduler, UNetControlNetXSModel
 from torch import Tensor
 
 from .codec_pipeline import DecodeResult, ImageCodecPipeline
-from .denoise import add_noise, alphas_cumprod_float64, ddim_timesteps, fixed_noise, predict_x0_eps, x0_from_eps_ldm
+from .denoise import add_noise, ddim_timesteps, decoding_alpha_bar, fixed_noise, one_step_x0, predict_x0_eps
 from .entropy.bitstream import OSDHeader
 from .errors import OSDiffError
 from .models.autoencoder import LATENT_DOWNSCALE, decode_latent, encode_latent
 from .models.compressor import LatentCompressor
 from .models.conditioning import ConditioningEmbedding
+from .models.control import ControlledUNet  # noqa: F401  (model folders name it; diffusers needs it imported)
 from .tiling import run_tiled
 
 __all__ = ["OSDiffPipeline", "DecodeResult"]
@@ -127,12 +128,8 @@ class OSDiffPipeline(ImageCodecPipeline):
         return add_noise(hint, noise, self.alpha_bar(int(self.config.timestep)))
 
     def alpha_bar(self, t: int) -> float:
-        """Cumulative alpha at timestep t. Start "noise" uses the float64 ldm schedule (as the
-        official code), "hint" the scheduler's float32 table (osdiff v1, unchanged)."""
-        sc = self.scheduler.config
-        if self.config.decoding_start == "noise" and sc.beta_schedule == "scaled_linear":
-            return float(alphas_cumprod_float64(sc.num_train_timesteps, sc.beta_start, sc.beta_end)[t])
-        return float(self.scheduler.alphas_cumprod[t])
+        """Cumulative alpha at timestep t (see denoise.decoding_alpha_bar)."""
+        return decoding_alpha_bar(self.scheduler, t, self.config.decoding_start)
 
     def denoise(self, hint: Tensor, steps: int = 1, x_t: Tensor | None = None) -> Tensor:
         """Hint latent (B,C,h,w) -> clean latent, with `steps` controlled-UNet evaluations,
@@ -149,8 +146,7 @@ class OSDiffPipeline(ImageCodecPipeline):
                 conditioning_scale=self.config.control_scale,
             ).sample
             x0, eps = predict_x0_eps(out, x, a_t, prediction_type)
-            if prediction_type == "epsilon" and self.config.decoding_start == "noise":
-                x0 = x0_from_eps_ldm(x, out, a_t)
+            x0 = one_step_x0(out, x, a_t, prediction_type, self.config.decoding_start)
             if i + 1 < len(timesteps):
                 x = add_noise(x0, eps, self.alpha_bar(timesteps[i + 1]))
         return x0

@@ -3,7 +3,9 @@
 Two kinds are supported behind `encode_latent` / `decode_latent`:
 - diffusers `AutoencoderKL` (the Stable Diffusion VAE), latents scaled by its `scaling_factor`
   (0.18215 for SD 2.1), and `AutoencoderTiny` (TAESD shape);
-- `TinyAutoencoder`, our own small autoencoder for the embedded default model. Its decoder
+- `TAESDAutoencoder` (osdiff.models.taesd): the frozen pretrained TAEF2 encoder (32 channels)
+  with a slim distilled decoder and per-channel latent normalisation: osdiff-tiny v2;
+- `TinyAutoencoder`, our own small autoencoder (osdiff-tiny v1). Its decoder
   keeps the full-resolution layers thin and upsamples by pixel shuffle, for CPU decode speed.
 """
 from __future__ import annotations
@@ -13,6 +15,8 @@ from diffusers import AutoencoderKL, AutoencoderTiny
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
+
+from .taesd import TAESDAutoencoder
 
 LATENT_DOWNSCALE = 8  # pixels per latent pixel, for every supported autoencoder
 
@@ -80,28 +84,32 @@ class TinyAutoencoder(ModelMixin, ConfigMixin):
         return self.decode(self.encode(x))
 
 
-LatentAutoencoder = AutoencoderKL | AutoencoderTiny | TinyAutoencoder
+LatentAutoencoder = AutoencoderKL | AutoencoderTiny | TinyAutoencoder | TAESDAutoencoder
 
 
 def encode_latent(vae: LatentAutoencoder, image: Tensor) -> Tensor:
-    """Image (B,3,H,W) in [-1,1] -> scaled latent (B,4,H/8,W/8), deterministic (the mode)."""
+    """Image (B,3,H,W) in [-1,1] -> scaled latent (B,C,H/8,W/8), deterministic (the mode)."""
     if isinstance(vae, AutoencoderKL):
         return vae.encode(image).latent_dist.mode() * vae.config.scaling_factor
     if isinstance(vae, AutoencoderTiny):
         return vae.encode(image).latents
     if isinstance(vae, TinyAutoencoder):
         return vae.encode(image) * vae.config.scaling_factor
+    if isinstance(vae, TAESDAutoencoder):
+        return vae.encode(image)
     raise TypeError(f"unsupported latent autoencoder {type(vae).__name__}")
 
 
 def decode_latent(vae: LatentAutoencoder, latent: Tensor) -> Tensor:
-    """Scaled latent (B,4,h,w) -> image (B,3,8h,8w) in [-1,1] (clamped)."""
+    """Scaled latent (B,C,h,w) -> image (B,3,8h,8w) in [-1,1] (clamped)."""
     if isinstance(vae, AutoencoderKL):
         image = vae.decode(latent / vae.config.scaling_factor).sample
     elif isinstance(vae, AutoencoderTiny):
         image = vae.decode(latent).sample
     elif isinstance(vae, TinyAutoencoder):
         image = vae.decode(latent / vae.config.scaling_factor)
+    elif isinstance(vae, TAESDAutoencoder):
+        image = vae.decode(latent)
     else:
         raise TypeError(f"unsupported latent autoencoder {type(vae).__name__}")
     return image.clamp(-1.0, 1.0)
@@ -112,4 +120,4 @@ def latent_channels(vae: LatentAutoencoder) -> int:
     return int(vae.config.latent_channels)
 
 
-__all__ = ["TinyAutoencoder", "encode_latent", "decode_latent", "latent_channels", "LATENT_DOWNSCALE"]
+__all__ = ["TAESDAutoencoder", "TinyAutoencoder", "encode_latent", "decode_latent", "latent_channels", "LATENT_DOWNSCALE"]

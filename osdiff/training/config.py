@@ -1,13 +1,17 @@
 """Every training hyper-parameter in one typed place, loaded from YAML or TOML.
 
 A run is a list of stages executed in order, each resumable:
-  autoencoder  train our TinyAutoencoder on reconstruction (tiny model only)
+  autoencoder  train our TinyAutoencoder on reconstruction (tiny model, autoencoder "own")
+  decoder      (tiny model, autoencoder "taef2") fit the TAEF2 latent statistics and distil a
+               slim student decoder from TAEF2's decoder; the encoder stays frozen
   denoiser     train the tiny UNet as an ordinary latent diffusion denoiser (noise prediction)
   codec        freeze autoencoder and UNet; train compressor + ControlNet-XS adapter
                (+ discriminator) with rate + latent MSE + hint MSE + perceptual + adversarial
   baseline     (model: baseline) a compressai codec family, one model per rate, on pixels:
                rate + lambda * (MSE + perceptual + adversarial from a conditional patch
                discriminator); ELIC-style with MSE only, HiFiC-style with all three
+  official     (model: official) the paper's LFGCM + CDDM on a frozen SD 2.1 with the official
+               losses (osdiff.training.official)
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    name: str = "codec"  # autoencoder | denoiser | codec | baseline | official
+    name: str = "codec"  # autoencoder | decoder | denoiser | codec | baseline | official
     steps: int = 1000
     batch_size: int = 4
     crop: int = 256
@@ -45,6 +49,8 @@ class StageConfig:
     # lambda range the highest level does not drown the others' gradients in the shared layers
     # (for one level this only rescales the loss; its optimum is unchanged)
     level_balance: float = 0.0
+    train_unet: bool = False  # codec stage: also fine-tune the denoising UNet (else it stays frozen)
+    max_minutes: float | None = None  # stop this stage (as finished) after this many minutes
 
 
 @dataclass
@@ -54,7 +60,9 @@ class LossConfig:
     latent_mse: float = 1.0
     hint_mse: float = 1.0
     perceptual: float = 1.0
-    perceptual_kind: str = "ms-ssim"  # ms-ssim | haarpsi | lpips (needs the two weight paths)
+    # ms-ssim | haarpsi | lpips (needs the two weight paths) | taesd-features (distance of the
+    # frozen TAEF2 encoder's activations, LatentLPIPS-style; autoencoder "taef2" only)
+    perceptual_kind: str = "ms-ssim"
     lpips_backbone: str | None = None  # torchvision alexnet/vgg16 state dict (local path)
     lpips_linear: str | None = None  # LPIPS v0.1 linear layers (local path)
     pixel_l1: float = 1.0  # autoencoder stage
@@ -80,6 +88,12 @@ class TrainConfig:
     log_every: int = 10
     val_every: int = 250  # steps between validations on data.val_folders (and at a stage's end); 0: never
     threads: int = 0  # torch CPU threads, 0 = torch's default
+    device: str = "auto"  # auto (accelerate's choice: a GPU if there is one) | cpu
+    taesd_weights: str = "../shared/data/weights/taesd"  # taef2_encoder.pth / taef2_decoder.pth (decoder stage)
+    # codec stage: start from earlier weights instead of fresh ones: a model folder (e.g. the
+    # shipped osdiff/weights/osdiff-tiny: its autoencoder, conditioning, UNet, control and
+    # compressor; the discriminator starts fresh) or a stages/<i>-codec/ckpt.pt
+    init_from: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     losses: LossConfig = field(default_factory=LossConfig)
     tiny: TinyArchitecture = field(default_factory=TinyArchitecture)
@@ -137,7 +151,7 @@ def load_config(path: str | Path) -> TrainConfig:
         raise OSDiffError(f"{path}: cannot parse config ({exc.__class__.__name__}: {exc})") from None
     config = _build(TrainConfig, data, path.name)
     for stage in config.stages:
-        if stage.name not in ("autoencoder", "denoiser", "codec", "baseline", "official"):
+        if stage.name not in ("autoencoder", "decoder", "denoiser", "codec", "baseline", "official"):
             raise OSDiffError(f"config {path.name}: unknown stage {stage.name!r}")
         if (stage.name == "official") != (config.model == "official"):
             raise OSDiffError(f"config {path.name}: stage 'official' goes with model 'official' and only with it")

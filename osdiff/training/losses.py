@@ -30,15 +30,20 @@ class PerceptualLoss(nn.Module):
     """1 - similarity for weight-free metrics (piq MS-SSIM, HaarPSI), or LPIPS from local
     weight files (torchvision backbone + LPIPS v0.1 linear layers). Lower is better."""
 
-    def __init__(self, kind: str = "ms-ssim", lpips_backbone: str | None = None, lpips_linear: str | None = None) -> None:
+    def __init__(self, kind: str = "ms-ssim", lpips_backbone: str | None = None, lpips_linear: str | None = None,
+                 encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.kind = kind
         if kind == "lpips":
             if not (lpips_backbone and lpips_linear):
                 raise OSDiffError("perceptual_kind 'lpips' needs lpips_backbone and lpips_linear weight paths")
             self.lpips = LPIPS(lpips_backbone, lpips_linear)
+        elif kind == "taesd-features":
+            if encoder is None:
+                raise OSDiffError("perceptual_kind 'taesd-features' needs the TAEF2 autoencoder (tiny.autoencoder: taef2)")
+            self.features = EncoderFeatureDistance(encoder)
         elif kind not in ("ms-ssim", "haarpsi"):
-            raise OSDiffError(f"unknown perceptual loss {kind!r} (ms-ssim, haarpsi or lpips)")
+            raise OSDiffError(f"unknown perceptual loss {kind!r} (ms-ssim, haarpsi, lpips or taesd-features)")
 
     def forward(self, x_hat: Tensor, x: Tensor) -> Tensor:
         """(B,) losses."""
@@ -52,7 +57,39 @@ class PerceptualLoss(nn.Module):
             return 1.0 - piq.multi_scale_ssim(x_hat, x, data_range=1.0, scale_weights=weights / weights.sum(), reduction="none")
         if self.kind == "haarpsi":
             return 1.0 - piq.haarpsi(x_hat, x, data_range=1.0, reduction="none")
+        if self.kind == "taesd-features":
+            return self.features(x_hat, x)
         return self.lpips(x_hat, x)
+
+
+class EncoderFeatureDistance(nn.Module):
+    """LPIPS-style distance in a frozen TAESD encoder's feature space (no ImageNet weights
+    needed): the activations after the residual blocks at 1, 1/2, 1/4 and 1/8 resolution, each
+    unit-normalised over channels, squared differences averaged, the four levels weighted equally.
+    The encoder (an nn.Sequential taking images in [0,1]) is shared, not copied, and frozen."""
+
+    TAPS = (1, 5, 9, 13)
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = [encoder]  # a list: not registered, so not saved or trained with the loss
+        encoder.requires_grad_(False)
+
+    def _features(self, x: Tensor) -> list[Tensor]:
+        out, h = [], x
+        for i, layer in enumerate(self.encoder[0]):
+            h = layer(h)
+            if i in self.TAPS:
+                out.append(h / (h.norm(dim=1, keepdim=True) + 1e-6))
+            if i == self.TAPS[-1]:
+                break
+        return out
+
+    def forward(self, x_hat: Tensor, x: Tensor) -> Tensor:
+        """(B,) distances of images in [0,1]."""
+        with torch.no_grad():
+            ref = self._features(x)
+        return sum((a - b).pow(2).sum(1).mean(dim=(1, 2)) for a, b in zip(self._features(x_hat), ref)) / len(ref)
 
 
 class LPIPS(nn.Module):

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import piq
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -30,10 +31,11 @@ from tqdm import tqdm
 
 from ..baseline_pipeline import BaselinePipeline
 from ..build import SD_COMPRESSOR, add_control, compressor_from, sd_noise_scheduler, tiny_autoencoder, tiny_unet
-from ..denoise import add_noise, predict_x0_eps
+from ..denoise import add_noise, decoding_alpha_bar, one_step_x0
 from ..errors import OSDiffError
 from ..models.autoencoder import TinyAutoencoder, decode_latent, encode_latent
 from ..models.baselines import LearnedImageCodec
+from ..models.taesd import TAESDAutoencoder
 from ..models.conditioning import ConditioningEmbedding
 from ..pipeline import OSDiffPipeline
 from .config import StageConfig, TrainConfig
@@ -60,7 +62,10 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if config.threads > 0:
             torch.set_num_threads(config.threads)
+        if config.device not in ("auto", "cpu"):
+            raise OSDiffError(f"device must be 'auto' or 'cpu', got {config.device!r}")
         self.accelerator = Accelerator(
+            cpu=config.device == "cpu",
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
         )
@@ -119,7 +124,7 @@ class Trainer:
         for index, stage in enumerate(self.config.stages):
             if index in done:
                 continue
-            runner = {"autoencoder": self._autoencoder_stage, "denoiser": self._denoiser_stage,
+            runner = {"autoencoder": self._autoencoder_stage, "decoder": self._decoder_stage, "denoiser": self._denoiser_stage,
                       "codec": self._codec_stage, "baseline": self._baseline_stage, "official": self._official_stage}[stage.name]
             finished = runner(index, stage, max_steps, deadline)
             if not finished:
@@ -154,7 +159,7 @@ class Trainer:
             torch.save(state, tmp)
             os.replace(tmp, ckpt)
 
-        last_save = time.monotonic()
+        last_save = stage_start = time.monotonic()
         bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"{index}-{stage.name}",
                    disable=not self.accelerator.is_local_main_process, mininterval=5)
         ran = 0
@@ -173,6 +178,12 @@ class Trainer:
                 self._log({"stage": f"{index}-{stage.name}", "step": step + 1, "time": round(time.time(), 1),
                            **{k: round(v, 6) for k, v in self._validate(modules, val_fn).items()}}, kind="val")
             stop = (max_steps is not None and ran >= max_steps) or (deadline is not None and time.monotonic() > deadline)
+            if stage.max_minutes is not None and time.monotonic() - stage_start > 60 * stage.max_minutes:
+                if val_fn is not None and step % self.config.val_every != 0:  # end-of-stage validation
+                    self._log({"stage": f"{index}-{stage.name}", "step": step + 1, **self._validate(modules, val_fn)}, kind="val")
+                bar.close()
+                save(step + 1)
+                return True  # the stage's time budget counts as its end
             if stop or time.monotonic() - last_save > 60 * self.config.checkpoint_minutes:
                 save(step + 1)
                 last_save = time.monotonic()
@@ -250,6 +261,74 @@ class Trainer:
         vae.save_pretrained(self.stage_dir(index) / "out" / "vae")
         return True
 
+    # ---- stage 1 (v2): TAEF2 latent statistics + slim decoder distilled from TAEF2's ----------
+    def _decoder_stage(self, index, stage, max_steps, deadline) -> bool:
+        cfg, arch = self.config, self.config.tiny
+        if arch.autoencoder != "taef2":
+            raise OSDiffError("stage 'decoder' needs tiny.autoencoder: taef2")
+        folder = Path(cfg.taesd_weights)
+        folder = folder if folder.is_absolute() else self.base / folder
+        files = [folder / "taef2_encoder.pth", folder / "taef2_decoder.pth"]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise OSDiffError(f"TAEF2 weights not found: {', '.join(missing)}")
+        teacher = TAESDAutoencoder.from_taesd_files(*files, latent_channels=arch.compressor.latent_channels)
+        teacher.to(self.device).requires_grad_(False).eval()
+        sampler = CropSampler(self._images_cached(), stage.crop, stage.batch_size, cfg.seed, index)
+        with torch.no_grad():  # per-channel latent statistics from 64 fixed training crops
+            crops = torch.cat([sampler.batch(10**6 + i) for i in range(-(-64 // stage.batch_size))])
+            teacher.fit_latent_statistics(crops.to(self.device))
+        torch.manual_seed(cfg.seed + 5)
+        student = teacher.with_decoder(arch.student_decoder_channels, arch.student_decoder_blocks).to(self.device)
+        student.encoder.requires_grad_(False)
+        params = list(student.decoder.parameters())
+        opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        student, opt = self._prepare(student, opt)
+        features = PerceptualLoss("taesd-features", encoder=teacher.encoder).to(self.device)
+        std = teacher.std
+
+        def step_fn(step: int) -> dict:
+            x = sampler.batch(step).to(self.device)
+            gen = self._generator(index, step)
+            with torch.no_grad():
+                raw = teacher.encode_raw(x * 2 - 1)
+                # half the batch perturbed, so the student follows the teacher off the data manifold
+                # too (decoded latents carry coding errors)
+                sigma = torch.rand(raw.shape[0], 1, 1, 1, generator=gen).to(self.device) * 0.5
+                sigma[: raw.shape[0] // 2] = 0
+                raw = raw + sigma * std * torch.randn(raw.shape, generator=gen).to(self.device)
+                target = (teacher.decode_raw(raw).clamp(-1, 1) + 1) / 2
+            with self.accelerator.accumulate(student):
+                pred = (self.accelerator.unwrap_model(student).decode_raw(raw) + 1) / 2
+                l1 = (pred - target).abs().mean()
+                feat = features(pred, target).mean()
+                loss = l1 + 0.1 * feat
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients:
+                    self.accelerator.clip_grad_norm_(params, stage.grad_clip)
+                opt.step()
+                opt.zero_grad()
+            return {"loss": loss.item(), "l1": l1.item(), "features": feat.item(), "psnr_teacher": _psnr(pred, target)}
+
+        def val_fn() -> dict:
+            x = self._val_batch(stage.crop)
+            model = self.accelerator.unwrap_model(student)
+            raw = teacher.encode_raw(x * 2 - 1)
+            pred = (model.decode_raw(raw) + 1) / 2
+            return {"psnr": _psnr(pred, x), "psnr_teacher_decoder": _psnr((teacher.decode_raw(raw) + 1) / 2, x),
+                    "psnr_vs_teacher": _psnr(pred, (teacher.decode_raw(raw).clamp(-1, 1) + 1) / 2)}
+
+        if not self._loop(index, stage, {"vae": student}, {"vae": (opt, stage.lr)}, step_fn, max_steps, deadline, val_fn):
+            return False
+        self.accelerator.unwrap_model(student).save_pretrained(self.stage_dir(index) / "out" / "vae")
+        return True
+
+    def _load_vae(self):
+        """The tiny model's frozen autoencoder from its stage's output (decoder or autoencoder)."""
+        if self.config.tiny.autoencoder == "taef2":
+            return TAESDAutoencoder.from_pretrained(self._find_output("decoder", "vae"))
+        return TinyAutoencoder.from_pretrained(self._find_output("autoencoder", "vae"))
+
     # ---- stage 2: denoiser ------------------------------------------------------------------
     def _find_output(self, name: str, sub: str, before: int | None = None) -> Path | None:
         """The output folder of the latest finished stage called `name` (before `before`);
@@ -263,7 +342,7 @@ class Trainer:
         return None
 
     def _denoiser_stage(self, index, stage, max_steps, deadline) -> bool:
-        vae = TinyAutoencoder.from_pretrained(self._find_output("autoencoder", "vae")).to(self.device).requires_grad_(False)
+        vae = self._load_vae().to(self.device).requires_grad_(False)
         torch.manual_seed(self.config.seed + 1)
         unet = tiny_unet(self.config.tiny)
         conditioning = ConditioningEmbedding(num_tokens=self.config.tiny.conditioning_tokens, dim=self.config.tiny.cross_attention_dim)
@@ -314,9 +393,22 @@ class Trainer:
         return True
 
     # ---- stage 3: codec ---------------------------------------------------------------------
+    def _init_model(self) -> OSDiffPipeline | None:
+        """The model folder named by init_from (codec stage), if it names one."""
+        if not self.config.init_from:
+            return None
+        path = Path(self.config.init_from)
+        path = path if path.is_absolute() else self.base / path
+        if not (path / "model_index.json").is_file():
+            return None
+        return OSDiffPipeline.from_pretrained(path).to(torch.float32)
+
     def _codec_parts(self):
         """(vae, plain unet, conditioning, scheduler, compressor architecture)."""
         cfg = self.config
+        init = self._init_model()
+        if init is not None:  # continue a finished model: its parts (the plain UNet only gives shapes)
+            return init.vae, tiny_unet(cfg.tiny), init.conditioning, init.scheduler, cfg.compressor or cfg.tiny.compressor
         if cfg.model == "sd21":
             if not cfg.base_model:
                 raise OSDiffError("model 'sd21' needs base_model: a local Stable Diffusion 2.1 diffusers folder")
@@ -328,7 +420,7 @@ class Trainer:
             conditioning = ConditioningEmbedding.from_text_encoder(folder)
             scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
             return vae, unet, conditioning, scheduler, cfg.compressor or SD_COMPRESSOR
-        vae = TinyAutoencoder.from_pretrained(self._find_output("autoencoder", "vae"))
+        vae = self._load_vae()
         unet = UNet2DConditionModel.from_pretrained(self._find_output("denoiser", "unet"))
         conditioning = ConditioningEmbedding.from_pretrained(self._find_output("denoiser", "conditioning"))
         return vae, unet, conditioning, sd_noise_scheduler(), cfg.compressor or cfg.tiny.compressor
@@ -353,11 +445,21 @@ class Trainer:
         torch.manual_seed(cfg.seed + 2)
         compressor = compressor_from(comp_arch)
         unet = add_control(plain_unet, cfg.tiny.control_size_ratio if cfg.model == "tiny" else 0.2)
-        unet.freeze_unet_params()
+        if not stage.train_unet:
+            unet.freeze_unet_params()
         discriminator = UNetFeatureDiscriminator(plain_unet)
         del plain_unet
         earlier = self._earlier_codec_checkpoint(index)
-        if earlier is not None:  # a second codec stage fine-tunes the first one's result
+        init_model = self._init_model() if earlier is None else None
+        if init_model is not None:  # compressor and controlled UNet from a model folder
+            compressor.load_state_dict(init_model.compressor.state_dict())
+            unet.load_state_dict(init_model.unet.state_dict())
+            del init_model
+        elif earlier is None and cfg.init_from:
+            earlier = Path(cfg.init_from) if Path(cfg.init_from).is_absolute() else self.base / cfg.init_from
+            if not earlier.is_file():
+                raise OSDiffError(f"init_from: {earlier} not found")
+        if earlier is not None:  # a second codec stage (or init_from) fine-tunes earlier weights
             state = torch.load(earlier, map_location="cpu", weights_only=False)["modules"]
             for name, module in (("compressor", compressor), ("unet", unet), ("discriminator", discriminator)):
                 module.load_state_dict(state[name])
@@ -373,20 +475,22 @@ class Trainer:
         opt_aux = torch.optim.Adam(aux_params, lr=stage.lr_aux)
         opt_d = torch.optim.AdamW(discriminator.parameters(), lr=stage.lr_discriminator, betas=(0.5, 0.999))
         compressor, unet, discriminator, opt, opt_aux, opt_d = self._prepare(compressor, unet, discriminator, opt, opt_aux, opt_d)
-        perceptual = PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear).to(self.device)
+        encoder = vae.encoder if isinstance(vae, TAESDAutoencoder) else None
+        perceptual = PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear, encoder).to(self.device)
         sampler = CropSampler(self._images_cached(), stage.crop, stage.batch_size, cfg.seed, index)
         alphas = scheduler.alphas_cumprod.to(self.device)
         lambdas = torch.tensor(rate_lambdas, device=self.device)
         level_weights = lambdas ** -stage.level_balance
-        t0 = cfg.decoding.timestep
+        t0, start = cfg.decoding.timestep, cfg.decoding.start
         prediction_type = scheduler.config.prediction_type
-        a0 = float(alphas[t0])
+        a0 = decoding_alpha_bar(scheduler, t0, start)
 
         def one_step(hint: torch.Tensor, noise: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-            """Clean latent from the hint: noise to t0, one controlled-UNet evaluation, x0."""
-            x_t = add_noise(hint, noise, a0)
+            """Clean latent from the hint, as decoding does: start at t0 (the noised hint, or pure
+            noise with the hint only through control), one controlled-UNet evaluation, x0."""
+            x_t = noise if start == "noise" else add_noise(hint, noise, a0)
             pred = unet(x_t, t0, encoder_hidden_states=ctx, controlnet_cond=hint).sample
-            return predict_x0_eps(pred, x_t, a0, prediction_type)[0]
+            return one_step_x0(pred, x_t, a0, prediction_type, start)
 
         def step_fn(step: int) -> dict:
             x = sampler.batch(step).to(self.device)
@@ -455,7 +559,11 @@ class Trainer:
                 coded = compressor(z, q)
                 z_hat = one_step(coded["hint"], noise, ctx)
                 out[f"bpp_q{q + 1}"] = bits_per_pixel(coded["likelihoods"], x.shape[-2] * x.shape[-1]).mean().item()
-                out[f"psnr_q{q + 1}"] = _psnr((decode_latent(vae, z_hat) + 1) / 2, x)
+                x_hat = ((decode_latent(vae, z_hat) + 1) / 2).clamp(0, 1)
+                out[f"psnr_q{q + 1}"] = _psnr(x_hat, x)
+                out[f"haarpsi_q{q + 1}"] = piq.haarpsi(x_hat, x, data_range=1.0).item()
+                # ablation: the hint decoded directly by the latent decoder, no UNet step
+                out[f"psnr_hint_q{q + 1}"] = _psnr((decode_latent(vae, coded["hint"]) + 1) / 2, x)
             return out
 
         modules = {"compressor": compressor, "unet": unet, "discriminator": discriminator}

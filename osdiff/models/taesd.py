@@ -1,0 +1,184 @@
+"""Pretrained tiny latent autoencoder (TAESD family) as a frozen osdiff `vae` component.
+
+    image x (B,3,H,W) in [-1,1] --encoder--> raw latent (B,32,H/8,W/8)
+        --(z - mean) / std per channel--> normalised latent z (what compressor and UNet see)
+    z --z * std + mean--> raw latent --decoder--> image (B,3,H,W) in [-1,1]
+
+The encoder is TAEF2's (MIT licence, Ollin Boer Bohan: TAESD for the FLUX.2 VAE, 32 channels,
+1/8 resolution, "flux_2" mid-block GroupNorm). The decoder is either TAEF2's own (the teacher:
+sharp, ~4 s for 512x768 on 2 CPU cores) or a slimmer student distilled from it
+(`decoder_channels`): same input latent space, widths shrinking towards full resolution, no
+GroupNorm, so it is purely local (tiles decode like the whole) and ~8x cheaper.
+
+The layers are written here from the published architecture (nn.Sequential indices kept so the
+released state dicts load by name); `from_taesd_files` reads the `.pth` pair.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import Tensor, nn
+
+
+def _conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
+    return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
+
+
+class Clamp(nn.Module):
+    """Soft clamp of raw latents to (-3, 3): tanh(x / 3) * 3."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x / 3) * 3
+
+
+class Block(nn.Module):
+    """TAESD residual block: three 3x3 convs with ReLU, 1x1 skip when widths differ; with
+    `midblock_gn`, a GroupNorm'd 1x1 bottleneck (4x wider) is added to the input first."""
+
+    def __init__(self, n_in: int, n_out: int, midblock_gn: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(_conv(n_in, n_out), nn.ReLU(), _conv(n_out, n_out), nn.ReLU(), _conv(n_out, n_out))
+        self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
+        self.fuse = nn.ReLU()
+        self.pool = None
+        if midblock_gn:
+            wide = n_in * 4
+            self.pool = nn.Sequential(
+                nn.Conv2d(n_in, wide, 1, bias=False), nn.GroupNorm(4, wide), nn.ReLU(), nn.Conv2d(wide, n_in, 1, bias=False)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pool is not None:
+            x = x + self.pool(x)
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+def taesd_encoder(latent_channels: int, midblock_gn: bool) -> nn.Sequential:
+    """TAESD encoder: image (B,3,H,W) in [0,1] -> raw latent (B,C,H/8,W/8); width 64."""
+    gn = dict(midblock_gn=midblock_gn)
+    return nn.Sequential(
+        _conv(3, 64), Block(64, 64),
+        _conv(64, 64, stride=2, bias=False), Block(64, 64), Block(64, 64), Block(64, 64),
+        _conv(64, 64, stride=2, bias=False), Block(64, 64), Block(64, 64), Block(64, 64),
+        _conv(64, 64, stride=2, bias=False), Block(64, 64, **gn), Block(64, 64, **gn), Block(64, 64, **gn),
+        _conv(64, latent_channels),
+    )
+
+
+def taesd_decoder(latent_channels: int, midblock_gn: bool) -> nn.Sequential:
+    """TAESD decoder: raw latent (B,C,h,w) -> image (B,3,8h,8w), roughly in [0,1]; width 64."""
+    gn = dict(midblock_gn=midblock_gn)
+    up = lambda: [nn.Upsample(scale_factor=2), _conv(64, 64, bias=False)]  # noqa: E731
+    return nn.Sequential(
+        Clamp(), _conv(latent_channels, 64), nn.ReLU(),
+        Block(64, 64, **gn), Block(64, 64, **gn), Block(64, 64, **gn), *up(),
+        Block(64, 64), Block(64, 64), Block(64, 64), *up(),
+        Block(64, 64), Block(64, 64), Block(64, 64), *up(),
+        Block(64, 64), _conv(64, 3),
+    )
+
+
+def slim_decoder(latent_channels: int, channels: tuple[int, ...], blocks: tuple[int, ...]) -> nn.Sequential:
+    """Student decoder: raw latent (B,C,h,w) -> image (B,3,8h,8w) in ~[0,1]. `channels[i]` and
+    `blocks[i]` are the width and TAESD block count at 1/8, 1/4, 1/2 and full resolution."""
+    if len(channels) != 4 or len(blocks) != 4:
+        raise ValueError("slim decoder: need 4 widths and 4 block counts (1/8, 1/4, 1/2, 1/1 resolution)")
+    layers: list[nn.Module] = [Clamp(), _conv(latent_channels, channels[0]), nn.ReLU()]
+    for level, (width, count) in enumerate(zip(channels, blocks)):
+        layers += [Block(width, width) for _ in range(count)]
+        if level < 3:
+            layers += [nn.Upsample(scale_factor=2), _conv(width, channels[level + 1], bias=False)]
+    layers.append(_conv(channels[-1], 3))
+    return nn.Sequential(*layers)
+
+
+class TAESDAutoencoder(ModelMixin, ConfigMixin):
+    """Frozen pretrained TAESD-family autoencoder with per-channel latent normalisation.
+
+    `decoder_channels=None`: the teacher's decoder (TAESD layout); else a slim student with
+    those widths and `decoder_blocks`. `latent_mean` / `latent_std` (one per channel, from
+    training photos) map raw latents to roughly zero-mean, unit-variance ones.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        latent_channels: int = 32,
+        midblock_gn: bool = True,
+        decoder_channels: tuple[int, ...] | None = None,
+        decoder_blocks: tuple[int, ...] = (2, 2, 1, 1),
+        latent_mean: tuple[float, ...] | None = None,
+        latent_std: tuple[float, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        self.encoder = taesd_encoder(latent_channels, midblock_gn)
+        if decoder_channels is None:
+            self.decoder = taesd_decoder(latent_channels, midblock_gn)
+        else:
+            self.decoder = slim_decoder(latent_channels, tuple(decoder_channels), tuple(decoder_blocks))
+        mean = torch.tensor(latent_mean if latent_mean is not None else [0.0] * latent_channels)
+        std = torch.tensor(latent_std if latent_std is not None else [1.0] * latent_channels)
+        if mean.numel() != latent_channels or std.numel() != latent_channels:
+            raise ValueError("latent_mean / latent_std need one value per latent channel")
+        self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
+
+    def encode_raw(self, x: Tensor) -> Tensor:
+        """(B,3,H,W) in [-1,1] -> raw latent (B,C,H/8,W/8)."""
+        return self.encoder((x + 1) / 2)
+
+    def decode_raw(self, raw: Tensor) -> Tensor:
+        """Raw latent (B,C,h,w) -> image (B,3,8h,8w), roughly in [-1,1]."""
+        return self.decoder(raw) * 2 - 1
+
+    def encode(self, x: Tensor) -> Tensor:
+        """(B,3,H,W) in [-1,1] -> normalised latent (B,C,H/8,W/8)."""
+        return (self.encode_raw(x) - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Normalised latent (B,C,h,w) -> image (B,3,8h,8w), roughly in [-1,1]."""
+        return self.decode_raw(z * self.std.to(z.dtype) + self.mean.to(z.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def with_decoder(self, channels: tuple[int, ...] | None, blocks: tuple[int, ...] = (2, 2, 1, 1)) -> "TAESDAutoencoder":
+        """A copy with this encoder and normalisation and a new (random) decoder of that shape."""
+        cfg = dict(self.config)
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+        cfg.update(decoder_channels=None if channels is None else tuple(channels), decoder_blocks=tuple(blocks))
+        other = TAESDAutoencoder(**cfg)
+        other.encoder.load_state_dict(self.encoder.state_dict())
+        return other
+
+    @classmethod
+    def from_taesd_files(cls, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike | None = None,
+                         latent_channels: int = 32, midblock_gn: bool = True) -> "TAESDAutoencoder":
+        """The released `.pth` pair (e.g. taef2_encoder.pth / taef2_decoder.pth), read with
+        weights_only=True, as float32."""
+        model = cls(latent_channels=latent_channels, midblock_gn=midblock_gn)
+        model.encoder.load_state_dict(_load_state(encoder_path))
+        if decoder_path is not None:
+            model.decoder.load_state_dict(_load_state(decoder_path))
+        return model.float()
+
+    @torch.no_grad()
+    def fit_latent_statistics(self, images: Tensor) -> None:
+        """Set latent_mean / latent_std from a batch of images (B,3,H,W) in [0,1]."""
+        raw = self.encode_raw(images * 2 - 1).double()
+        mean = raw.mean(dim=(0, 2, 3))
+        std = raw.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        self.register_to_config(latent_mean=[float(v) for v in mean], latent_std=[float(v) for v in std])
+        self.mean = mean.float().view(1, -1, 1, 1).to(self.mean.device)
+        self.std = std.float().view(1, -1, 1, 1).to(self.std.device)
+
+
+def _load_state(path: str | os.PathLike) -> dict[str, Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float() for k, v in state.items()}
+
+
+__all__ = ["TAESDAutoencoder", "slim_decoder", "taesd_decoder", "taesd_encoder"]

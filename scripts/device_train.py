@@ -1,0 +1,216 @@
+"""Train osdiff-tiny v2 on a lent GPU within a time budget; results go to $OUT.
+
+Run through scripts/device_train.sh (it installs the carried wheels first). Two modes:
+
+  bootstrap  (the shipped osdiff-tiny is not a v2 model yet) the decoder and denoiser stages of
+             configs/tiny-v2.yaml, then the codec stage twice side by side for --ab-minutes each,
+             once per decoding start ("hint": hint noised to t = 299; "noise": pure noise at
+             t = 999, the official procedure), the better one on the validation crops (BD-rate
+             on HaarPSI, else PSNR) continued for the rest of the budget;
+  continue   the codec stage started from the shipped weights (osdiff/weights/osdiff-tiny).
+
+$OUT receives: model.tar.part-* (the trained model folder, float16, split below 15 MiB),
+logs.tar (every log/val CSV and the configs used) and summary.json.
+--device cpu is a dry run (a few steps of each stage, small crops) that checks the whole path.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def plain(obj):
+    """A config as YAML-safe data (tuples -> lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def write_config(cfg, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(plain(cfg), sort_keys=False))
+    return path
+
+
+def train(config_path: Path, log: Path, device: str) -> subprocess.Popen:
+    """`osdiff train` in a subprocess (its own CUDA context), output to `log`."""
+    cmd = [sys.executable, "-m", "osdiff.cli", "train", "--config", str(config_path), "--device", device]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def last_val(run: Path) -> dict:
+    import csv
+
+    files = sorted(run.glob("val-*-codec.csv"))
+    if not files:
+        return {}
+    rows = list(csv.DictReader(open(files[-1])))
+    return {k: float(v) for k, v in rows[-1].items() if k != "stage"} if rows else {}
+
+
+def curve(row: dict, metric: str) -> tuple[list[float], list[float]]:
+    levels = sorted(int(k.split("_q")[1]) for k in row if k.startswith("bpp_q"))
+    return [row[f"bpp_q{q}"] for q in levels], [row[f"{metric}_q{q}"] for q in levels]
+
+
+def compare(a: dict, b: dict) -> dict:
+    """BD-rate of b against a on the validation crops (negative: b needs fewer bits)."""
+    from osdiff.evaluation.bdrate import bd_rate
+
+    out = {}
+    for metric in ("haarpsi", "psnr"):
+        if f"{metric}_q1" in a and f"{metric}_q1" in b:
+            out[metric] = bd_rate(*curve(a, metric), *curve(b, metric))
+    return out
+
+
+def steps_per_second(run: Path) -> float | None:
+    import csv
+
+    files = sorted(run.glob("log-*-codec.csv"))
+    if not files:
+        return None
+    rows = list(csv.DictReader(open(files[-1])))
+    if len(rows) < 3:
+        return None
+    dt = float(rows[-1]["time"]) - float(rows[1]["time"])
+    return (int(rows[-1]["step"]) - int(rows[1]["step"])) / dt if dt > 0 else None
+
+
+def ship(model: Path, out: Path) -> list[str]:
+    """Model folder -> float16 copy -> tar split in parts below 15 MiB."""
+    from osdiff.build import save_for_shipping
+    from osdiff.pipeline import OSDiffPipeline
+
+    pipe = OSDiffPipeline.from_pretrained(model)
+    staging = Path("/tmp/osdiff-ship")
+    save_for_shipping(pipe, staging)
+    tar = Path("/tmp/model.tar")
+    with tarfile.open(tar, "w") as t:
+        t.add(staging, arcname="model")
+    data, parts = tar.read_bytes(), []
+    for i in range(0, len(data), 15 * 2**20):
+        name = f"model.tar.part-{i // (15 * 2**20):02d}"
+        (out / name).write_bytes(data[i : i + 15 * 2**20])
+        parts.append(name)
+    return parts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu"), default="auto")
+    parser.add_argument("--minutes", type=float, default=8.0, help="training time in all (GPU)")
+    parser.add_argument("--ab-minutes", type=float, default=2.0, help="bootstrap: each decoding start's codec run")
+    parser.add_argument("--mode", choices=("auto", "bootstrap", "continue"), default="auto")
+    parser.add_argument("--data", default=".carry/data", help="train/ and val/ image folders")
+    parser.add_argument("--taesd", default=".carry/taesd", help="taef2_encoder.pth / taef2_decoder.pth")
+    args = parser.parse_args()
+    out = Path(os.environ.get("OUT", "/tmp/osdiff-device-out"))
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    import torch  # smoke test first: everything the run needs imports
+
+    import compressai, diffusers, piq  # noqa: F401,E401
+    import osdiff
+    from osdiff.config import DecodingConfig
+    from osdiff.models.taesd import TAESDAutoencoder
+    from osdiff.training.config import load_config
+
+    dry = args.device == "cpu"
+    print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, osdiff from {osdiff.__file__}", flush=True)
+    if not dry and not torch.cuda.is_available():
+        print("no GPU visible: use --device cpu for a dry run", file=sys.stderr)
+        return 1
+    shipped = ROOT / "osdiff" / "weights" / "osdiff-tiny"
+    vae_kind = json.loads((shipped / "model_index.json").read_text())["vae"][1]
+    mode = args.mode if args.mode != "auto" else ("continue" if vae_kind == TAESDAutoencoder.__name__ else "bootstrap")
+
+    cfg = load_config(ROOT / "configs" / "tiny-v2.yaml")
+    data = (ROOT / args.data).resolve()
+    cfg = dataclasses.replace(
+        cfg, taesd_weights=str((ROOT / args.taesd).resolve()), checkpoint_minutes=1.0,
+        data=dataclasses.replace(cfg.data, train_folders=[str(data / "train")], val_folders=[str(data / "val")]),
+    )
+    if dry:  # a few steps of everything, small crops
+        cfg = dataclasses.replace(cfg, val_every=2, stages=[
+            dataclasses.replace(s, steps=3, batch_size=2, crop=128, warmup_steps=1, max_minutes=None) for s in cfg.stages])
+    runs = Path("/tmp/osdiff-runs")
+    summary: dict = {"mode": mode, "device": torch.cuda.get_device_name(0) if not dry else "cpu"}
+    remaining = lambda: args.minutes - (time.time() - t_start) / 60  # noqa: E731
+
+    if mode == "bootstrap":
+        base = runs / "base"
+        pre = dataclasses.replace(cfg, output_dir=str(base), stages=cfg.stages[:2])
+        proc = train(write_config(pre, Path("/tmp/pre.yaml")), Path("/tmp/pre.log"), args.device)
+        if proc.wait() != 0:
+            print(Path("/tmp/pre.log").read_text()[-3000:], file=sys.stderr)
+            return 1
+        procs = {}
+        for start, t in (("hint", 299), ("noise", 999)):
+            run = runs / start
+            subprocess.run(["cp", "-r", str(base), str(run)], check=True)
+            stages = list(cfg.stages)
+            if not dry:
+                stages[2] = dataclasses.replace(stages[2], max_minutes=args.ab_minutes)
+            variant = dataclasses.replace(cfg, output_dir=str(run), stages=stages, decoding=DecodingConfig(timestep=t, start=start))
+            procs[start] = (train(write_config(variant, Path(f"/tmp/{start}.yaml")), Path(f"/tmp/{start}.log"), args.device), variant)
+        for start, (proc, _) in procs.items():
+            if proc.wait() != 0:
+                print(Path(f"/tmp/{start}.log").read_text()[-3000:], file=sys.stderr)
+                return 1
+        vals = {start: last_val(runs / start) for start in procs}
+        summary["ab"] = {"val": vals, "bd_rate_noise_vs_hint": compare(vals["hint"], vals["noise"]),
+                         "steps_per_second": {s: steps_per_second(runs / s) for s in procs}}
+        bd = summary["ab"]["bd_rate_noise_vs_hint"]
+        score = bd.get("haarpsi") if bd.get("haarpsi") is not None else bd.get("psnr")
+        winner = "noise" if score is not None and score < 0 else "hint"
+        summary["winner"] = winner
+        print(json.dumps(summary, indent=1), flush=True)
+        run, (_, variant) = runs / winner, procs[winner]
+        minutes = max(0.2, remaining() - 1.0)  # leave a minute for shipping
+        rate = summary["ab"]["steps_per_second"][winner] or 1.0
+        steps = 3 if dry else int(rate * 1.4 * 60 * minutes)  # alone it runs faster than side by side
+        final = dataclasses.replace(variant.stages[2], steps=max(steps, 10), warmup_steps=1 if dry else 20,
+                                    lr=variant.stages[2].lr * 0.6, max_minutes=None if dry else minutes)
+        variant = dataclasses.replace(variant, stages=[*variant.stages, final])
+    else:
+        run = runs / "continue"
+        minutes = max(0.2, remaining() - 1.0)
+        stage = dataclasses.replace(cfg.stages[2], max_minutes=None if dry else minutes, warmup_steps=1 if dry else 20)
+        variant = dataclasses.replace(cfg, output_dir=str(run), stages=[stage], init_from=str(shipped))
+        shipped_cfg = json.loads((shipped / "model_index.json").read_text())
+        variant = dataclasses.replace(variant, decoding=DecodingConfig(
+            timestep=shipped_cfg["timestep"], start=shipped_cfg.get("decoding_start", "hint")))
+    proc = train(write_config(variant, Path("/tmp/final.yaml")), Path("/tmp/final.log"), args.device)
+    if proc.wait() != 0:  # ship what the earlier stage saved, if anything
+        print(Path("/tmp/final.log").read_text()[-3000:], file=sys.stderr)
+        summary["final_failed"] = True
+    if not (run / "model").is_dir():
+        return 1
+    summary["final_val"] = last_val(run)
+    summary["parts"] = ship(run / "model", out)
+    summary["minutes"] = round((time.time() - t_start) / 60, 2)
+    with tarfile.open(out / "logs.tar", "w") as t:
+        for path in sorted(runs.glob("*/*.csv")) + sorted(Path("/tmp").glob("*.yaml")) + sorted(Path("/tmp").glob("*.log")):
+            t.add(path, arcname=f"{path.parent.name}/{path.name}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
