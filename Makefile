@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 LOG := $(VENV)/install.log
 
-.PHONY: install demo test serve clean
+.PHONY: install demo test serve clean check-official
 
 # One line of output; pip's messages go to $(LOG), printed only if a step fails.
 # torch first, pinned: compressai imports torchvision, which must match torch exactly.
@@ -34,3 +34,8 @@ serve: install
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
+
+# The port of the official OSDiff code, against a checkout of it: make check-official OFFICIAL=../OSDiff
+check-official: install
+	$(PIP) install -q -c requirements/torch.txt -e ".[check]"
+	$(PY) scripts/check_official.py --official $(OFFICIAL)

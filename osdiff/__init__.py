@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "OSDiffPipeline": ".pipeline",
     "BaselinePipeline": ".baseline_pipeline",
+    "OfficialOSDiffPipeline": ".official_pipeline",
     "ImageCodecPipeline": ".codec_pipeline",
     "LearnedImageCodec": ".models.baselines",
     "LatentCompressor": ".models.compressor",
@@ -35,6 +36,7 @@ __all__ = ["OSDiffError", "OSDiffWarning", "__version__", *_LAZY]
 if TYPE_CHECKING:
     from .baseline_pipeline import BaselinePipeline
     from .codec_pipeline import ImageCodecPipeline
+    from .official_pipeline import OfficialOSDiffPipeline
     from .hub import DEFAULT_MODEL, available_models, load
     from .models.baselines import LearnedImageCodec
     from .models.autoencoder import TinyAutoencoder

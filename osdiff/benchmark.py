@@ -125,9 +125,15 @@ def benchmark(codec, size: tuple[int, int], steps: list[int], device: str = "cpu
     `codec.compute` says (deterministic by default; see ComputeConfig). An OSDiffPipeline is
     timed per component and per step count; a codec without diffusion (BaselinePipeline) only
     as whole encodes and one-pass decodes."""
+    from .official_pipeline import OfficialOSDiffPipeline
     from .pipeline import OSDiffPipeline
 
     codec.to(torch.device(device))
+    if isinstance(codec, OfficialOSDiffPipeline):
+        if steps != [1]:
+            raise OSDiffError(f"{model_label or codec.config.model_name} is a converted official model: it decodes in one step (--steps 1)")
+        with codec.coding_context():
+            return _measure_official(codec, size, device, dtype, repeat, warmup, model_label, random_weights)
     if not isinstance(codec, OSDiffPipeline) and steps != [1]:
         raise OSDiffError(f"{model_label or codec.config.model_name} is not a diffusion codec: it decodes in one pass (--steps 1)")
     measure = _measure if isinstance(codec, OSDiffPipeline) else _measure_one_pass
@@ -218,6 +224,50 @@ def _measure(codec, size, steps, device, dtype, repeat, warmup, model_label, ran
     for n in steps:
         result.ratio_measured[n] = result.decode_total[n].median_s / one.median_s
         result.ratio_ideal[n] = (n * u + rest) / (u + rest)
+    return result
+
+
+@torch.inference_mode()
+def _measure_official(codec, size, device, dtype, repeat, warmup, model_label, random_weights) -> BenchResult:
+    """A converted official model: its components, and the entropy coding in both modes (the
+    exact mode runs the entropy networks on the CPU in float64 fixed point; the float mode is
+    the official arithmetic on the model's device)."""
+    from .models.official.cddm import controlled_unet_forward
+
+    dev = torch.device(device)
+    for part in (codec.vae, codec.unet, codec.conditioning, codec.levels.controls):  # the compressors stay fp32
+        part.to(DTYPES[dtype])
+    codec._model_hash = None
+    time_it, mem = _timer(dev, warmup, repeat), MemoryMeter(dev)
+    image, data, result = _coded_test_image(codec, size, dev, dtype, model_label, random_weights)
+    header, strings = codec.read_header(data)
+    x = codec.pad_image(image, header.pad_w, header.pad_h).to(dev)
+    comp = codec.levels.compressors[header.quality - 1]
+    control = codec.levels.controls[header.quality - 1]
+    latent = codec.encode_latent(x).float()
+    float_strings = comp.compress(latent, exact=False)["strings"]
+    z_shape = ((header.height + header.pad_h) // 64, (header.width + header.pad_w) // 64)
+    result.encode["autoencoder_encode"] = time_it(lambda: codec.encode_latent(x))
+    result.encode["analysis"] = time_it(lambda: comp.hyper_enc(comp.encoder(latent)))
+    result.encode["compress_exact"] = time_it(lambda: comp.compress(latent, exact=True))
+    result.encode["compress_float"] = time_it(lambda: comp.compress(latent, exact=False))
+    result.encode["total"] = time_it(lambda: codec.compress(image))
+    with mem.measure(result.peak_memory_mb, "encode"):
+        codec.compress(image)
+    y_hat = comp.decompress_y(strings[1:], z_shape, exact=True)
+    hint = comp.decoder(y_hat).to(DTYPES[dtype])
+    x_t = torch.randn(hint.shape, generator=torch.Generator().manual_seed(0)).to(hint)
+    context = codec.conditioning(1).to(hint.dtype)
+    t = torch.full((1,), 999, dtype=torch.long, device=dev)
+    result.decode["entropy_decode_exact"] = time_it(lambda: comp.decompress_y(strings[1:], z_shape, exact=True))
+    result.decode["entropy_decode_float"] = time_it(lambda: comp.decompress_y(float_strings, z_shape, exact=False))
+    result.decode["synthesis"] = time_it(lambda: comp.decoder(y_hat))
+    result.decode["unet_step"] = time_it(lambda: controlled_unet_forward(control, codec.unet, x_t, t, context, hint))
+    result.decode["autoencoder_decode"] = time_it(lambda: codec.vae.decode(x_t.to(codec.vae.dtype)).sample)
+    result.decode_total[1] = time_it(lambda: codec.decompress_tensor(data))
+    with mem.measure(result.peak_memory_mb, "decode_1_steps"):
+        codec.decompress_tensor(data)
+    result.ratio_measured[1] = result.ratio_ideal[1] = 1.0
     return result
 
 

@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("inputs", nargs="+", metavar="FILE")
     i.add_argument("--json", action="store_true", help="one JSON object per line")
     b = sub.add_parser("bench", help="latency and memory: one-step vs N-step decoding")
-    b.add_argument("--model", default="osdiff-tiny", help="osdiff-tiny, sd21-arch (SD 2.1 shapes, random weights) or a model folder "
-                   "(a baseline codec's folder too, with --steps 1)")
+    b.add_argument("--model", default="osdiff-tiny", help="osdiff-tiny, sd21-arch (SD 2.1 shapes, random weights), official-arch "
+                   "(the paper's full-size model, random weights; --steps 1) or a model folder "
+                   "(a baseline codec's or converted official model's folder too, with --steps 1)")
     b.add_argument("--size", default="512x768", help="HEIGHTxWIDTH in pixels")
     b.add_argument("--steps", default="1,20,50", help="comma-separated step counts")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -98,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="cpu", help="cpu or cuda (decode on a GPU)")
     k.add_argument("--fast", action="store_true", help=FAST_HELP)
     k.add_argument("--vectors", default=None, help="a folder laid out like osdiff/conformance_vectors (default: the shipped ones)")
+
+    co = sub.add_parser("convert-official", help="the paper's released checkpoints (SD 2.1 + lambda_*.ckpt) -> an osdiff model folder")
+    co.add_argument("--sd", required=True, help="v2-1_512-ema-pruned.ckpt (ldm single file) or a local SD 2.1 diffusers folder")
+    co.add_argument("--ckpt", required=True, action="append", metavar="LAMBDA.ckpt",
+                    help="an official lambda checkpoint; repeat for several quality levels (ordered by bpp)")
+    co.add_argument("--config", default=None, help="official-format model config (default: the full-size configs/model/osdiff.yaml)")
+    co.add_argument("-o", "--output", required=True, help="model folder to write")
+    co.add_argument("--name", default="osdiff-official", help="model name written in every .osd file")
+    co.add_argument("-f", "--force", action="store_true", help="overwrite an existing output folder")
 
     s = sub.add_parser("serve", help="local web page: osdiff vs AVIF/WebP/JPEG at the same file size")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
@@ -289,7 +299,7 @@ def cmd_conformance(args) -> int:
     for path in files:
         model = path.parent.parent.name
         if model not in codecs:
-            codecs[model] = load(model, device=args.device)
+            codecs[model] = load(model, device=args.device, verbose=args.verbose)
             codecs[model].compute = ComputeConfig(deterministic=not args.fast)
         result = check_vector(codecs[model], path)
         failures += not result.passed
@@ -308,6 +318,21 @@ def cmd_train(args) -> int:
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     model = Trainer(config, config_dir=Path.cwd()).run(max_steps=args.max_steps, max_minutes=args.max_minutes)
     print(f"finished: {model}" if model else "stopped early; run the same command again to resume")
+    return 0
+
+
+def cmd_convert_official(args) -> int:
+    from .convert.official import convert_official
+
+    report = convert_official(args.sd, args.ckpt, args.output, config=args.config, name=args.name, force=args.force)
+    for path, keys in report.unused.items():
+        if keys:
+            groups = sorted({".".join(k.split(".")[:3]) for k in keys})
+            shown = ", ".join(groups[:6]) + (", ..." if len(groups) > 6 else "")
+            print(f"{path}: {len(keys)} keys not used ({shown})")
+    for level, (path, bpp) in enumerate(zip(report.levels, report.bpp), 1):
+        print(f"quality {level}: {path} ({bpp:.4f} bpp on the probe image)")
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -360,6 +385,11 @@ def cmd_bench(args) -> int:
         codec, random_weights = build_sd21_architecture(), True
         codec.compressor.update(force=True)
         codec.compute = ComputeConfig(deterministic=not args.fast)
+    elif args.model == "official-arch":
+        from .convert.official import build_official_architecture
+
+        codec, random_weights = build_official_architecture(), True
+        codec.compute = ComputeConfig(deterministic=not args.fast)
     else:
         codec, random_weights = _load(args.model, args.fast, args.verbose), False
     result = benchmark(codec, (height, width), steps, args.device, args.dtype, args.repeat, args.warmup,
@@ -396,7 +426,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"conformance": cmd_conformance, "eval": cmd_eval, "bench": cmd_bench, "compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train, "serve": cmd_serve}
+COMMANDS = {"conformance": cmd_conformance, "convert-official": cmd_convert_official, "eval": cmd_eval, "bench": cmd_bench, "compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train, "serve": cmd_serve}
 
 
 def _on_sigterm(signum, frame):

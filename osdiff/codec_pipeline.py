@@ -94,6 +94,10 @@ class ImageCodecPipeline(DiffusionPipeline):
         """Strings of a checked file -> padded image (1,3,H,W) in [0,1]."""
         raise NotImplementedError
 
+    def pad_image(self, x: Tensor, pad_w: int, pad_h: int) -> Tensor:
+        """Pad (1,3,H,W) on the right and bottom before coding (default: replicate)."""
+        return pad_right_bottom(x, pad_w, pad_h)
+
     # ---- shared -------------------------------------------------------------------------
     def padded_side(self, side: int) -> int:
         """Pixels a side of `side` pixels is padded to before coding."""
@@ -164,7 +168,7 @@ class ImageCodecPipeline(DiffusionPipeline):
         if width > self.limits.max_side or height > self.limits.max_side or width * height > self.limits.max_pixels:
             raise OSDiffError(f"image of {width}x{height} pixels is larger than this codec accepts")
         pad_w, pad_h = self.padded_side(width) - width, self.padded_side(height) - height
-        x = pad_right_bottom(x, pad_w, pad_h)
+        x = self.pad_image(x, pad_w, pad_h)
         with self.coding_context():
             strings = self.encode_padded(x, level)
         header = OSDHeader(self.config.model_name, self.model_hash, level, width, height, pad_w, pad_h)

@@ -59,9 +59,10 @@ def load(
 def _pipeline_class(folder: Path) -> type[ImageCodecPipeline]:
     """The pipeline class that model_index.json names (only osdiff's own classes)."""
     from .baseline_pipeline import BaselinePipeline
+    from .official_pipeline import OfficialOSDiffPipeline
     from .pipeline import OSDiffPipeline
 
-    classes = {cls.__name__: cls for cls in (OSDiffPipeline, BaselinePipeline)}
+    classes = {cls.__name__: cls for cls in (OSDiffPipeline, BaselinePipeline, OfficialOSDiffPipeline)}
     name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
     if name not in classes:
         raise ValueError(f"model_index.json names pipeline {name!r}, not one of {', '.join(classes)}")

@@ -154,7 +154,7 @@ def test_config_files_load(tmp_path):
     tiny = load_config(root / "tiny.yaml")
     assert [s.name for s in tiny.stages] == ["autoencoder", "autoencoder", "denoiser", "codec"]
     assert len(tiny.losses.rate_lambdas) == tiny.tiny.compressor.num_quality_levels
-    sd = load_config(root / "sd21.yaml")
+    sd = load_config(root / "sd21-controlnet-xs.yaml")
     assert sd.model == "sd21" and sd.compressor.code_channels == 320 and sd.compressor.groups == (16, 16, 32, 64, 192)
     toml = tmp_path / "c.toml"
     toml.write_text('model = "tiny"\n[[stages]]\nname = "codec"\nsteps = 5\n')

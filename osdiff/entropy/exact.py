@@ -13,6 +13,12 @@ of 2^-26 below 2^40 units, and a sum of fewer than 2^13 of them stays below 2^53
 is exact: the result is the same whatever the summation order, thread count or BLAS, on any
 IEEE-754 machine. Convolutions run on the CPU in float64 (im2col + GEMM, no Winograd/FFT).
 Training uses the ordinary float32 networks; the rounding changes them by < 0.1 %.
+
+GELU (the official LFGCM's entropy networks) runs as a lookup: its input is rounded to the
+activation grid first, and GELU of each grid point in [-8, 8] is a fixed table of multiples of
+2^-10 (`gelu_grid_table`; beyond, GELU(x) is x or 0 on this grid). The table is computed once
+in float64 and no entry lies within 1e-9 of a rounding tie (tested), so any libm gives the
+same integers.
 """
 from __future__ import annotations
 
@@ -43,14 +49,39 @@ def fan_in(conv: nn.Conv2d | nn.ConvTranspose2d) -> int:
     return conv.in_channels // conv.groups * kh * kw
 
 
+GELU_RANGE = 8  # |x| > 8: GELU(x) on the 2^-10 grid is x (x > 0) or 0
+_GELU_TABLE: Tensor | None = None
+
+
+def gelu_grid_table() -> Tensor:
+    """GELU at every multiple of 2^-10 in [-8, 8], rounded to the same grid (float64, 16385)."""
+    global _GELU_TABLE
+    if _GELU_TABLE is None:
+        scale = float(2**ACT_FRAC)
+        x = torch.arange(-GELU_RANGE * 2**ACT_FRAC, GELU_RANGE * 2**ACT_FRAC + 1, dtype=torch.float64) / scale
+        _GELU_TABLE = torch.round(0.5 * x * (1.0 + torch.erf(x / 2.0**0.5)) * scale) / scale
+    return _GELU_TABLE
+
+
+def exact_gelu(x: Tensor) -> Tensor:
+    """GELU on the activation grid, identical on every machine (float64 in, float64 out)."""
+    a = torch.round(x.double() * 2**ACT_FRAC)
+    inside = a.abs() <= GELU_RANGE * 2**ACT_FRAC
+    idx = (a.clamp(-GELU_RANGE * 2**ACT_FRAC, GELU_RANGE * 2**ACT_FRAC) + GELU_RANGE * 2**ACT_FRAC).long()
+    table = gelu_grid_table().to(x.device)[idx]
+    return torch.where(inside, table, torch.relu(a) / 2**ACT_FRAC)
+
+
 def exact_forward(module: nn.Module, x: Tensor) -> Tensor:
-    """Run a Sequential of Conv2d / ConvTranspose2d / (Leaky)ReLU in exact fixed point (float64)."""
+    """Run a Sequential of Conv2d / ConvTranspose2d / (Leaky)ReLU / GELU in exact fixed point (float64)."""
     if isinstance(module, nn.Sequential):
         for layer in module:
             x = exact_forward(layer, x)
         return x
     if isinstance(module, nn.ReLU):
         return torch.relu(x)
+    if isinstance(module, nn.GELU):
+        return exact_gelu(x)
     if isinstance(module, nn.LeakyReLU):  # one IEEE multiply per element: the same everywhere
         return F.leaky_relu(x, module.negative_slope)
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):

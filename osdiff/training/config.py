@@ -10,6 +10,8 @@ A run is a list of stages executed in order, each resumable:
   baseline     (model: baseline) a compressai codec family, one model per rate, on pixels:
                rate + lambda * (MSE + perceptual + adversarial from a conditional patch
                discriminator); ELIC-style with MSE only, HiFiC-style with all three
+  official     (model: official) the paper's LFGCM + CDDM on a frozen SD 2.1 with the official
+               losses (osdiff.training.official)
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    name: str = "codec"  # autoencoder | decoder | denoiser | codec | baseline
+    name: str = "codec"  # autoencoder | decoder | denoiser | codec | baseline | official
     steps: int = 1000
     batch_size: int = 4
     crop: int = 256
@@ -74,9 +76,10 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    model: str = "tiny"  # tiny | sd21 | baseline
+    model: str = "tiny"  # tiny | sd21 | baseline | official (the paper's LFGCM + CDDM; osdiff.training.official)
     output_dir: str = "runs/osdiff-tiny"
-    base_model: str | None = None  # sd21: local diffusers folder of Stable Diffusion 2.1
+    base_model: str | None = None  # sd21: local diffusers folder of Stable Diffusion 2.1 (official: or its ldm .ckpt)
+    official_config: str | None = None  # official: official-format model config (default: the full-size one)
     model_name: str = "osdiff-tiny"
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
@@ -150,8 +153,10 @@ def load_config(path: str | Path) -> TrainConfig:
         raise OSDiffError(f"{path}: cannot parse config ({exc.__class__.__name__}: {exc})") from None
     config = _build(TrainConfig, data, path.name)
     for stage in config.stages:
-        if stage.name not in ("autoencoder", "decoder", "denoiser", "codec", "baseline"):
+        if stage.name not in ("autoencoder", "decoder", "denoiser", "codec", "baseline", "official"):
             raise OSDiffError(f"config {path.name}: unknown stage {stage.name!r}")
+        if (stage.name == "official") != (config.model == "official"):
+            raise OSDiffError(f"config {path.name}: stage 'official' goes with model 'official' and only with it")
         if (stage.name == "baseline") != (config.model == "baseline"):
             raise OSDiffError(f"config {path.name}: stage 'baseline' goes with model 'baseline' and only with it")
     return config

@@ -125,7 +125,7 @@ class Trainer:
             if index in done:
                 continue
             runner = {"autoencoder": self._autoencoder_stage, "decoder": self._decoder_stage, "denoiser": self._denoiser_stage,
-                      "codec": self._codec_stage, "baseline": self._baseline_stage}[stage.name]
+                      "codec": self._codec_stage, "baseline": self._baseline_stage, "official": self._official_stage}[stage.name]
             finished = runner(index, stage, max_steps, deadline)
             if not finished:
                 return None
@@ -593,6 +593,12 @@ class Trainer:
         pipe.compressor.update(force=True)
         pipe.save_pretrained(self.out / "model")
         return True
+
+    def _official_stage(self, index, stage, max_steps, deadline) -> bool:
+        """The paper's LFGCM + CDDM with the official losses (osdiff.training.official)."""
+        from .official import official_stage
+
+        return official_stage(self, index, stage, max_steps, deadline)
 
     # ---- baseline codecs (model: baseline) ---------------------------------------------------
     def _baseline_stage(self, index, stage, max_steps, deadline) -> bool:
