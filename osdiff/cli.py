@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import OSDiffError, OSDiffWarning
+from .errors import OSDiffError, OSDiffWarning, TargetUnreachable
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -190,7 +190,10 @@ def cmd_compress(args) -> int:
     def work(src: Path, dst: Path) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = codec.encode(src, args.quality, strict=args.strict, **target)
+            try:
+                result = codec.encode(src, args.quality, strict=args.strict, **target)
+            except TargetUnreachable as exc:
+                raise OSDiffError(f"{src}: {exc}") from None
         for w in caught:
             if issubclass(w.category, OSDiffWarning):
                 print(f"osdiff: warning: {src}: {w.message}", file=sys.stderr)

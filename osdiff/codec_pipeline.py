@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .config import BitstreamLimits, ComputeConfig, RateControlConfig, TilingConfig
 from .entropy.bitstream import HASH_BYTES, QUALITY_STEPS, OSDHeader, header_bytes, pack, parse, quality_from_steps
-from .errors import OSDiffError, OSDiffWarning
+from .errors import OSDiffError, OSDiffWarning, TargetUnreachable
 from .imageio import ImageInput, pad_right_bottom, tensor_to_pil, to_tensor
 from .rate import EncodeResult, quality_to_steps, search_quality, target_size
 
@@ -178,7 +178,8 @@ class ImageCodecPipeline(DiffusionPipeline):
         target_bytes (bytes) or target_bpp (bits per pixel of the original image): instead of a
         quality, the highest quality whose file fits (osdiff.rate.search_quality; at most
         `rate_control.max_encodes` encodes). If even the lowest quality is larger, that file is
-        returned with fits=False and an OSDiffWarning, or, with `strict`, OSDiffError is raised.
+        returned with fits=False and an OSDiffWarning, or, with `strict`, TargetUnreachable (an
+        OSDiffError) is raised.
         A target below `min_file_bytes()` is an OSDiffError."""
         targeted = target_bpp is not None or target_bytes is not None
         if targeted and quality is not None:
@@ -208,7 +209,7 @@ class ImageCodecPipeline(DiffusionPipeline):
         if not result.fits:
             message = (f"even the lowest quality gives {len(result.data)} bytes, over the target of {target} bytes")
             if strict:
-                raise OSDiffError(message)
+                raise TargetUnreachable(message)
             warnings.warn(message + "; wrote the lowest quality", OSDiffWarning, stacklevel=3)
         return result
 
