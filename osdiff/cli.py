@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or NAME=FOLDER for a model folder (e.g. elic-tiny=../runs/elic-tiny/model)")
     e.add_argument("--model", default=None, help="model folder for the osdiff-* codec (default: the shipped model of that name)")
     e.add_argument("--out", required=True, help="results folder (resumes if it holds an earlier run)")
+    e.add_argument("--qualities", default=None, help="comma-separated qualities (e.g. 1,1.5,2,2.5,3) for every learned codec with "
+                   "gain vectors, for dense RD curves (default: its whole levels); codecs without gains keep their levels")
     e.add_argument("--anchor", default="jpeg", help="BD-rate anchor codec")
     e.add_argument("--limit", type=int, default=None, help="only the first N images")
     e.add_argument("--crop-bpp", type=float, default=None,
@@ -370,14 +372,19 @@ def cmd_bench(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation.codecs import make_codec
+    from .evaluation.codecs import make_codec, parse_qualities, with_qualities
     from .evaluation.metrics import MetricSuite
     from .evaluation.runner import evaluate
 
     names = [c.strip() for c in args.codecs.split(",") if c.strip()]
     if not names:
         raise OSDiffError("--codecs is empty")
+    qualities = parse_qualities(args.qualities) if args.qualities is not None else None
     codecs = [make_codec(n, args.model if n.startswith("osdiff") else None) for n in names]
+    if qualities is not None:
+        codecs = [with_qualities(c, qualities) for c in codecs]
+        if not any(c.continuous for c in codecs):
+            raise OSDiffError("--qualities: none of the codecs has gain vectors (continuous quality)")
     metrics = MetricSuite(args.lpips_backbone, args.lpips_linear, args.dists_backbone, args.dists_weights)
     summary = evaluate(Path(args.data_dir), codecs, Path(args.out), metrics, limit=args.limit,
                        anchor=args.anchor, crops=not args.no_crops, inception=args.inception, crop_bpp=args.crop_bpp)
