@@ -138,22 +138,24 @@ def test_upload_compare_slider_download(page, photo_file, tmp_path):
 
 def test_match_size_codes_osdiff_to_the_classical_codecs_file(page, photo_file):
     """"Match size": osdiff coded to the size of JPEG's file at the setting chosen on the page."""
-    import json
-
     page.select_option("#match", "jpeg")
     assert page.is_visible("#match-setting") and page.is_disabled("#quality")
-    page.fill("#match-setting", "50")
-    with page.expect_response(lambda r: "/api/compare" in r.url) as response:
+    page.fill("#match-setting", "10")
+    with page.expect_request(lambda r: "/api/compare" in r.url) as request:
         page.set_input_files("#file", str(photo_file))
+    assert "match=jpeg&setting=10" in request.value.url
     page.wait_for_selector("#results tbody tr[data-codec='jpeg']")
+    page.wait_for_function("() => !document.getElementById('match').disabled")
     assert page.locator("#error").is_hidden()
-    assert "match=jpeg&setting=50" in response.value.url
-    result = json.loads(response.value.text().strip().splitlines()[-1])["result"]
-    osd, jpeg = result["results"][0], next(r for r in result["results"] if r["codec"] == "jpeg")
-    assert jpeg["setting"] == 50 and result["match"]["bytes"] == jpeg["bytes"]
-    assert osd["bytes"] <= jpeg["bytes"] if osd["fits"] else osd["setting"] == 1
-    assert float(page.input_value("#quality")) == osd["setting"]  # the slider shows the quality reached
-    with page.expect_response(lambda r: "/api/compare" in r.url and "quality=" in r.url):
+    cells = page.eval_on_selector_all("#results tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+    assert cells[0][0] == "osdiff-tiny" and " encode" in cells[0][1]
+    assert next(c for c in cells if c[0] == "jpeg")[1] == "10"
+    size = "id => fetch(document.getElementById(id).href).then(r => r.arrayBuffer()).then(b => b.byteLength)"
+    osd_bytes, jpeg_bytes = page.evaluate(size, "download-osd"), page.evaluate(size, "download-jpeg")
+    assert osd_bytes <= jpeg_bytes or "too large" in cells[0][1]
+    reached = float(page.input_value("#quality"))  # the slider shows the quality reached
+    assert 1 <= reached <= 4 and cells[0][1].startswith(str(round(reached * 1000) / 1000).rstrip("0").rstrip("."))
+    with page.expect_request(lambda r: "/api/compare" in r.url and "quality=" in r.url):
         page.select_option("#match", "")  # back to a quality: the photo is coded again
     page.wait_for_function("() => !document.getElementById('quality').disabled")  # until that ends
 

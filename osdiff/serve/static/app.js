@@ -161,7 +161,7 @@ function showComparison(file, result) {
       downloads.push(["decoded PNG", png, `${stem(file.name)}.osdiff.png`, "download-png"]);
     }
     panes[r.codec] = { url };
-    if (r.encodes > 1) r.setting = `${fmtQuality(r.setting)} (${r.encodes} encodes${r.fits ? "" : ", too large"})`;
+    if (r.png && result.match) r.setting = `${fmtQuality(r.setting)} (${r.encodes} encode${r.encodes === 1 ? "" : "s"}${r.fits ? "" : ", too large"})`;
     else if (r.png) r.setting = fmtQuality(r.setting);
     rows.push({ ...r, downloads });
   }
