@@ -283,3 +283,27 @@ def test_baseline_has_whole_levels_only(tmp_path, photo):
     frac = pack(OSDHeader(header.model_name, header.model_hash, 1.5, header.width, header.height, header.pad_w, header.pad_h), strings)
     with pytest.raises(OSDiffError, match="whole levels"):
         codec.decompress(frac)
+
+
+def test_integer_quality_files_are_those_of_the_stored_vector_path(tiny_codec, photo):
+    """Byte-identical to osdiff before continuous quality: the strings of the stored gain
+    vectors (`_gains`, the only path before), in a version-1 container laid out by hand."""
+    import zlib
+
+    from osdiff.imageio import pad_right_bottom, to_tensor
+
+    x = to_tensor(photo)
+    h, w = x.shape[-2:]
+    pad_w, pad_h = tiny_codec.padded_side(w) - w, tiny_codec.padded_side(h) - h
+    with tiny_codec.coding_context(), torch.inference_mode():
+        latent = tiny_codec.encode_image(pad_right_bottom(x, pad_w, pad_h) * 2 - 1)
+        y = tiny_codec.compressor.g_a(latent)
+        for q in range(1, tiny_codec.num_quality_levels + 1):
+            with tiny_codec.compressor._coding_context():
+                out = tiny_codec.compressor.latent_codec.compress(y, *tiny_codec.compressor._gains(q - 1))
+            strings = [s[0] for s in out["strings"]]
+            name = tiny_codec.config.model_name.encode()
+            body = b"".join([b"\x89OSD", bytes([1, q, len(name)]), name, tiny_codec.model_hash,
+                             struct.pack(">IIHHB", w, h, pad_w, pad_h, len(strings)),
+                             *(struct.pack(">I", len(s)) for s in strings), *strings])
+            assert tiny_codec.compress(photo, quality=q) == body + struct.pack(">I", zlib.crc32(body))
