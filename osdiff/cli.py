@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import OSDiffError, OSDiffWarning, TargetUnreachable
+from .errors import OSDiffError, OSDiffWarning
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -194,7 +194,9 @@ def cmd_compress(args) -> int:
             warnings.simplefilter("always")
             try:
                 result = codec.encode(src, args.quality, strict=args.strict, **target)
-            except TargetUnreachable as exc:
+            except OSDiffError as exc:  # a target this image cannot meet: say which image
+                if not target or str(exc).startswith(str(src)):
+                    raise
                 raise OSDiffError(f"{src}: {exc}") from None
         for w in caught:
             if issubclass(w.category, OSDiffWarning):

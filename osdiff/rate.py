@@ -104,8 +104,8 @@ def search_quality(encode: Callable[[int | float], bytes], levels: int, continuo
         return result(low, fits=False)
     lo, hi = low, high  # size(lo) <= target < size(hi)
     while hi - lo > 1 and len(files) < config.max_encodes and size(lo) < target * (1 - config.tolerance):
-        s_lo, s_hi = math.log(max(size(lo), 1)), math.log(size(hi))
-        guess = lo + (math.log(target) - s_lo) / (s_hi - s_lo) * (hi - lo) if s_hi > s_lo else (lo + hi) / 2
+        s_lo, s_hi = math.log(size(lo)), math.log(size(hi))  # size(lo) <= target < size(hi)
+        guess = lo + (math.log(target) - s_lo) / (s_hi - s_lo) * (hi - lo)
         margin = (hi - lo) / 8
         probe = min(max(round(guess), math.ceil(lo + margin)), math.floor(hi - margin))
         probe = min(max(probe, lo + 1), hi - 1)
