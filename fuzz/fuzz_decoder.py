@@ -35,7 +35,7 @@ CODEC = osdiff.load("osdiff-tiny")
 CODEC.limits = LIMITS
 _rng = np.random.default_rng(0)
 SEEDS = [CODEC.compress((_rng.random((h, w, 3)) * 255).astype(np.uint8), quality=q)
-         for (h, w) in ((8, 8), (17, 30), (64, 48)) for q in range(1, CODEC.num_quality_levels + 1)]
+         for (h, w) in ((8, 8), (17, 30), (64, 48)) for q in (*range(1, CODEC.num_quality_levels + 1), 1.5)]
 
 
 def _with_crc(body: bytes) -> bytes:

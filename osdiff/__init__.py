@@ -3,6 +3,8 @@
     import osdiff
     codec = osdiff.load("osdiff-tiny")
     data = codec.compress("photo.png", quality=2)   # bytes of an .osd file
+    data = codec.compress("photo.png", quality=2.5) # between levels (models with gain vectors)
+    result = codec.encode("photo.png", target_bytes=20_000)  # EncodeResult: .data, .quality, .encodes
     image = codec.decompress(data)                  # PIL.Image
 
 Heavy modules (torch, diffusers, compressai) are imported on first use of a name below, so
@@ -13,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .errors import OSDiffError, OSDiffWarning
+from .errors import OSDiffError, OSDiffWarning, TargetUnreachable
 
 __version__ = "0.1.0"
 
@@ -26,12 +28,13 @@ _LAZY = {
     "LatentCompressor": ".models.compressor",
     "TinyAutoencoder": ".models.autoencoder",
     "ConditioningEmbedding": ".models.conditioning",
+    "EncodeResult": ".rate",
     "load": ".hub",
     "available_models": ".hub",
     "DEFAULT_MODEL": ".hub",
 }
 
-__all__ = ["OSDiffError", "OSDiffWarning", "__version__", *_LAZY]
+__all__ = ["OSDiffError", "OSDiffWarning", "TargetUnreachable", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
     from .baseline_pipeline import BaselinePipeline
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
     from .models.compressor import LatentCompressor
     from .models.conditioning import ConditioningEmbedding
     from .pipeline import OSDiffPipeline
+    from .rate import EncodeResult
 
 
 def __getattr__(name: str):

@@ -189,7 +189,7 @@ def _measure(codec, size, steps, device, dtype, repeat, warmup, model_label, ran
     latent = encode_latent(codec.vae, x).float()
     level = header.quality - 1
     comp = codec.compressor
-    gains = comp._gains(level)
+    gains = comp.coding_gains(level)
     y = comp.g_a(latent)
     result.encode["autoencoder_encode"] = time_it(lambda: encode_latent(codec.vae, x))
     result.encode["analysis"] = time_it(lambda: comp.g_a(latent))

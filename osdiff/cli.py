@@ -37,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="images -> .osd files")
     c.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders of images")
     c.add_argument("-o", "--output", metavar="OUT", help="output file (one input) or folder")
-    c.add_argument("-q", "--quality", type=int, default=None, help="quality level, 1 (fewest bits) .. the model's highest")
+    rate = c.add_mutually_exclusive_group()
+    rate.add_argument("-q", "--quality", type=float, default=None,
+                      help="quality from 1 (fewest bits) to the model's highest level; between levels (e.g. 2.5, in 1/256 steps) "
+                           "for models with gain vectors")
+    rate.add_argument("--bpp", default=None, help="target bits per pixel: the highest quality whose file fits, per image")
+    rate.add_argument("--size", default=None, help="target file size per image: bytes, or with a unit: 20kB (1000 bytes), 20KiB (1024)")
+    c.add_argument("--strict", action="store_true", help="with --bpp/--size: an image that does not fit even at the lowest "
+                   "quality is an error (nothing written) instead of a warning")
     c.add_argument("-m", "--model", default=None, help="shipped model name or model folder (default osdiff-tiny)")
     c.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
     c.add_argument("--fast", action="store_true", help=FAST_HELP)
@@ -73,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or NAME=FOLDER for a model folder (e.g. elic-tiny=../runs/elic-tiny/model)")
     e.add_argument("--model", default=None, help="model folder for the osdiff-* codec (default: the shipped model of that name)")
     e.add_argument("--out", required=True, help="results folder (resumes if it holds an earlier run)")
+    e.add_argument("--qualities", default=None, help="comma-separated qualities (e.g. 1,1.5,2,2.5,3) for every learned codec with "
+                   "gain vectors, for dense RD curves (default: its whole levels); codecs without gains keep their levels")
     e.add_argument("--anchor", default="jpeg", help="BD-rate anchor codec")
     e.add_argument("--limit", type=int, default=None, help="only the first N images")
     e.add_argument("--crop-bpp", type=float, default=None,
@@ -197,24 +206,62 @@ def cmd_compress(args) -> int:
     outputs = _outputs(files, args.output, ".osd", len(files) > 1)
     for dst in outputs:
         check_writable(dst, args.force)
+    target = _target(args)
+    if args.strict and not target:
+        raise OSDiffError("--strict goes with --bpp or --size")
     codec = _load(args.model, args.fast, args.verbose)
-    codec._check_quality(args.quality)
+    if "target_bytes" in target and target["target_bytes"] < codec.min_file_bytes():
+        raise OSDiffError(f"--size {args.size} is below the smallest file this model can write ({codec.min_file_bytes()} bytes of header)")
+    if not target:
+        codec._check_quality(args.quality)
+    over: list[Path] = []
 
     def work(src: Path, dst: Path) -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            data = codec.compress(src, args.quality)
+            try:
+                result = codec.encode(src, args.quality, strict=args.strict, **target)
+            except OSDiffError as exc:  # a target this image cannot meet: say which image
+                if not target or str(exc).startswith(str(src)):
+                    raise
+                raise OSDiffError(f"{src}: {exc}") from None
         for w in caught:
             if issubclass(w.category, OSDiffWarning):
                 print(f"osdiff: warning: {src}: {w.message}", file=sys.stderr)
-        write_bytes_atomic(dst, data, force=args.force)
+        write_bytes_atomic(dst, result.data, force=args.force)
         from .entropy.bitstream import parse
 
-        header, _ = parse(data)
-        bpp = len(data) * 8 / (header.width * header.height)
-        print(f"{src} -> {dst}: {len(data)} bytes, {bpp:.4f} bpp, quality {header.quality}")
+        header, _ = parse(result.data)
+        bpp = len(result.data) * 8 / (header.width * header.height)
+        line = f"{src} -> {dst}: {len(result.data)} bytes, {bpp:.4f} bpp, quality {header.quality}"
+        if result.target_bytes is not None:
+            line += f" (target {result.target_bytes} bytes, {result.encodes} encodes)"
+            if not result.fits:
+                over.append(src)
+        print(line)
 
-    return _run_each(files, outputs, work, "compress")
+    failures = _run_each(files, outputs, work, "compress")
+    if over and len(files) > 1:
+        print(f"osdiff: warning: {len(over)} of {len(files)} images did not fit the target even at the lowest quality "
+              f"(written at the lowest)", file=sys.stderr)
+    return failures
+
+
+def _target(args) -> dict:
+    """--bpp / --size as the keyword arguments of `encode` (empty without a target)."""
+    if args.size is not None:
+        from .rate import parse_size
+
+        return {"target_bytes": parse_size(args.size)}
+    if args.bpp is not None:
+        try:
+            bpp = float(args.bpp)
+        except ValueError:
+            bpp = float("nan")
+        if not (bpp > 0 and bpp != float("inf")):
+            raise OSDiffError(f"--bpp must be a positive number of bits per pixel, got {args.bpp!r}")
+        return {"target_bpp": bpp}
+    return {}
 
 
 def cmd_decompress(args) -> int:
@@ -403,14 +450,19 @@ def cmd_bench(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation.codecs import make_codec
+    from .evaluation.codecs import make_codec, parse_qualities, with_qualities
     from .evaluation.metrics import MetricSuite
     from .evaluation.runner import evaluate
 
     names = [c.strip() for c in args.codecs.split(",") if c.strip()]
     if not names:
         raise OSDiffError("--codecs is empty")
+    qualities = parse_qualities(args.qualities) if args.qualities is not None else None
     codecs = [make_codec(n, args.model if n.startswith("osdiff") else None, verbose=args.verbose) for n in names]
+    if qualities is not None:
+        codecs = [with_qualities(c, qualities) for c in codecs]
+        if not any(c.continuous for c in codecs):
+            raise OSDiffError("--qualities: none of the codecs has gain vectors (continuous quality)")
     metrics = MetricSuite(args.lpips_backbone, args.lpips_linear, args.dists_backbone, args.dists_weights)
     summary = evaluate(Path(args.data_dir), codecs, Path(args.out), metrics, limit=args.limit,
                        anchor=args.anchor, crops=not args.no_crops, inception=args.inception, crop_bpp=args.crop_bpp)

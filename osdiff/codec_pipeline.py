@@ -7,7 +7,10 @@
 A subclass (OSDiffPipeline, BaselinePipeline) registers its components and provides
 `pad_multiple`, `min_padded_side`, `num_quality_levels`, `num_strings()`, `encode_padded()`
 and `decode_strings()`; `hashed_components` names the components whose weights the model hash
-covers and `entropy_coder` the one that holds compressai's entropy models.
+covers and `entropy_coder` the one that holds compressai's entropy models. A codec with gain
+vectors sets `continuous_quality` and codes any quality in 1/256 steps; one whose encoding
+starts with work that does not depend on the quality splits it into `analyse_padded` and
+`encode_analysed`, so a target-size search (osdiff.rate) does that work once.
 """
 from __future__ import annotations
 
@@ -17,16 +20,16 @@ import json
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 from torch import Tensor
 
-from .config import BitstreamLimits, ComputeConfig, TilingConfig
-from .entropy.bitstream import HASH_BYTES, OSDHeader, pack, parse
-from .errors import OSDiffError
+from .config import BitstreamLimits, ComputeConfig, RateControlConfig, TilingConfig
+from .entropy.bitstream import HASH_BYTES, QUALITY_STEPS, OSDHeader, header_bytes, pack, parse, quality_from_steps
+from .errors import OSDiffError, OSDiffWarning, TargetUnreachable
 from .imageio import ImageInput, pad_right_bottom, tensor_to_pil, to_tensor
+from .rate import EncodeResult, quality_to_steps, search_quality, target_size
 
 
 @contextlib.contextmanager
@@ -65,6 +68,7 @@ class ImageCodecPipeline(DiffusionPipeline):
         self.limits = BitstreamLimits()
         self.tiling = TilingConfig()
         self.compute = ComputeConfig()
+        self.rate_control = RateControlConfig()
         self._model_hash: bytes | None = None
 
     # ---- what a subclass provides -------------------------------------------------------
@@ -86,9 +90,23 @@ class ImageCodecPipeline(DiffusionPipeline):
         """Entropy-coded strings in every file of this model."""
         raise NotImplementedError
 
-    def encode_padded(self, image: Tensor, level: int) -> list[bytes]:
-        """Padded image (1,3,H,W) in [0,1] (float32) -> entropy-coded strings at `level` (1-based)."""
+    @property
+    def continuous_quality(self) -> bool:
+        """True if any quality in 1/256 steps between levels can be coded (gain vectors)."""
+        return False
+
+    def encode_padded(self, image: Tensor, level: int | float) -> list[bytes]:
+        """Padded image (1,3,H,W) in [0,1] (float32) -> entropy-coded strings at quality
+        `level` (1-based; fractional only if `continuous_quality`)."""
         raise NotImplementedError
+
+    def analyse_padded(self, image: Tensor) -> object:
+        """The part of encoding that does not depend on the quality (default: none)."""
+        return image
+
+    def encode_analysed(self, analysed: object, level: int | float) -> list[bytes]:
+        """`analyse_padded`'s result -> strings; equal to `encode_padded(image, level)`."""
+        return self.encode_padded(analysed, level)
 
     def decode_strings(self, strings: list[bytes], header: OSDHeader, steps: int) -> Tensor:
         """Strings of a checked file -> padded image (1,3,H,W) in [0,1]."""
@@ -131,11 +149,17 @@ class ImageCodecPipeline(DiffusionPipeline):
             self._model_hash = digest.digest()[:HASH_BYTES]
         return self._model_hash
 
-    def _check_quality(self, quality: int | None) -> int:
+    def _check_quality(self, quality: int | float | None) -> int | float:
+        """The quality to code, as the header will store it: rounded to 1/256 steps, an int for
+        a whole level. OSDiffError outside 1 .. num_quality_levels, or fractional for a model
+        without gain vectors."""
         q = self.config.default_quality if quality is None else quality
-        if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 1 <= q <= self.num_quality_levels:
-            raise OSDiffError(f"quality must be an integer from 1 to {self.num_quality_levels}, got {quality!r}")
-        return int(q)
+        steps = quality_to_steps(q, self.num_quality_levels, self.continuous_quality)
+        return quality_from_steps(steps)
+
+    def min_file_bytes(self) -> int:
+        """Smallest possible file of this model (the header with empty strings), in bytes."""
+        return header_bytes(self.config.model_name, self.num_strings())
 
     def _prepare(self) -> None:
         coder = getattr(self, self.entropy_coder)
@@ -158,21 +182,56 @@ class ImageCodecPipeline(DiffusionPipeline):
             torch.set_num_threads(before)
 
     # ---- encoding -----------------------------------------------------------------------
+    def compress(self, image: ImageInput, quality: int | float | None = None, *, target_bpp: float | None = None,
+                 target_bytes: int | None = None, strict: bool = False) -> bytes:
+        """Image (path, PIL, numpy or torch; see osdiff.imageio) -> `.osd` bytes; the arguments
+        are those of `encode`, which also reports the quality reached and the encodes made."""
+        return self.encode(image, quality, target_bpp=target_bpp, target_bytes=target_bytes, strict=strict).data
+
     @torch.inference_mode()
-    def compress(self, image: ImageInput, quality: int | None = None) -> bytes:
-        """Image (path, PIL, numpy or torch; see osdiff.imageio) -> `.osd` bytes."""
-        level = self._check_quality(quality)
+    def encode(self, image: ImageInput, quality: int | float | None = None, *, target_bpp: float | None = None,
+               target_bytes: int | None = None, strict: bool = False) -> EncodeResult:
+        """Image -> EncodeResult (the `.osd` bytes, the quality stored, encodes made).
+
+        quality: 1 .. num_quality_levels (default: the model's default), a real number in 1/256
+        steps if `continuous_quality` (rounded to the nearest step), else an integer.
+        target_bytes (bytes) or target_bpp (bits per pixel of the original image): instead of a
+        quality, the highest quality whose file fits (osdiff.rate.search_quality; at most
+        `rate_control.max_encodes` encodes). If even the lowest quality is larger, that file is
+        returned with fits=False and an OSDiffWarning, or, with `strict`, TargetUnreachable (an
+        OSDiffError) is raised.
+        A target below `min_file_bytes()` is an OSDiffError."""
+        targeted = target_bpp is not None or target_bytes is not None
+        if targeted and quality is not None:
+            raise OSDiffError("give a quality or a target size, not both")
+        level = None if targeted else self._check_quality(quality)
         self._prepare()
         x = to_tensor(image)
         _, _, height, width = x.shape
         if width > self.limits.max_side or height > self.limits.max_side or width * height > self.limits.max_pixels:
             raise OSDiffError(f"image of {width}x{height} pixels is larger than this codec accepts")
+        target = target_size(width, height, target_bpp, target_bytes) if targeted else None
+        if target is not None and target < self.min_file_bytes():
+            raise OSDiffError(f"target of {target} bytes is below the smallest file this model can write "
+                              f"({self.min_file_bytes()} bytes of header)")
         pad_w, pad_h = self.padded_side(width) - width, self.padded_side(height) - height
         x = self.pad_image(x, pad_w, pad_h)
         with self.coding_context():
-            strings = self.encode_padded(x, level)
-        header = OSDHeader(self.config.model_name, self.model_hash, level, width, height, pad_w, pad_h)
-        return pack(header, strings)
+            analysed = self.analyse_padded(x)
+
+            def encode_at(q: int | float) -> bytes:
+                strings = self.encode_analysed(analysed, q)
+                return pack(OSDHeader(self.config.model_name, self.model_hash, q, width, height, pad_w, pad_h), strings)
+
+            if target is None:
+                return EncodeResult(encode_at(level), level)
+            result = search_quality(encode_at, self.num_quality_levels, self.continuous_quality, target, self.rate_control)
+        if not result.fits:
+            message = (f"even the lowest quality gives {len(result.data)} bytes, over the target of {target} bytes")
+            if strict:
+                raise TargetUnreachable(message)
+            warnings.warn(message + "; wrote the lowest quality", OSDiffWarning, stacklevel=3)
+        return result
 
     # ---- decoding -----------------------------------------------------------------------
     def read_header(self, data: bytes) -> tuple[OSDHeader, list[bytes]]:
@@ -186,6 +245,8 @@ class ImageCodecPipeline(DiffusionPipeline):
             )
         if header.quality > self.num_quality_levels:
             raise OSDiffError(f"quality level {header.quality} does not exist in this model")
+        if not self.continuous_quality and header.quality * QUALITY_STEPS % QUALITY_STEPS:
+            raise OSDiffError(f"quality {header.quality} is between levels; this model codes whole levels only")
         if (header.pad_w, header.pad_h) != (self.padded_side(header.width) - header.width, self.padded_side(header.height) - header.height):
             raise OSDiffError("corrupted header (padding does not match the model)")
         if len(strings) != self.num_strings():
@@ -205,7 +266,7 @@ class ImageCodecPipeline(DiffusionPipeline):
         """`.osd` bytes -> PIL RGB image of the original size."""
         return tensor_to_pil(self.decompress_tensor(data, steps=steps).image)
 
-    def __call__(self, image: ImageInput, quality: int | None = None, steps: int = 1) -> tuple[Image.Image, bytes]:
+    def __call__(self, image: ImageInput, quality: int | float | None = None, steps: int = 1) -> tuple[Image.Image, bytes]:
         """Round trip: compress `image`, then decode it."""
         data = self.compress(image, quality)
         return self.decompress(data, steps=steps), data

@@ -133,3 +133,17 @@ class ServeLimits:
 def to_dict(obj) -> dict:
     """A dataclass as a JSON-friendly dict (tuples become lists)."""
     return asdict(obj)
+
+
+@dataclass(frozen=True)
+class RateControlConfig:
+    """Target-size encoding (`target_bytes` / `target_bpp`): the highest quality whose real file
+    fits, found by bisection over real encodes on the 1/256 quality grid (whole levels for a
+    model without gain vectors)."""
+
+    max_encodes: int = 8  # real encodes per image, the first two at the highest and lowest quality
+    tolerance: float = 0.005  # stop early once a file fits within this fraction below the target
+
+    def __post_init__(self) -> None:
+        if self.max_encodes < 2 or not 0 <= self.tolerance < 1:
+            raise ValueError("rate control: need max_encodes >= 2 and 0 <= tolerance < 1")

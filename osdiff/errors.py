@@ -12,3 +12,7 @@ class OSDiffWarning(UserWarning):
 
 class InputTooLarge(OSDiffError):
     """An input over a configured size limit (bytes or pixels); raised before it is decoded."""
+
+
+class TargetUnreachable(OSDiffError):
+    """A target file size that even the lowest quality exceeds, with `strict` encoding."""

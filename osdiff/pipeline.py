@@ -87,9 +87,21 @@ class OSDiffPipeline(ImageCodecPipeline):
     def num_strings(self) -> int:
         return self.compressor.num_strings()
 
+    @property
+    def continuous_quality(self) -> bool:
+        """The compressor's gain vectors interpolate between levels (any 1/256 step)."""
+        return hasattr(self.compressor, "coding_gains")
+
     # ---- encoding -----------------------------------------------------------------------
-    def encode_padded(self, image: Tensor, level: int) -> list[bytes]:
-        latent = self.encode_image(self._to_model(image * 2.0 - 1.0))
+    def encode_padded(self, image: Tensor, level: int | float) -> list[bytes]:
+        return self.encode_analysed(self.analyse_padded(image), level)
+
+    def analyse_padded(self, image: Tensor) -> Tensor:
+        """Padded image (1,3,H,W) in [0,1] -> autoencoder latent (the same at every quality)."""
+        return self.encode_image(self._to_model(image * 2.0 - 1.0))
+
+    def encode_analysed(self, latent: Tensor, level: int | float) -> list[bytes]:
+        """Latent -> strings at 1-based quality `level`."""
         return self.compressor.compress(latent.to(self.compressor.dtype), level - 1)["strings"]
 
     # ---- decoding -----------------------------------------------------------------------

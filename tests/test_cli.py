@@ -70,7 +70,19 @@ def test_no_overwrite_without_force(images, tmp_path, capsys, tiny_codec_folder)
     (["compress", "missing.png"], "no such file"),
     (["compress", "{notimg}"], "not a readable image"),
     (["compress", "{img}", "-q", "0"], "quality must be"),
-    (["compress", "{img}", "-q", "abc"], "invalid int value"),
+    (["compress", "{img}", "-q", "abc"], "invalid float value"),
+    (["compress", "{img}", "-q", "nan"], "quality must be"),
+    (["compress", "{img}", "-q", "4.5"], "quality must be"),
+    (["compress", "{img}", "--size", "abc"], "size must be"),
+    (["compress", "{img}", "--size", "0"], "size must be"),
+    (["compress", "{img}", "--size=-5kB"], "size must be"),
+    (["compress", "{img}", "--size", "10"], "below the smallest file"),
+    (["compress", "{img}", "--bpp", "0"], "--bpp must be"),
+    (["compress", "{img}", "--bpp", "-0.1"], "--bpp must be"),
+    (["compress", "{img}", "--bpp", "abc"], "--bpp must be"),
+    (["compress", "{img}", "--bpp", "0.0001"], "below the smallest file"),
+    (["compress", "{img}", "-q", "2", "--size", "2kB"], "not allowed with"),
+    (["compress", "{img}", "--strict"], "--strict goes with"),
     (["compress", "{img}", "-m", "no-such-model"], "no model"),
     (["decompress", "{notimg}"], "wrong magic"),
     (["decompress", "{corrupt}"], "CRC32"),
@@ -176,3 +188,45 @@ def test_killed_mid_write_leaves_no_partial_output(tmp_path, tiny_codec_folder, 
         assert all(p.name.startswith(".noise.png.") and p.name.endswith(".tmp") for p in leftovers)
     else:
         assert leftovers == []
+
+
+def test_fractional_quality_and_info(images, tmp_path, capsys, tiny_codec_folder):
+    m = str(tiny_codec_folder)
+    assert main(["compress", str(images / "a.png"), "-o", str(tmp_path / "a.osd"), "-q", "2.5", "-m", m]) == 0
+    assert "quality 2.5" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "a.osd"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["quality"] == 2.5 and info["format_version"] == 2
+    assert main(["info", str(tmp_path / "a.osd")]) == 0
+    assert "quality: 2.5" in capsys.readouterr().out
+    assert main(["decompress", str(tmp_path / "a.osd"), "-m", m]) == 0 and (tmp_path / "a.png").is_file()
+    assert main(["compress", str(images / "a.png"), "-o", str(tmp_path / "b.osd"), "-q", "2.0", "-m", m]) == 0
+    assert (tmp_path / "b.osd").read_bytes()[4] == 1  # a whole level: format version 1
+
+
+def test_target_size_reports_quality_and_encodes(images, tmp_path, capsys, tiny_codec_folder):
+    m = str(tiny_codec_folder)
+    assert main(["compress", str(images / "a.png"), "-o", str(tmp_path / "a.osd"), "--size", "1MB", "-m", m]) == 0
+    out = capsys.readouterr().out
+    assert "target 1000000 bytes, 1 encodes" in out and "quality 4" in out
+
+
+def test_unreachable_target_warns_and_writes_the_lowest_or_fails_with_strict(images, tmp_path, capsys, tiny_codec_folder):
+    import osdiff
+
+    m = str(tiny_codec_folder)
+    size = str(osdiff.load(tiny_codec_folder).min_file_bytes() + 1)
+    out = tmp_path / "out"
+    assert main(["compress", str(images), "-o", str(out), "--size", size, "-m", m]) == 0
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.strip()]
+    assert sum("osdiff: warning:" in line and "even the lowest quality gives" in line for line in err) == 2  # tqdm may share the line
+    assert "2 of 2 images did not fit" in err[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["a.osd", "b.osd"]
+    assert all(p.read_bytes()[5] == 1 for p in out.iterdir())  # quality 1
+    strict = tmp_path / "strict"
+    assert main(["compress", str(images), "-o", str(strict), "--size", size, "--strict", "-m", m]) == 1
+    err = [line for line in _err_lines(capsys) if "osdiff: error:" in line]  # tqdm may share the line
+    assert len(err) == 2 and all("over the target" in line for line in err)
+    assert any("a.png: even the lowest" in line for line in err) and any("b.jpg: even the lowest" in line for line in err)
+    assert not strict.exists() or list(strict.iterdir()) == []

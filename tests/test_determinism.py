@@ -51,7 +51,8 @@ import osdiff
 from PIL import Image
 codec = osdiff.load(sys.argv[2])
 if sys.argv[3] == "encode":
-    open(sys.argv[5], "wb").write(codec.compress(Image.open(sys.argv[4])))
+    quality = None if sys.argv[6] == "default" else float(sys.argv[6])
+    open(sys.argv[5], "wb").write(codec.compress(Image.open(sys.argv[4]), quality=quality))
 else:
     codec.decompress(open(sys.argv[4], "rb").read()).save(sys.argv[5])
 """
@@ -61,16 +62,18 @@ def _run(*args):
     subprocess.run([sys.executable, "-c", SCRIPT, *map(str, args)], check=True, capture_output=True)
 
 
-@pytest.mark.parametrize("model", ["osdiff-tiny"])
-def test_cross_process_and_thread_count(tmp_path, model):
+@pytest.mark.parametrize("model, quality", [("osdiff-tiny", "default"), ("osdiff-tiny", "1.75")])
+def test_cross_process_and_thread_count(tmp_path, model, quality):
+    """At a whole level and between levels (interpolated gains, osdiff.entropy.gains)."""
     rng = np.random.default_rng(3)
     y, x = np.mgrid[0:120, 0:170]
     img = np.stack([np.sin(x / 9) * 90 + 128, np.cos(y / 7) * 90 + 128, (x + y) % 256], -1) + rng.normal(0, 12, (120, 170, 3))
     src = tmp_path / "img.png"
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(src)
-    _run(1, model, "encode", src, tmp_path / "a.osd")
-    _run(2, model, "encode", src, tmp_path / "b.osd")
+    _run(1, model, "encode", src, tmp_path / "a.osd", quality)
+    _run(2, model, "encode", src, tmp_path / "b.osd", quality)
     assert (tmp_path / "a.osd").read_bytes() == (tmp_path / "b.osd").read_bytes()
+    assert (tmp_path / "a.osd").read_bytes()[4] == (1 if quality == "default" else 2)  # format version
     _run(2, model, "decode", tmp_path / "a.osd", tmp_path / "two.png")
     _run(1, model, "decode", tmp_path / "a.osd", tmp_path / "one.png")
     _run(1, model, "decode", tmp_path / "a.osd", tmp_path / "one_again.png")

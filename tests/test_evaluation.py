@@ -169,3 +169,39 @@ def test_fid_plumbing_with_stand_in_features(tmp_path, monkeypatch):
     pts = {p["setting"]: p for p in summary["curves"]["jpeg"]}
     assert pts["90"]["fid_patches"] == 8 and math.isfinite(pts["90"]["fid"]) and math.isfinite(pts["5"]["kid"])
     assert "fid" not in summary["unavailable_metrics"]
+
+
+def test_parse_qualities():
+    from osdiff import OSDiffError
+    from osdiff.evaluation.codecs import parse_qualities
+
+    assert parse_qualities("2, 1,1.5,2.0,1.3") == [1, 1.30078125, 1.5, 2]
+    assert [type(q) for q in parse_qualities("1,1.5")] == [int, float]
+    for bad in ("", "1,abc", "0.5", "1,-2", "inf", "nan"):
+        with pytest.raises(OSDiffError, match="--qualities"):
+            parse_qualities(bad)
+
+
+def test_eval_dense_qualities_for_codecs_with_gains(tmp_path, tiny_codec_folder, capsys):
+    import csv
+
+    from osdiff.cli import main
+    from osdiff.imageio import tensor_to_pil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    tensor_to_pil(_photo(0, 64, 80)).save(data / "img0.png")
+    out = tmp_path / "results"
+    argv = ["eval", str(data), "--codecs", "osdiff-tiny,jpeg", "--model", str(tiny_codec_folder), "--out", str(out),
+            "--no-crops", "--qualities", "1,1.5,2.25,3"]
+    assert main(argv) == 0
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["setting"] for r in rows if r["codec"] == "osdiff-tiny") == ["1", "1.5", "2.25", "3"]
+    assert len([r for r in rows if r["codec"] == "jpeg"]) == len(classical_codec("jpeg").settings)
+    capsys.readouterr()
+    assert main(argv[:-1] + ["1,9"]) == 1  # above the highest level
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--qualities" in err[0]
+    assert main(["eval", str(data), "--codecs", "jpeg", "--out", str(out), "--qualities", "1,2"]) == 1
+    assert "none of the codecs" in capsys.readouterr().err

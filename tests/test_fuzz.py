@@ -30,18 +30,19 @@ def test_parse_random_bytes(data):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=120))
-def test_parse_random_bodies_with_valid_crc(body):
+@given(st.sampled_from([b"\x01", b"\x02"]), st.binary(max_size=120))
+def test_parse_random_bodies_with_valid_crc(version, body):
+    """Both format versions (2: fractional quality in two bytes)."""
     try:
-        parse(_recrc(b"\x89OSD\x01" + body))
+        parse(_recrc(b"\x89OSD" + version + body))
     except OSDiffError:
         pass
 
 
-@pytest.fixture(scope="module")
-def coded(tiny_codec):
+@pytest.fixture(scope="module", params=[None, 2.75], ids=["level", "fractional"])
+def coded(tiny_codec, request):
     img = (np.random.default_rng(0).random((40, 48, 3)) * 255).astype(np.uint8)
-    return tiny_codec.compress(img)
+    return tiny_codec.compress(img, quality=request.param)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

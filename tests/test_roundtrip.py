@@ -77,7 +77,8 @@ def test_quality_levels_change_the_code_and_bad_levels_fail(tiny_codec, photo):
     files = [tiny_codec.compress(photo, quality=q) for q in range(1, tiny_codec.num_quality_levels + 1)]
     assert len(set(files)) == len(files)
     assert [parse(f)[0].quality for f in files] == list(range(1, len(files) + 1))
-    for bad in (0, tiny_codec.num_quality_levels + 1, 1.5, "2", True):
+    top = tiny_codec.num_quality_levels
+    for bad in (0, 0.99, top + 1, top + 0.01, float("nan"), float("inf"), "2", True):
         with pytest.raises(osdiff.OSDiffError, match="quality"):
             tiny_codec.compress(photo, quality=bad)
 

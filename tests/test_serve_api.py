@@ -141,8 +141,8 @@ def test_osd_over_pixel_limit(client, tiny_codec):
     ("/api/compare", b"GIF89a\x01\x00", "not a readable image"),
     ("/api/decompress", b"\x89OSD\x01garbage", "truncated"),
     ("/api/decompress", b"not an osd file at all", "not an osdiff file"),
-    ("/api/compress?quality=0", b"x", "quality must be an integer from 1 to"),
-    ("/api/compress?quality=two", b"x", "quality must be an integer from 1 to"),
+    ("/api/compress?quality=0", b"x", "quality must be a number from 1 to"),
+    ("/api/compress?quality=two", b"x", "quality must be a number from 1 to"),
     ("/api/compare?codecs=gif", b"x", "unknown or unavailable codecs"),
 ])
 def test_bad_input_is_one_line_400(client, path, body, message):
@@ -193,3 +193,53 @@ def test_serve_cli_refuses_busy_port_and_bad_limits(capsys):
     assert err.startswith("osdiff: error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
     assert main(["serve", "--port", "0"]) == 1
     assert main(["serve", "--max-pixels", "-1"]) == 1
+
+
+def test_fractional_quality_and_its_errors(client, tiny_codec):
+    info = client.get("/api/info").json()
+    assert info["continuous_quality"] is True and info["quality_step"] == 1 / 256
+    assert set(info["compare_settings"]) == set(info["compare_codecs"])
+    r = client.post("/api/compress?quality=2.5", content=png_bytes(64, 48))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["quality"] == 2.5
+    osd = base64.b64decode(body["file"])
+    assert osd[4] == 2 and osd == tiny_codec.compress(Image.open(io.BytesIO(png_bytes(64, 48))).convert("RGB"), quality=2.5)
+    assert client.post("/api/decompress", content=osd).json()["quality"] == 2.5
+    for bad in ("0.5", "nan", "9", "two"):
+        r = client.post(f"/api/compress?quality={bad}", content=png_bytes(16, 16))
+        assert r.status_code == 400 and "quality must be a number from 1 to" in r.json()["error"]
+
+
+def test_compare_matching_osdiff_to_a_classical_file(client):
+    image_bytes = png_bytes(96, 80)
+    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+    jpeg = classical_codec("jpeg")
+    setting = 60
+    target = len(jpeg.encode_bytes(image, setting))
+    r = client.post(f"/api/compare?match=jpeg&setting={setting}&codecs=jpeg,webp", content=image_bytes)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["match"] == {"codec": "jpeg", "setting": setting, "bytes": target}
+    osd, first = body["results"][0], body["results"][1]
+    assert [x["codec"] for x in body["results"]] == ["tiny-test", "jpeg", "webp"]
+    assert (first["setting"], first["bytes"]) == (setting, target)  # the classical file as it was asked for
+    assert osd["encodes"] >= 1 and body["quality"] == osd["setting"]
+    if osd["fits"]:
+        assert osd["bytes"] <= target
+    else:
+        assert osd["setting"] == 1 and any("lowest quality" in w for w in body["warnings"])
+    webp = body["results"][2]  # the others are matched to osdiff's file as before
+    assert abs(webp["bytes"] - osd["bytes"]) <= max(osd["bytes"], webp["bytes"])
+
+
+@pytest.mark.parametrize("query, message", [
+    ("match=gif&setting=3", "unknown or unavailable codec"),
+    ("match=jpeg", "setting of jpeg must be an integer from 1 to 95"),
+    ("match=jpeg&setting=200", "setting of jpeg must be"),
+    ("match=jpeg&setting=50&quality=2", "not both"),
+])
+def test_bad_match_is_one_line_400(client, query, message):
+    r = client.post(f"/api/compare?{query}", content=png_bytes(16, 16))
+    assert r.status_code == 400 and message in r.json()["error"]
+    assert_alive(client)

@@ -71,7 +71,7 @@ def page(server):
         page = browser.new_page(accept_downloads=True, viewport={"width": 1200, "height": 900})
         page.set_default_timeout(120_000)
         page.goto(server)
-        page.wait_for_function("document.querySelectorAll('#quality option').length > 0")
+        page.wait_for_function("Number(document.getElementById('quality').max) > 1")
         yield page
         browser.close()
 
@@ -94,7 +94,8 @@ def _images_loaded(page) -> bool:
 
 
 def test_upload_compare_slider_download(page, photo_file, tmp_path):
-    page.select_option("#quality", "3")
+    page.fill("#quality", "2.5")  # the model has gain vectors: a continuous quality
+    assert page.text_content("#quality-value").startswith("2.5")
     page.set_input_files("#file", str(photo_file))
     page.wait_for_selector("#results tbody tr[data-codec='jpeg']")
     assert page.locator("#error").is_hidden()
@@ -133,6 +134,30 @@ def test_upload_compare_slider_download(page, photo_file, tmp_path):
     page.wait_for_selector("#results tbody tr:only-child")
     page.wait_for_function("() => document.getElementById('img-left').naturalWidth === 256")
     assert page.input_value("#left") == "decoded"
+
+
+def test_match_size_codes_osdiff_to_the_classical_codecs_file(page, photo_file):
+    """"Match size": osdiff coded to the size of JPEG's file at the setting chosen on the page."""
+    page.select_option("#match", "jpeg")
+    assert page.is_visible("#match-setting") and page.is_disabled("#quality")
+    page.fill("#match-setting", "10")
+    with page.expect_request(lambda r: "/api/compare" in r.url) as request:
+        page.set_input_files("#file", str(photo_file))
+    assert "match=jpeg&setting=10" in request.value.url
+    page.wait_for_selector("#results tbody tr[data-codec='jpeg']")
+    page.wait_for_function("() => !document.getElementById('match').disabled")
+    assert page.locator("#error").is_hidden()
+    cells = page.eval_on_selector_all("#results tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+    assert cells[0][0] == "osdiff-tiny" and " encode" in cells[0][1]
+    assert next(c for c in cells if c[0] == "jpeg")[1] == "10"
+    size = "id => fetch(document.getElementById(id).href).then(r => r.arrayBuffer()).then(b => b.byteLength)"
+    osd_bytes, jpeg_bytes = page.evaluate(size, "download-osd"), page.evaluate(size, "download-jpeg")
+    assert osd_bytes <= jpeg_bytes or "too large" in cells[0][1]
+    reached = float(page.input_value("#quality"))  # the slider shows the quality reached
+    assert 1 <= reached <= 4 and cells[0][1].startswith(str(round(reached * 1000) / 1000).rstrip("0").rstrip("."))
+    with page.expect_request(lambda r: "/api/compare" in r.url and "quality=" in r.url):
+        page.select_option("#match", "")  # back to a quality: the photo is coded again
+    page.wait_for_function("() => !document.getElementById('quality').disabled")  # until that ends
 
 
 def test_bad_file_shows_error_and_server_stays_up(page, tmp_path, server):

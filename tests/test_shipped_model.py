@@ -52,3 +52,29 @@ def test_shipped_hific_baseline_round_trips_every_level():
         bpps.append(len(data) * 8 / (image.width * image.height))
     assert bpps == sorted(bpps) and len(set(bpps)) == 4 and 0.02 < bpps[0] and bpps[-1] < 1.0, bpps
     assert "hific-tiny" in osdiff.available_models()
+
+
+@pytest.mark.skipif(PHOTO is None, reason="../shared/data/images is not here")
+def test_file_size_rises_over_the_whole_continuous_quality_range():
+    """25 qualities from 1 to the highest level (most between levels): file size non-decreasing,
+    up to a few bytes of coding noise, and rising overall."""
+    codec = osdiff.load("osdiff-tiny")
+    assert codec.continuous_quality
+    image = open_image(PHOTO)
+    qualities = np.linspace(1, codec.num_quality_levels, 25)
+    sizes = [len(codec.compress(image, quality=float(q))) for q in qualities]
+    noise = 8  # bytes
+    assert all(b >= a - noise for a, b in zip(sizes, sizes[1:])), sizes
+    assert sizes[-1] > 1.5 * sizes[0], sizes
+
+
+@pytest.mark.skipif(PHOTO is None, reason="../shared/data/images is not here")
+def test_target_size_on_a_photo_lands_within_ten_percent_of_the_budget():
+    codec = osdiff.load("osdiff-tiny")
+    image = open_image(PHOTO)
+    low, high = (len(codec.compress(image, quality=q)) for q in (1, codec.num_quality_levels))
+    for target in (round(low * 0.7 + high * 0.3), round(low * 0.2 + high * 0.8)):
+        result = codec.encode(image, target_bytes=target)
+        assert result.fits and 0.9 * target <= len(result.data) <= target, (target, len(result.data))
+        assert result.encodes <= codec.rate_control.max_encodes and 1 < result.quality < codec.num_quality_levels
+        assert codec.decompress(result.data).size == image.size

@@ -5,7 +5,7 @@ pillow-jxl-plugin), swept over their quality settings; rate is the real file siz
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from PIL import Image, features
@@ -17,7 +17,8 @@ from ..errors import OSDiffError
 class Codec:
     """`encode_bytes(image, setting) -> file bytes`, `decode_bytes(bytes) -> RGB image`.
     `settings`: quality settings swept in evaluation, low rate first; `quality_range`:
-    every integer setting the codec accepts (for matching a file size)."""
+    every integer setting the codec accepts (for matching a file size); `continuous`: a
+    learned codec that also codes qualities between its levels (gain vectors)."""
 
     name: str
     settings: list
@@ -27,6 +28,7 @@ class Codec:
     mime: str = "application/octet-stream"
     suffix: str = ".bin"
     learned: bool = False
+    continuous: bool = False
 
     def encode(self, image: Image.Image, setting) -> tuple[bytes, Image.Image]:
         """(file bytes, the decoded RGB image)."""
@@ -83,7 +85,36 @@ def learned_codec(name: str, model=None, verbose: bool = False) -> Codec:
     pipe = model if isinstance(model, ImageCodecPipeline) else load(model or name, verbose=verbose)
     levels = pipe.num_quality_levels
     return Codec(name, list(range(1, levels + 1)), lambda image, quality: pipe.compress(image, quality=quality),
-                 pipe.decompress, (1, levels), "application/x-osdiff", ".osd", learned=True)
+                 pipe.decompress, (1, levels), "application/x-osdiff", ".osd", learned=True,
+                 continuous=pipe.continuous_quality)
+
+
+def parse_qualities(text: str) -> list[int | float]:
+    """'1,1.5,2' -> [1, 1.5, 2]: each rounded to the 1/256 steps a file stores (an int for a
+    whole level), sorted, duplicates dropped."""
+    from ..entropy.bitstream import QUALITY_STEPS, quality_from_steps
+
+    values = set()
+    for item in (t.strip() for t in text.split(",")):
+        try:
+            q = float(item)
+        except ValueError:
+            raise OSDiffError(f"--qualities must be comma-separated numbers, got {item!r}") from None
+        if not q >= 1 or q == float("inf"):
+            raise OSDiffError(f"--qualities: each quality must be at least 1, got {item!r}")
+        values.add(round(q * QUALITY_STEPS))
+    return [quality_from_steps(v) for v in sorted(values)]
+
+
+def with_qualities(codec: Codec, qualities: list[int | float]) -> Codec:
+    """`codec` swept at `qualities` if it is a learned codec with gain vectors (OSDiffError if one
+    is above its highest level); any other codec unchanged."""
+    if not codec.continuous:
+        return codec
+    top = codec.quality_range[1]
+    if qualities[-1] > top:
+        raise OSDiffError(f"--qualities: {codec.name} has qualities 1 to {top}, not {qualities[-1]}")
+    return replace(codec, settings=list(qualities))
 
 
 def make_codec(spec: str, model: str | None = None, verbose: bool = False) -> Codec:

@@ -33,7 +33,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
+from ..entropy.bitstream import QUALITY_STEPS
 from ..entropy.exact import exact_modules
+from ..entropy.gains import interpolate_gains
 from ..entropy.rans import pad_for_rans
 from ..entropy.tables import ENTROPY_TABLES_FILE, EntropyTablesMixin
 
@@ -226,6 +228,20 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
         pick = lambda p: p[idx][:, :, None, None]  # noqa: E731
         return pick(self.y_gain), pick(self.z_gain), pick(self.y_gain_inv), pick(self.z_gain_inv)
 
+    def coding_gains(self, level: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Gain vectors (1, ch, 1, 1) for a 0-based, possibly fractional quality `level` (a
+        multiple of 1/256): a whole level uses exactly the stored vectors, a level between two
+        the geometric interpolation of osdiff.entropy.gains (the same bits on every machine)."""
+        level = float(level)
+        if level.is_integer():
+            return self._gains(int(level))
+        low = int(level)
+        k = round((level - low) * QUALITY_STEPS)
+        if not 0 <= low < self.config.num_quality_levels - 1 or (level - low) * QUALITY_STEPS != k:
+            raise ValueError(f"level {level} is not a multiple of 1/{QUALITY_STEPS} between two levels")
+        pick = lambda p: interpolate_gains(p[low], p[low + 1], k)[None, :, None, None]  # noqa: E731
+        return pick(self.y_gain), pick(self.z_gain), pick(self.y_gain_inv), pick(self.z_gain_inv)
+
     # ---- training -------------------------------------------------------------------------
     def forward(self, latent: Tensor, level: Tensor | int) -> dict:
         """Training pass with quantisation proxies.
@@ -239,20 +255,21 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
 
     # ---- coding ---------------------------------------------------------------------------
     @torch.no_grad()
-    def compress(self, latent: Tensor, level: int) -> dict:
-        """Latent (1,C,h,w) -> {"strings": list of `num_strings()` bytes, "hint": (1,C,h,w)}."""
+    def compress(self, latent: Tensor, level: float) -> dict:
+        """Latent (1,C,h,w) -> {"strings": list of `num_strings()` bytes, "hint": (1,C,h,w)};
+        `level`: 0-based quality, fractional in 1/256 steps (see `coding_gains`)."""
         if latent.shape[0] != 1:
             raise ValueError("compress codes one latent at a time")
         y = self.g_a(latent)
         with self._coding_context():
-            out = self.latent_codec.compress(y, *self._gains(level))
+            out = self.latent_codec.compress(y, *self.coding_gains(level))
         strings = [s[0] for s in out["strings"]]
         return {"strings": strings, "hint": self.g_s(out["y_hat"].to(y.dtype).contiguous())}
 
     @torch.no_grad()
-    def decompress(self, strings: list[bytes], latent_hw: tuple[int, int], level: int) -> Tensor:
+    def decompress(self, strings: list[bytes], latent_hw: tuple[int, int], level: float) -> Tensor:
         """Strings from `compress` and the latent (h, w) -> hint (1,C,h,w)."""
-        _, _, y_gain_inv, z_gain_inv = self._gains(level)
+        _, _, y_gain_inv, z_gain_inv = self.coding_gains(level)
         symbols = self.max_symbols_per_string(latent_hw)
         with self._coding_context():
             out = self.latent_codec.decompress(

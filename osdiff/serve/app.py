@@ -3,10 +3,15 @@ JSON API. Uploads are raw request bodies read into memory (never written to disk
 against `ServeLimits` before decoding; every failure is a JSON `{"error": "..."}`.
 
   GET  /api/info                         model, quality levels, limits
-  POST /api/compress?quality=N           body: image file  -> osdiff result (+ .osd, decoded PNG)
+  POST /api/compress?quality=Q           body: image file  -> osdiff result (+ .osd, decoded PNG)
   POST /api/decompress                   body: .osd file   -> decoded PNG
-  POST /api/compare?quality=N[&progress=1][&codecs=avif,webp,jpeg]
+  POST /api/compare?quality=Q[&progress=1][&codecs=avif,webp,jpeg]
                                          body: image file  -> osdiff + size-matched classical codecs
+  POST /api/compare?match=CODEC&setting=S[&progress=1][&codecs=...]
+                                         body: image file  -> CODEC at setting S, osdiff coded to that
+                                         file's size (target size), the other codecs to osdiff's
+
+Q is a real number from 1 to the highest level for a model with gain vectors, else an integer.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from ..config import ServeLimits
-from ..errors import InputTooLarge, OSDiffError
+from ..entropy.bitstream import QUALITY_STEPS
+from ..errors import InputTooLarge, OSDiffError, OSDiffWarning
 from ..evaluation.codecs import Codec, classical_codec, learned_codec
 from ..imageio import image_from_bytes, to_tensor
 from ..codec_pipeline import ImageCodecPipeline
@@ -80,11 +86,29 @@ def create_app(pipe: ImageCodecPipeline, limits: ServeLimits = ServeLimits()) ->
             raise ApiError(400, "empty upload: send the file as the request body")
         return b"".join(chunks)
 
-    def quality_of(request: Request) -> int:
+    def quality_of(request: Request) -> int | float:
+        """The quality as the file will store it (1/256 steps; whole levels without gains)."""
         raw = request.query_params.get("quality", str(pipe.config.default_quality))
-        if not raw.isdigit() or not 1 <= int(raw) <= pipe.num_quality_levels:
-            raise ApiError(400, f"quality must be an integer from 1 to {pipe.num_quality_levels}, got {raw!r}")
-        return int(raw)
+        try:
+            return pipe._check_quality(float(raw))
+        except (ValueError, OSDiffError):
+            kind = "a number" if pipe.continuous_quality else "an integer"
+            raise ApiError(400, f"quality must be {kind} from 1 to {pipe.num_quality_levels}, got {raw!r}") from None
+
+    def match_of(request: Request) -> tuple[str, int] | None:
+        """`match=CODEC&setting=S`: code osdiff to the size of CODEC's file at setting S."""
+        name = request.query_params.get("match")
+        if name is None:
+            return None
+        if "quality" in request.query_params:
+            raise ApiError(400, "give a quality or match=CODEC&setting=S, not both")
+        if name not in classical:
+            raise ApiError(400, f"match: unknown or unavailable codec {name!r}; available: {list(classical)}")
+        raw = request.query_params.get("setting", "")
+        lo, hi = classical[name].quality_range
+        if not raw.isdigit() or not lo <= int(raw) <= hi:
+            raise ApiError(400, f"setting of {name} must be an integer from {lo} to {hi}, got {raw!r}")
+        return name, int(raw)
 
     def open_upload(data: bytes):
         with warnings.catch_warnings(record=True) as caught:
@@ -96,10 +120,21 @@ def create_app(pipe: ImageCodecPipeline, limits: ServeLimits = ServeLimits()) ->
         with lock:
             return fn(*args)
 
-    def osdiff_result(image, original, quality: int) -> tuple[CodedImage, dict]:
-        """`original`: `image` as a tensor, the reference for the metrics."""
-        coded = encode_timed(learned, image, quality)
-        return coded, {**coded.summary(original), "png": _png_b64(coded.decoded)}
+    def osdiff_result(image, original, quality: int | float | None = None, target_bytes: int | None = None) -> tuple[CodedImage, dict]:
+        """osdiff at `quality`, or at the highest quality that fits `target_bytes`. `original`:
+        `image` as a tensor, the reference for the metrics."""
+        if target_bytes is None:
+            coded = encode_timed(learned, image, quality)
+            return coded, {**coded.summary(original), "png": _png_b64(coded.decoded), "encodes": 1, "fits": True}
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():  # a target below the lowest quality: `fits` says so
+            warnings.simplefilter("ignore", OSDiffWarning)
+            result = pipe.encode(image, target_bytes=max(target_bytes, pipe.min_file_bytes()))
+        t1 = time.perf_counter()
+        decoded = pipe.decompress(result.data)
+        coded = CodedImage(learned, result.quality, result.data, decoded, t1 - t0, time.perf_counter() - t1)
+        return coded, {**coded.summary(original), "png": _png_b64(decoded), "encodes": result.encodes,
+                       "fits": result.fits and len(result.data) <= target_bytes}
 
     # ---- routes ---------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -113,8 +148,11 @@ def create_app(pipe: ImageCodecPipeline, limits: ServeLimits = ServeLimits()) ->
         return {
             "model": pipe.config.model_name, "model_hash": pipe.model_hash.hex(),
             "quality_levels": pipe.num_quality_levels, "default_quality": pipe.config.default_quality,
+            "continuous_quality": pipe.continuous_quality, "quality_step": 1 / QUALITY_STEPS if pipe.continuous_quality else 1,
             "max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
             "compare_codecs": list(classical),
+            "compare_settings": {name: {"min": c.quality_range[0], "max": c.quality_range[1], "default": c.settings[len(c.settings) // 2]}
+                                 for name, c in classical.items()},
         }
 
     @app.post("/api/compress")
@@ -146,25 +184,46 @@ def create_app(pipe: ImageCodecPipeline, limits: ServeLimits = ServeLimits()) ->
 
     @app.post("/api/compare")
     async def compare(request: Request):
-        quality = quality_of(request)
+        match = match_of(request)
+        quality = None if match else quality_of(request)
         names = request.query_params.get("codecs")
         chosen = list(classical) if names is None else [n for n in names.split(",") if n]
         unknown = [n for n in chosen if n not in classical]
         if unknown:
             raise ApiError(400, f"unknown or unavailable codecs {unknown}; available: {list(classical)}")
+        if match and match[0] not in chosen:
+            chosen.insert(0, match[0])
         image, notes = open_upload(await read_upload(request))
 
         def work(emit: Callable[[dict], None]) -> dict:
             total = 1 + len(chosen)
-            emit({"progress": 0, "total": total, "stage": f"osdiff quality {quality}"})
             original = to_tensor(image)
-            coded, first = osdiff_result(image, original, quality)
-            results = [first]
-            for i, name in enumerate(chosen, 1):
-                emit({"progress": i, "total": total, "stage": f"{name} at {len(coded.data)} bytes"})
+            reference = None
+            if match:
+                name, setting = match
+                emit({"progress": 0, "total": total, "stage": f"{name} at setting {setting}"})
+                reference = encode_timed(classical[name], image, setting)
+                emit({"progress": 1, "total": total, "stage": f"osdiff to {len(reference.data)} bytes"})
+                coded, first = osdiff_result(image, original, target_bytes=len(reference.data))
+                if not first["fits"]:
+                    notes.append(f"osdiff's lowest quality gives {len(coded.data)} bytes, more than {name}'s "
+                                 f"{len(reference.data)} bytes at setting {setting}")
+            else:
+                emit({"progress": 0, "total": total, "stage": f"osdiff quality {quality}"})
+                coded, first = osdiff_result(image, original, quality)
+            results, done = [first], 1 + (match is not None)
+            for name in chosen:
+                if reference is not None and name == match[0]:
+                    results.append(reference.summary(original))
+                    continue
+                emit({"progress": done, "total": total, "stage": f"{name} at {len(coded.data)} bytes"})
                 results.append(match_file_size(classical[name], image, len(coded.data)).summary(original))
-            return {"width": image.width, "height": image.height, "quality": quality, "warnings": notes,
-                    "original_png": _png_b64(image), "results": results}
+                done += 1
+            answer = {"width": image.width, "height": image.height, "quality": coded.setting, "warnings": notes,
+                      "original_png": _png_b64(image), "results": results}
+            if match:
+                answer["match"] = {"codec": match[0], "setting": match[1], "bytes": len(reference.data)}
+            return answer
 
         if request.query_params.get("progress") != "1":
             return await run_in_threadpool(locked, work, lambda event: None)

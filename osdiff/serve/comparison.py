@@ -15,10 +15,11 @@ from ..imageio import to_tensor
 
 @dataclass
 class CodedImage:
-    """One codec's result on one image: the file (`data`), its decoded RGB image, timings (s)."""
+    """One codec's result on one image: the file (`data`), its decoded RGB image, timings (s);
+    `setting`: the codec's quality setting (osdiff: the quality stored in the file)."""
 
     codec: Codec
-    setting: int
+    setting: int | float
     data: bytes
     decoded: Image.Image
     encode_s: float
@@ -43,7 +44,7 @@ class CodedImage:
         }
 
 
-def encode_timed(codec: Codec, image: Image.Image, setting: int) -> CodedImage:
+def encode_timed(codec: Codec, image: Image.Image, setting: int | float) -> CodedImage:
     t0 = time.perf_counter()
     data = codec.encode_bytes(image, setting)
     t1 = time.perf_counter()

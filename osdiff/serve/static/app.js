@@ -35,16 +35,45 @@ async function loadInfo() {
   const r = await fetch("/api/info");
   const info = await r.json();
   state.info = info;
+  state.settings = {};  // the classical codecs' settings of the last comparison
   $("model-info").textContent = `model ${info.model} (${info.model_hash.slice(0, 8)})`;
   const q = $("quality");
-  for (let level = 1; level <= info.quality_levels; level++) {
+  q.min = 1; q.max = info.quality_levels; q.step = info.quality_step; q.value = info.default_quality;
+  showQuality();
+  const match = $("match");
+  for (const name of info.compare_codecs) {
     const o = document.createElement("option");
-    o.value = level;
-    o.textContent = `${level}${level === 1 ? " (fewest bits)" : level === info.quality_levels ? " (best)" : ""}`;
-    q.appendChild(o);
+    o.value = name; o.textContent = `osdiff to ${name}'s file size`;
+    match.appendChild(o);
   }
-  q.value = info.default_quality;
   $("limits").textContent = `up to ${(info.max_upload_bytes / 2 ** 20).toFixed(0)} MiB, ${(info.max_pixels / 1e6).toFixed(1)} megapixels`;
+}
+
+function fmtQuality(q) { return String(Math.round(Number(q) * 1000) / 1000); }
+
+function showQuality() {
+  const q = $("quality"), top = state.info ? state.info.quality_levels : 1;
+  const v = Number(q.value);
+  $("quality-value").textContent = `${fmtQuality(v)}${v === 1 ? " (fewest bits)" : v === top ? " (best)" : ""}`;
+}
+
+// "match size": osdiff is coded to the size of the chosen codec's file at its setting (the one the
+// last comparison showed, or the codec's default), instead of the other codecs to osdiff's size.
+function showMatch() {
+  const name = $("match").value;
+  $("match-setting-label").hidden = !name;
+  $("quality").disabled = state.busy || !!name;
+  if (!name) return;
+  const range = state.info.compare_settings[name];
+  const input = $("match-setting");
+  input.min = range.min; input.max = range.max;
+  input.value = state.settings[name] !== undefined ? state.settings[name] : range.default;
+}
+
+function compareQuery() {
+  const name = $("match").value;
+  if (!name) return `quality=${$("quality").value}`;
+  return `match=${encodeURIComponent(name)}&setting=${encodeURIComponent($("match-setting").value)}`;
 }
 
 async function isOsd(file) {
@@ -67,11 +96,13 @@ async function handleFile(file) {
 
 async function withBusy(fn) {
   state.busy = true;
-  $("file").disabled = true; $("quality").disabled = true;
+  for (const id of ["file", "quality", "match", "match-setting"]) $(id).disabled = true;
   try { await fn(); }
   catch (e) { showError(`request failed: ${e.message || e}`); }
   finally {
-    state.busy = false; $("file").disabled = false; $("quality").disabled = false;
+    state.busy = false;
+    for (const id of ["file", "match", "match-setting"]) $(id).disabled = false;
+    showMatch();
     setProgress(0, 0, "");
   }
 }
@@ -79,7 +110,7 @@ async function withBusy(fn) {
 function compare(file) {
   return withBusy(async () => {
     setProgress(0, 1, "uploading…");
-    const r = await fetch(`/api/compare?progress=1&quality=${$("quality").value}`, { method: "POST", body: file });
+    const r = await fetch(`/api/compare?progress=1&${compareQuery()}`, { method: "POST", body: file });
     if (!r.ok) { showError(await errorOf(r)); return; }
     const reader = r.body.getReader();
     const decoder = new TextDecoder();
@@ -116,6 +147,8 @@ function decompress(file) {
 
 function showComparison(file, result) {
   showNotes(result.warnings);
+  for (const r of result.results.slice(1)) state.settings[r.codec] = r.setting;
+  $("quality").value = result.quality; showQuality();  // with a match: the quality osdiff reached
   const panes = { original: { url: URL.createObjectURL(b64ToBlob(result.original_png, "image/png")) } };
   const rows = [];
   for (const r of result.results) {
@@ -128,6 +161,8 @@ function showComparison(file, result) {
       downloads.push(["decoded PNG", png, `${stem(file.name)}.osdiff.png`, "download-png"]);
     }
     panes[r.codec] = { url };
+    if (r.png && result.match) r.setting = `${fmtQuality(r.setting)} (${r.encodes} encode${r.encodes === 1 ? "" : "s"}${r.fits ? "" : ", too large"})`;
+    else if (r.png) r.setting = fmtQuality(r.setting);
     rows.push({ ...r, downloads });
   }
   const learned = result.results[0].codec;
@@ -202,7 +237,10 @@ function dragSplit(event) {
 
 function init() {
   $("file").addEventListener("change", () => handleFile($("file").files[0]));
+  $("quality").addEventListener("input", showQuality);
   $("quality").addEventListener("change", () => { if (state.file && !state.isOsd) handleFile(state.file); });
+  $("match").addEventListener("change", () => { showMatch(); if (state.file && !state.isOsd) handleFile(state.file); });
+  $("match-setting").addEventListener("change", () => { if (state.file && !state.isOsd && $("match").value) handleFile(state.file); });
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
