@@ -23,6 +23,8 @@ from osdiff.hub import available_models, load  # noqa: E402
 # (name, width, height, quality: an int, "each" for every level, or None for the default)
 CASES = [("q{q}-96x64", 96, 64, "each"), ("tiny-8x8", 8, 8, 1), ("odd-37x23", 37, 23, None),
          ("tiled-1100x1040", 1100, 1040, 1)]
+# models with gain vectors (continuous quality) also get a quality between levels (format version 2)
+FRACTIONAL_CASES = [("q2.5-96x64", 96, 64, 2.5)]
 
 
 def main() -> int:
@@ -32,7 +34,7 @@ def main() -> int:
     for model in args.model or available_models():
         pipe = load(model)
         staging = Path(tempfile.mkdtemp())
-        for name, width, height, quality in CASES:
+        for name, width, height, quality in CASES + (FRACTIONAL_CASES if pipe.continuous_quality else []):
             levels = range(1, pipe.num_quality_levels + 1) if quality == "each" else [quality]
             for q in levels:
                 path = write_vector(pipe, staging, name.format(q=q), width, height, q)

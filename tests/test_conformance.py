@@ -19,10 +19,14 @@ def test_every_shipped_model_has_vectors_for_every_level():
     from osdiff.hub import available_models
 
     for model in available_models():
-        files = vector_files(model)
-        levels = {json.loads(f.with_suffix(".json").read_text())["quality"] for f in files}
-        assert levels == set(range(1, load(model).num_quality_levels + 1)), model
+        pipe, files = load(model), vector_files(model)
+        qualities = {json.loads(f.with_suffix(".json").read_text())["quality"] for f in files}
+        assert set(range(1, pipe.num_quality_levels + 1)) <= qualities, model
         assert any("tiled" in f.stem for f in files) and any("odd" in f.stem for f in files)
+        fractional = {q for q in qualities if q != int(q)}
+        assert bool(fractional) == pipe.continuous_quality, model  # format version 2 where it exists
+        if fractional:
+            assert any(f.parent.name == "format-2" for f in files)
 
 
 def test_source_image_is_fixed_integer_arithmetic():
