@@ -19,6 +19,18 @@ from diffusers import UNet2DConditionModel
 from torch import Tensor, nn
 
 
+def frozen_generator_loss(discriminator: nn.Module, *inputs) -> Tensor:
+    """The non-saturating generator loss softplus(-D(fake)) with the discriminator's weights
+    frozen for this evaluation (gradients reach the generator only)."""
+    from .losses import generator_adversarial
+
+    discriminator.requires_grad_(False)
+    try:
+        return generator_adversarial(discriminator(*inputs))
+    finally:
+        discriminator.requires_grad_(True)
+
+
 class UNetFeatureDiscriminator(nn.Module):
     def __init__(self, unet: UNet2DConditionModel) -> None:
         super().__init__()

@@ -38,8 +38,8 @@ from torch import nn
 from ..errors import OSDiffError
 from ..models.conditioning import ConditioningEmbedding
 from ..models.official.cddm import CDDMControl, controlled_unet_forward
-from .discriminator import UNetFeatureDiscriminator
-from .losses import discriminator_adversarial, generator_adversarial
+from .discriminator import UNetFeatureDiscriminator, frozen_generator_loss
+from .losses import discriminator_adversarial
 
 OFFICIAL_T = 999
 WEIGHTS = {"latent_mse": 1.0, "hint_mse": 2.0, "adversarial": 0.01}
@@ -194,15 +194,9 @@ def official_stage(trainer, index: int, stage, max_steps, deadline) -> bool:
             hint_mse = F.mse_loss(hint, z)
             t1 = torch.randint(0, ocfg.timesteps, (b,), generator=gen).to(trainer.device)
             n1 = torch.randn(z.shape, generator=gen).to(z)
-            discriminator.requires_grad_(False)
-            adv = generator_adversarial(discriminator(q_sample(z0, t1, n1), t1, ctx))
-            discriminator.requires_grad_(True)
+            adv = frozen_generator_loss(discriminator, q_sample(z0, t1, n1), t1, ctx)
             loss = WEIGHTS["latent_mse"] * latent_mse + rate_weight * bpp + WEIGHTS["hint_mse"] * hint_mse + WEIGHTS["adversarial"] * adv
-            trainer.accelerator.backward(loss)
-            if trainer.accelerator.sync_gradients:
-                trainer.accelerator.clip_grad_norm_(main_params, stage.grad_clip)
-            opt.step()
-            opt.zero_grad()
+            trainer._update(loss, main_params, opt, stage.grad_clip)
             aux = trainer._aux_step(lfgcm, opt_aux)
         d_loss = discriminator_adversarial(discriminator(q_sample(z, t1, n1), t1, ctx), discriminator(q_sample(z0.detach(), t1, n1), t1, ctx))
         trainer.accelerator.backward(d_loss)

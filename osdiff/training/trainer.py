@@ -40,8 +40,8 @@ from ..pipeline import OSDiffPipeline
 from ..verbosity import progress
 from .config import StageConfig, TrainConfig
 from .data import CropSampler, center_crops, find_images, load_images
-from .discriminator import ConditionalPatchDiscriminator, UNetFeatureDiscriminator
-from .losses import PerceptualLoss, bits_per_pixel, discriminator_adversarial, generator_adversarial
+from .discriminator import ConditionalPatchDiscriminator, UNetFeatureDiscriminator, frozen_generator_loss
+from .losses import PerceptualLoss, bits_per_pixel, discriminator_adversarial
 
 
 def lr_at(step: int, stage: StageConfig, base: float) -> float:
@@ -214,6 +214,14 @@ class Trainer:
     def _prepare(self, *objects):
         return self.accelerator.prepare(*objects)
 
+    def _update(self, loss: torch.Tensor, params, opt, clip: float) -> None:
+        """Backward, gradient clipping on synchronised steps, optimizer step, gradients zeroed."""
+        self.accelerator.backward(loss)
+        if self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad()
+
     def _aux_step(self, model, opt_aux) -> torch.Tensor:
         """One step of compressai's auxiliary loss (the entropy bottlenecks' quantiles)."""
         aux = self.accelerator.unwrap_model(model).aux_loss()
@@ -244,11 +252,7 @@ class Trainer:
                 perc = perceptual(x_hat, x).mean()
                 reg = z.pow(2).mean()
                 loss = losses.pixel_l1 * l1 + losses.perceptual * perc + losses.latent_l2 * reg
-                self.accelerator.backward(loss)
-                if self.accelerator.sync_gradients:
-                    self.accelerator.clip_grad_norm_(vae.parameters(), stage.grad_clip)
-                opt.step()
-                opt.zero_grad()
+                self._update(loss, vae.parameters(), opt, stage.grad_clip)
             psnr = _psnr(x_hat, x)
             return {"loss": loss.item(), "l1": l1.item(), "perceptual": perc.item(), "latent_rms": reg.sqrt().item(), "psnr": psnr}
 
@@ -303,11 +307,7 @@ class Trainer:
                 l1 = (pred - target).abs().mean()
                 feat = features(pred, target).mean()
                 loss = l1 + 0.1 * feat
-                self.accelerator.backward(loss)
-                if self.accelerator.sync_gradients:
-                    self.accelerator.clip_grad_norm_(params, stage.grad_clip)
-                opt.step()
-                opt.zero_grad()
+                self._update(loss, params, opt, stage.grad_clip)
             return {"loss": loss.detach(), "l1": l1.detach(), "features": feat.detach(), "psnr_teacher": _psnr_tensor(pred, target)}
 
         def val_fn() -> dict:
@@ -380,11 +380,7 @@ class Trainer:
                 ctx = conditioning(z.shape[0])
                 pred = unet(z_t, t, encoder_hidden_states=ctx).sample
                 loss = F.mse_loss(pred, noise)
-                self.accelerator.backward(loss)
-                if self.accelerator.sync_gradients:
-                    self.accelerator.clip_grad_norm_(params, stage.grad_clip)
-                opt.step()
-                opt.zero_grad()
+                self._update(loss, params, opt, stage.grad_clip)
             return {"loss": loss.detach()}
 
         def val_fn() -> dict:
@@ -534,15 +530,9 @@ class Trainer:
                 if use_adv:
                     a = alphas[d_t][:, None, None, None]
                     fake = add_noise(z_hat, d_noise, a)
-                    discriminator.requires_grad_(False)
-                    adv = generator_adversarial(discriminator(fake, d_t, ctx))
-                    discriminator.requires_grad_(True)
+                    adv = frozen_generator_loss(discriminator, fake, d_t, ctx)
                     loss = loss + losses.adversarial * adv
-                self.accelerator.backward(loss)
-                if self.accelerator.sync_gradients:
-                    self.accelerator.clip_grad_norm_(main_params, stage.grad_clip)
-                opt.step()
-                opt.zero_grad()
+                self._update(loss, main_params, opt, stage.grad_clip)
                 aux = self._aux_step(compressor, opt_aux)
 
             d_loss = torch.zeros(())
@@ -646,9 +636,7 @@ class Trainer:
                 if perceptual is not None:
                     distortion = distortion + losses.perceptual * perceptual(x_hat, x).mean()
                 if use_adv:
-                    discriminators[r].requires_grad_(False)
-                    adv = generator_adversarial(discriminators[r](x_hat, out["y_hat"].detach()))
-                    discriminators[r].requires_grad_(True)
+                    adv = frozen_generator_loss(discriminators[r], x_hat, out["y_hat"].detach())
                     distortion = distortion + losses.adversarial * adv
                     fakes.append((x_hat.detach(), out["y_hat"].detach()))
                 total = total + bpp + lam * distortion
