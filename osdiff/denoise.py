@@ -14,14 +14,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DECODING_STARTS = ("hint", "noise")
-
-
 def alphas_cumprod_float64(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
                            beta_end: float = 0.012) -> np.ndarray:
-    """SD/ldm's "scaled linear" schedule computed in float64, as the ldm code does:
-    betas = linspace(sqrt(start), sqrt(end), n) ** 2, alpha_bar = cumprod(1 - betas)."""
-    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    """SD/ldm's "scaled linear" schedule computed in float64 exactly as ldm's
+    `make_beta_schedule` does: betas = torch.linspace(sqrt(start), sqrt(end), n) ** 2, then
+    alpha_bar = cumprod(1 - betas)."""
+    betas = (torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2).numpy()
     return np.cumprod(1.0 - betas)
 
 
@@ -34,12 +32,13 @@ def decoding_alpha_bar(scheduler, t: int, start: str) -> float:
     return float(scheduler.alphas_cumprod[t])
 
 
-def one_step_x0(model_output: Tensor, x_t: Tensor, alpha_bar: float, prediction_type: str, start: str) -> Tensor:
-    """x0 from one network evaluation; for start "noise" with epsilon prediction with ldm's
-    float64 coefficients (x_t is pure noise there and errors are amplified by 1/sqrt(a))."""
+def decoding_x0_eps(model_output: Tensor, x_t: Tensor, alpha_bar: float, prediction_type: str, start: str) -> tuple[Tensor, Tensor]:
+    """(x0, eps) from one network evaluation while decoding; for start "noise" with epsilon
+    prediction, x0 with ldm's float64 coefficients (x_t is pure noise there and errors are
+    amplified by 1/sqrt(a))."""
     if start == "noise" and prediction_type == "epsilon":
-        return x0_from_eps_ldm(x_t, model_output, alpha_bar)
-    return predict_x0_eps(model_output, x_t, alpha_bar, prediction_type)[0]
+        return x0_from_eps_ldm(x_t, model_output, alpha_bar), model_output
+    return predict_x0_eps(model_output, x_t, alpha_bar, prediction_type)
 
 
 def x0_from_eps_ldm(x_t: Tensor, eps: Tensor, alpha_bar: float) -> Tensor:

@@ -30,7 +30,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from .codec_pipeline import ImageCodecPipeline
-from .denoise import fixed_noise, x0_from_eps_ldm
+from .denoise import alphas_cumprod_float64, fixed_noise, x0_from_eps_ldm
 from .entropy.bitstream import OSDHeader
 from .entropy.tables import EntropyTablesMixin
 from .errors import OSDiffError
@@ -60,8 +60,7 @@ def official_schedule_coefficients(t: int, num_train_timesteps: int, beta_start:
     """(alpha_bar, posterior coefficient of x0) of the official one-step spaced sampler at `t`:
     betas from torch.linspace in float64, the respaced single step's alpha_bar = 1 - (1 - a_t),
     and the posterior mean coefficient of x0 (1 up to rounding; the x_t one is exactly 0)."""
-    betas = (torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2).numpy()
-    a_t = np.cumprod(1.0 - betas)[t]
+    a_t = alphas_cumprod_float64(num_train_timesteps, beta_start, beta_end)[t]
     beta = 1.0 - a_t / 1.0
     alpha_bar = float(np.cumprod(np.array([1.0 - beta]))[0])
     coef_x0 = float(beta * np.sqrt(1.0) / (1.0 - alpha_bar))

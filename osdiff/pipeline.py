@@ -27,7 +27,7 @@ from diffusers import DDIMScheduler, UNetControlNetXSModel
 from torch import Tensor
 
 from .codec_pipeline import DecodeResult, ImageCodecPipeline
-from .denoise import add_noise, ddim_timesteps, decoding_alpha_bar, fixed_noise, one_step_x0, predict_x0_eps
+from .denoise import add_noise, ddim_timesteps, decoding_alpha_bar, decoding_x0_eps, fixed_noise
 from .entropy.bitstream import OSDHeader
 from .errors import OSDiffError
 from .models.autoencoder import LATENT_DOWNSCALE, decode_latent, encode_latent
@@ -157,8 +157,7 @@ class OSDiffPipeline(ImageCodecPipeline):
                 x, t, encoder_hidden_states=context, controlnet_cond=hint,
                 conditioning_scale=self.config.control_scale,
             ).sample
-            x0, eps = predict_x0_eps(out, x, a_t, prediction_type)
-            x0 = one_step_x0(out, x, a_t, prediction_type, self.config.decoding_start)
+            x0, eps = decoding_x0_eps(out, x, a_t, prediction_type, self.config.decoding_start)
             if i + 1 < len(timesteps):
                 x = add_noise(x0, eps, self.alpha_bar(timesteps[i + 1]))
         return x0

@@ -47,10 +47,19 @@ def write_config(cfg, path: Path) -> Path:
     return path
 
 
-def train(config_path: Path, log: Path, device: str) -> subprocess.Popen:
-    """`osdiff train` in a subprocess (its own CUDA context), output to `log`."""
-    cmd = [sys.executable, "-m", "osdiff.cli", "train", "--config", str(config_path), "--device", device]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+def train(cfg, work: Path, name: str, device: str) -> subprocess.Popen:
+    """`osdiff train` on `cfg` (written to work/NAME.yaml) in a subprocess (its own CUDA
+    context), output to work/NAME.log."""
+    cmd = [sys.executable, "-m", "osdiff.cli", "train", "--config", str(write_config(cfg, work / f"{name}.yaml")), "--device", device]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(work / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+
+
+def succeeded(proc: subprocess.Popen, work: Path, name: str) -> bool:
+    """Wait for a `train` run; on failure print the end of its log."""
+    if proc.wait() == 0:
+        return True
+    print((work / f"{name}.log").read_text()[-3000:], file=sys.stderr)
+    return False
 
 
 def last_val(run: Path) -> dict:
@@ -164,9 +173,7 @@ def main() -> int:
     if mode == "bootstrap":
         base = runs / "base"
         pre = dataclasses.replace(cfg, output_dir=str(base), stages=cfg.stages[:2])
-        proc = train(write_config(pre, work / "pre.yaml"), work / "pre.log", args.device)
-        if proc.wait() != 0:
-            print((work / "pre.log").read_text()[-3000:], file=sys.stderr)
+        if not succeeded(train(pre, work, "pre", args.device), work, "pre"):
             return 1
         procs = {}
         starts = (("hint", 299), ("noise", 999)) if args.ab_minutes > 0 else (("hint", 299),)
@@ -177,11 +184,9 @@ def main() -> int:
             if not dry:  # without an A/B, the one codec run is the first part of the budget
                 stages[2] = dataclasses.replace(stages[2], max_minutes=args.ab_minutes or 1.0)
             variant = dataclasses.replace(cfg, output_dir=str(run), stages=stages, decoding=DecodingConfig(timestep=t, start=start))
-            procs[start] = (train(write_config(variant, work / f"{start}.yaml"), work / f"{start}.log", args.device), variant)
-        for start, (proc, _) in procs.items():
-            if proc.wait() != 0:
-                print((work / f"{start}.log").read_text()[-3000:], file=sys.stderr)
-                return 1
+            procs[start] = (train(variant, work, start, args.device), variant)
+        if not all([succeeded(proc, work, start) for start, (proc, _) in procs.items()]):
+            return 1
         vals = {start: last_val(runs / start) for start in procs}
         summary["ab"] = {"val": vals, "steps_per_second": {s: steps_per_second(runs / s) for s in procs}}
         winner = "hint"
@@ -208,10 +213,8 @@ def main() -> int:
         shipped_cfg = json.loads((shipped / "model_index.json").read_text())
         variant = dataclasses.replace(variant, decoding=DecodingConfig(
             timestep=shipped_cfg["timestep"], start=shipped_cfg.get("decoding_start", "hint")))
-    proc = train(write_config(variant, work / "final.yaml"), work / "final.log", args.device)
-    if proc.wait() != 0:  # ship what the earlier stage saved, if anything
-        print((work / "final.log").read_text()[-3000:], file=sys.stderr)
-        summary["final_failed"] = True
+    if not succeeded(train(variant, work, "final", args.device), work, "final"):
+        summary["final_failed"] = True  # ship what the earlier stage saved, if anything
     if not (run / "model").is_dir():
         return 1
     summary["final_val"] = last_val(run)

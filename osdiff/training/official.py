@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from ..denoise import alphas_cumprod_float64
 from ..errors import OSDiffError
 from ..models.conditioning import ConditioningEmbedding
 from ..models.official.cddm import CDDMControl, controlled_unet_forward
@@ -149,8 +150,7 @@ def official_stage(trainer, index: int, stage, max_steps, deadline) -> bool:
         frozen.requires_grad_(False)
         frozen.to(trainer.device)
     scheduler = official_scheduler(ocfg)
-    betas = torch.linspace(ocfg.linear_start**0.5, ocfg.linear_end**0.5, ocfg.timesteps, dtype=torch.float64) ** 2
-    alphas = torch.cumprod(1 - betas, 0)
+    alphas = torch.from_numpy(alphas_cumprod_float64(ocfg.timesteps, ocfg.linear_start, ocfg.linear_end))
     sqrt_a = alphas.sqrt().float().to(trainer.device)  # ldm's registered float32 buffers
     sqrt_1ma = (1 - alphas).sqrt().float().to(trainer.device)
     recip = (1 / alphas).sqrt().float().to(trainer.device)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..baseline_pipeline import BaselinePipeline
 from ..build import SD_COMPRESSOR, add_control, compressor_from, sd_noise_scheduler, tiny_autoencoder, tiny_unet
-from ..denoise import add_noise, decoding_alpha_bar, one_step_x0
+from ..denoise import add_noise, decoding_alpha_bar, decoding_x0_eps
 from ..errors import OSDiffError
 from ..models.autoencoder import TinyAutoencoder, decode_latent, encode_latent
 from ..models.baselines import LearnedImageCodec
@@ -315,8 +315,8 @@ class Trainer:
             model = self.accelerator.unwrap_model(student)
             raw = teacher.encode_raw(x * 2 - 1)
             pred = (model.decode_raw(raw) + 1) / 2
-            return {"psnr": _psnr(pred, x), "psnr_teacher_decoder": _psnr((teacher.decode_raw(raw) + 1) / 2, x),
-                    "psnr_vs_teacher": _psnr(pred, (teacher.decode_raw(raw).clamp(-1, 1) + 1) / 2)}
+            reference = (teacher.decode_raw(raw).clamp(-1, 1) + 1) / 2  # _psnr clamps pred to [0, 1] too
+            return {"psnr": _psnr(pred, x), "psnr_teacher_decoder": _psnr(reference, x), "psnr_vs_teacher": _psnr(pred, reference)}
 
         if not self._loop(index, stage, {"vae": student}, {"vae": (opt, stage.lr)}, step_fn, max_steps, deadline, val_fn):
             return False
@@ -413,10 +413,10 @@ class Trainer:
             return None
         return OSDiffPipeline.from_pretrained(path).to(torch.float32)
 
-    def _codec_parts(self):
-        """(vae, plain unet, conditioning, scheduler, compressor architecture)."""
+    def _codec_parts(self, init: OSDiffPipeline | None = None):
+        """(vae, plain unet, conditioning, scheduler, compressor architecture); from `init`, the
+        model folder named by init_from, when there is one."""
         cfg = self.config
-        init = self._init_model()
         if init is not None:  # continue a finished model: its parts (the plain UNet only gives shapes)
             return init.vae, tiny_unet(cfg.tiny), init.conditioning, init.scheduler, cfg.compressor or cfg.tiny.compressor
         if cfg.model == "sd21":
@@ -448,7 +448,8 @@ class Trainer:
 
     def _codec_stage(self, index, stage, max_steps, deadline) -> bool:
         cfg, losses = self.config, self.config.losses
-        vae, plain_unet, conditioning, scheduler, comp_arch = self._codec_parts()
+        init_model = self._init_model()
+        vae, plain_unet, conditioning, scheduler, comp_arch = self._codec_parts(init_model)
         rate_lambdas = stage.rate_lambdas or losses.rate_lambdas
         if len(rate_lambdas) != comp_arch.num_quality_levels:
             raise OSDiffError(f"rate_lambdas has {len(rate_lambdas)} values for {comp_arch.num_quality_levels} quality levels")
@@ -460,11 +461,9 @@ class Trainer:
         discriminator = UNetFeatureDiscriminator(plain_unet)
         del plain_unet
         earlier = self._earlier_codec_checkpoint(index)
-        init_model = self._init_model() if earlier is None else None
-        if init_model is not None:  # compressor and controlled UNet from a model folder
+        if earlier is None and init_model is not None:  # compressor and controlled UNet from a model folder
             compressor.load_state_dict(init_model.compressor.state_dict())
             unet.load_state_dict(init_model.unet.state_dict())
-            del init_model
         elif earlier is None and cfg.init_from:
             earlier = Path(cfg.init_from) if Path(cfg.init_from).is_absolute() else self.base / cfg.init_from
             if not earlier.is_file():
@@ -473,6 +472,7 @@ class Trainer:
             state = torch.load(earlier, map_location="cpu", weights_only=False)["modules"]
             for name, module in (("compressor", compressor), ("unet", unet), ("discriminator", discriminator)):
                 module.load_state_dict(state[name])
+        del init_model
         for frozen in (vae, conditioning):
             frozen.requires_grad_(False)
         vae.to(self.device)
@@ -500,7 +500,7 @@ class Trainer:
             noise with the hint only through control), one controlled-UNet evaluation, x0."""
             x_t = noise if start == "noise" else add_noise(hint, noise, a0)
             pred = unet(x_t, t0, encoder_hidden_states=ctx, controlnet_cond=hint).sample
-            return one_step_x0(pred, x_t, a0, prediction_type, start)
+            return decoding_x0_eps(pred, x_t, a0, prediction_type, start)[0]
 
         def step_fn(step: int) -> dict:
             x = sampler.batch(step).to(self.device)
