@@ -11,7 +11,7 @@ from PIL import Image
 
 from osdiff.evaluation.bdrate import bd_rate, quality_at_rate, rate_at_quality
 from osdiff.evaluation.codecs import classical_codec
-from osdiff.evaluation.metrics import MetricSuite, detail_retention, psnr
+from osdiff.evaluation.metrics import MetricSuite, colour_shift, detail_retention, psnr
 
 
 def _photo(seed=0, h=96, w=128) -> torch.Tensor:
@@ -50,6 +50,16 @@ def test_detail_retention_sees_blur():
     blurred = torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
     assert detail_retention(blurred, x) < 0.5
     assert psnr(x, x) == math.inf
+
+
+def test_colour_shift_measures_a_cast_in_levels():
+    x = _photo() * 0.8
+    tinted = x.clone()
+    tinted[:, 2] += 6 / 255  # blue raised by 6 levels, red lowered by 2
+    tinted[:, 0] -= 2 / 255
+    assert colour_shift(tinted, x) == pytest.approx(6.0, abs=1e-3)
+    assert colour_shift(x, x) == 0.0
+    assert MetricSuite()(tinted, x)["colour_shift"] == pytest.approx(6.0, abs=1e-3)
 
 
 def test_lpips_from_local_weights_is_zero_on_identical(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -146,3 +147,105 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
     assert type(model.vae).__name__ == "TAESDAutoencoder" and model.compressor.config.latent_channels == 32
     image, data = model(np.zeros((64, 64, 3), np.uint8), quality=1)
     assert image.size == (64, 64) and len(data) > 0
+
+
+class _CountingPool(torch.nn.Module):
+    """A stand-in encoder: 8x8 average pooling to 32 channels, counting its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.weight = torch.nn.Parameter(torch.ones(32, 3, 1, 1) / 3)
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.nn.functional.conv2d(torch.nn.functional.avg_pool2d(x, 8), self.weight)
+
+
+def test_latent_cache_is_computed_once_and_crops_stay_aligned(tmp_path, image_folder):
+    from osdiff.training.data import find_images, load_images
+    from osdiff.training.latents import LatentCropSampler, cached_latents
+
+    files = find_images([str(image_folder)])
+    images = load_images(files, 128)
+    encoder = _CountingPool()
+    latents = cached_latents(images, files, 128, encoder, tmp_path / "cache")
+    assert encoder.calls == len(images) and len(list((tmp_path / "cache").glob("latents-*.pt"))) == 1
+    again = cached_latents(images, files, 128, encoder, tmp_path / "cache")
+    assert encoder.calls == len(images)  # read back, not recomputed
+    assert all(torch.equal(a, b) for a, b in zip(latents, again))
+    other = _CountingPool()
+    with torch.no_grad():
+        other.weight.mul_(2)  # other weights: another cache file
+    cached_latents(images, files, 128, other, tmp_path / "cache")
+    assert other.calls == len(images) and len(list((tmp_path / "cache").glob("latents-*.pt"))) == 2
+
+    sampler = LatentCropSampler(images, latents, 64, 6, seed=0, stage=0)
+    x, z = sampler.batch(3)
+    assert x.shape == (6, 3, 64, 64) and z.shape == (6, 32, 8, 8)
+    # each latent crop is the stand-in encoder's output of its photo crop (flips included)
+    assert torch.allclose(encoder(x).half().float(), z, atol=2e-3)
+    x2, z2 = sampler.batch(3)
+    assert torch.equal(x, x2) and torch.equal(z, z2)
+
+
+def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
+    """The CPU recipe's paths: a decoder stage that learns the photos themselves (no teacher
+    decoding in a step) and a codec stage on the official latent-space loss, both cutting their
+    batches from the latent cache; no pixel decoding in a codec step."""
+    import csv
+
+    from osdiff.config import CompressorArchitecture, TinyArchitecture
+    from osdiff.training.config import DataConfig, LossConfig, StageConfig, TrainConfig
+    from osdiff.training.trainer import Trainer
+
+    arch = TinyArchitecture(
+        autoencoder="taef2", student_decoder_channels=(16, 8, 8, 8), student_decoder_blocks=(1, 1, 1, 1),
+        unet_block_out_channels=(32, 32), cross_attention_dim=32, unet_attention_head_dim=16, control_size_ratio=0.25,
+        compressor=CompressorArchitecture(latent_channels=32, hidden_channels=16, code_channels=16, groups=(4, 4, 8),
+                                          analysis_downsamples=1, hyper_downsamples=1),
+    )
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        output_dir=str(out), threads=2, checkpoint_minutes=1000, log_every=1, val_every=0, device="cpu", tiny=arch,
+        data=DataConfig(train_folders=[str(image_folder)], val_folders=[str(image_folder)], max_side=128,
+                        latent_cache=str(tmp_path / "cache")),
+        losses=LossConfig(rate_lambdas=[0.5, 1.0, 2.0, 4.0], adversarial_start=0, perceptual=0.0, hint_mse=2.0,
+                          decoder_features=0.0, decoder_gradient=1.0),
+        stages=[StageConfig(name="decoder", decoder_target="photo", steps=3, batch_size=2, crop=64, lr=1e-3, warmup_steps=1),
+                StageConfig(name="denoiser", steps=2, batch_size=2, crop=64, warmup_steps=1),
+                StageConfig(name="codec", steps=3, batch_size=2, crop=64, warmup_steps=1, train_unet=True)],
+    )
+    assert Trainer(cfg).run() == out / "model"
+    assert len(list((tmp_path / "cache").glob("latents-*.pt"))) == 1
+    with open(out / "log-0-decoder.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert "psnr_photo" in rows[0] and "gradient" in rows[0] and "features" not in rows[0]
+    with open(out / "log-2-codec.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and "psnr" not in rows[0] and float(rows[-1]["hint_mse"]) > 0
+    import osdiff
+
+    model = osdiff.load(out / "model")
+    image, data = model(np.zeros((64, 64, 3), np.uint8), quality=2)
+    assert image.size == (64, 64) and len(data) > 0
+
+    # the decoder then learns to decode that codec's one-step outputs (compressor and UNet fixed)
+    tuned = tmp_path / "tuned"
+    cfg2 = dataclasses.replace(cfg, output_dir=str(tuned), init_from=str(out / "model"), stages=[
+        StageConfig(name="decoder", decoder_target="photo", decoder_inputs="codec", steps=2, batch_size=2, crop=64, warmup_steps=1)])
+    assert Trainer(cfg2).run() == tuned / "model"
+    before = osdiff.load(out / "model")
+    vae = tuned / "stages" / "0-decoder" / "out" / "vae"
+    from osdiff.models.taesd import TAESDAutoencoder
+
+    student = TAESDAutoencoder.from_pretrained(vae)
+    assert student.config.latent_mean == before.vae.config.latent_mean
+    assert not torch.equal(student.decoder[1].weight, before.vae.decoder[1].weight.float())
+    after = osdiff.load(tuned / "model")  # the same codec with the new decoder
+    assert torch.equal(after.vae.decoder[1].weight.float(), student.decoder[1].weight)
+    assert after.compressor.state_dict().keys() == before.compressor.state_dict().keys()
+    subprocess.run([sys.executable, "scripts/swap_decoder.py", str(out / "model"), str(vae), str(tmp_path / "swapped")],
+                   cwd=ROOT, check=True, capture_output=True)
+    swapped = osdiff.load(tmp_path / "swapped")
+    assert torch.equal(swapped.vae.decoder[1].weight.float(), student.decoder[1].weight)

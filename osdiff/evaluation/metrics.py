@@ -1,6 +1,6 @@
 """Image quality metrics on (1,3,H,W) tensors in [0,1], from piq where it has them.
 
-Weight-free: PSNR, MS-SSIM, HaarPSI, MS-GMSD, VSI, FSIM, VIF, and detail retention.
+Weight-free: PSNR, MS-SSIM, HaarPSI, MS-GMSD, VSI, FSIM, VIF, detail retention and colour shift.
 LPIPS and DISTS need ImageNet backbone weights that cannot be fetched here: they are read
 from local paths (options, OSDIFF_LPIPS_BACKBONE / OSDIFF_LPIPS_LINEAR /
 OSDIFF_DISTS_BACKBONE / OSDIFF_DISTS_WEIGHTS, or torchvision checkpoints in the torch hub
@@ -19,7 +19,7 @@ from torch import Tensor
 
 HIGHER_IS_BETTER = {
     "psnr": True, "ms_ssim": True, "haarpsi": True, "ms_gmsd": False, "vsi": True, "fsim": True,
-    "vif": True, "detail_retention": True, "lpips": False, "dists": False,
+    "vif": True, "detail_retention": True, "colour_shift": False, "lpips": False, "dists": False,
 }
 
 
@@ -40,6 +40,13 @@ def detail_retention(x: Tensor, ref: Tensor) -> float:
 
     base = energy(ref)
     return energy(x) / base if base > 0 else 1.0
+
+
+def colour_shift(x: Tensor, ref: Tensor) -> float:
+    """Colour cast in 8-bit levels: the largest difference, over R, G and B, between the mean of
+    that channel in `x` and in `ref` (0 = the same average colour)."""
+    diff = (x.float().mean(dim=(0, 2, 3)) - ref.float().mean(dim=(0, 2, 3))).abs()
+    return float(diff.max()) * 255.0
 
 
 def _piq(name: str):
@@ -87,13 +94,13 @@ class MetricSuite:
 
     @property
     def names(self) -> list[str]:
-        names = ["psnr", "ms_ssim", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif", "detail_retention"]
+        names = ["psnr", "ms_ssim", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif", "detail_retention", "colour_shift"]
         return names + (["lpips"] if self._lpips is not None else []) + (["dists"] if self._dists is not None else [])
 
     @torch.no_grad()
     def __call__(self, x: Tensor, ref: Tensor) -> dict[str, float]:
         x, ref = x.float().clamp(0, 1), ref.float().clamp(0, 1)
-        out = {"psnr": psnr(x, ref), "detail_retention": detail_retention(x, ref)}
+        out = {"psnr": psnr(x, ref), "detail_retention": detail_retention(x, ref), "colour_shift": colour_shift(x, ref)}
         for name in ("ms_ssim", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif"):
             out[name] = piq_metric(name, x, ref)
         if self._lpips is not None:

@@ -30,6 +30,10 @@ class DataConfig:
     val_folders: list[str] = field(default_factory=lambda: ["../shared/data/images/cbsd68"])
     max_side: int = 768  # images are downscaled (Lanczos) so the long side is at most this
     max_val_images: int = 16
+    # a folder for the frozen TAEF2 encoder's latents of the training photos (computed once, then
+    # reused by every run on the same photos): the decoder and codec stages then cut aligned
+    # (photo, latent) crops from it instead of running the encoder at every step
+    latent_cache: str | None = None
 
 
 @dataclass
@@ -51,6 +55,13 @@ class StageConfig:
     level_balance: float = 0.0
     train_unet: bool = False  # codec stage: also fine-tune the denoising UNet (else it stays frozen)
     max_minutes: float | None = None  # stop this stage (as finished) after this many minutes
+    # decoder stage: what the slim decoder learns to reproduce from the TAEF2 latent: "teacher"
+    # (TAEF2's own decoder output; distillation) or "photo" (the photo itself; no teacher runs)
+    decoder_target: str = "teacher"
+    # decoder stage: what it decodes: "latents" (the photos' latents, half of them perturbed) or
+    # "codec" (init_from's one-step outputs at random quality levels, as decoding produces them:
+    # the decoder learns to undo the codec's errors too; needs decoder_target "photo")
+    decoder_inputs: str = "latents"
 
 
 @dataclass
@@ -69,6 +80,10 @@ class LossConfig:
     adversarial: float = 0.01
     adversarial_start: int = 200  # codec steps before the adversarial term switches on
     latent_l2: float = 1e-3  # autoencoder stage: keeps the latent near unit scale
+    # decoder stage: loss = L1 + decoder_features * taesd-features + decoder_gradient * L1 of the
+    # horizontal and vertical pixel differences (edges; cheap where the feature distance is not)
+    decoder_features: float = 0.1
+    decoder_gradient: float = 0.0
     pixel_mse: float = 1.0  # baseline stage: weight of the image MSE (images in [0,1])
     # baseline stage: loss = bpp + lambda * (pixel_mse * MSE + perceptual * P + adversarial * A),
     # the adversarial term inside lambda as in HiFiC (its weight is relative to the distortion)
@@ -94,7 +109,9 @@ class TrainConfig:
     taesd_weights: str | None = None
     # codec stage: start from earlier weights instead of fresh ones: a model folder (e.g. the
     # shipped osdiff/weights/osdiff-tiny: its autoencoder, conditioning, UNet, control and
-    # compressor; the discriminator starts fresh) or a stages/<i>-codec/ckpt.pt
+    # compressor; the discriminator starts fresh) or a stages/<i>-codec/ckpt.pt.
+    # decoder stage: a model folder's autoencoder (a TAEF2 one) is the starting student, its
+    # latent statistics kept
     init_from: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     losses: LossConfig = field(default_factory=LossConfig)
@@ -155,6 +172,12 @@ def load_config(path: str | Path) -> TrainConfig:
     for stage in config.stages:
         if stage.name not in ("autoencoder", "decoder", "denoiser", "codec", "baseline", "official"):
             raise OSDiffError(f"config {path.name}: unknown stage {stage.name!r}")
+        if stage.decoder_inputs not in ("latents", "codec"):
+            raise OSDiffError(f"config {path.name}: decoder_inputs must be 'latents' or 'codec', got {stage.decoder_inputs!r}")
+        if stage.decoder_inputs == "codec" and (stage.decoder_target != "photo" or not config.init_from):
+            raise OSDiffError(f"config {path.name}: decoder_inputs 'codec' needs decoder_target 'photo' and init_from (a model folder)")
+        if stage.decoder_target not in ("teacher", "photo"):
+            raise OSDiffError(f"config {path.name}: decoder_target must be 'teacher' or 'photo', got {stage.decoder_target!r}")
         if (stage.name == "official") != (config.model == "official"):
             raise OSDiffError(f"config {path.name}: stage 'official' goes with model 'official' and only with it")
         if (stage.name == "baseline") != (config.model == "baseline"):

@@ -40,6 +40,7 @@ from ..pipeline import OSDiffPipeline
 from ..verbosity import progress
 from .config import StageConfig, TrainConfig
 from .data import CropSampler, center_crops, find_images, load_images
+from .latents import LatentCropSampler, cached_latents
 from .discriminator import ConditionalPatchDiscriminator, UNetFeatureDiscriminator, frozen_generator_loss
 from .losses import PerceptualLoss, bits_per_pixel, discriminator_adversarial
 
@@ -98,6 +99,18 @@ class Trainer:
             files = find_images(self.config.data.val_folders, self.base)[: self.config.data.max_val_images]
             self._val_images = load_images(files, self.config.data.max_side)
         return center_crops(self._val_images, crop).to(self.device)
+
+    def _latent_sampler(self, index: int, stage: StageConfig, encoder: nn.Module):
+        """Batches of (photos (B,3,crop,crop) in [0,1], raw latents) for a stage on a frozen
+        encoder: cut from data.latent_cache when set, else the encoder runs on each batch."""
+        cfg = self.config
+        if cfg.data.latent_cache:
+            folder = Path(cfg.data.latent_cache)
+            folder = folder if folder.is_absolute() else self.base / folder
+            files = find_images(cfg.data.train_folders, self.base)
+            latents = cached_latents(self._images_cached(), files, cfg.data.max_side, encoder, folder, self.device)
+            return LatentCropSampler(self._images_cached(), latents, stage.crop, stage.batch_size, cfg.seed, index)
+        return _EncodingSampler(CropSampler(self._images_cached(), stage.crop, stage.batch_size, cfg.seed, index), encoder, self.device)
 
     def _log(self, row: dict, kind: str = "log") -> None:
         path = self.out / f"{kind}-{row['stage']}.csv"  # row["stage"] is "<index>-<name>"
@@ -273,54 +286,92 @@ class Trainer:
 
     # ---- stage 1 (v2): TAEF2 latent statistics + slim decoder distilled from TAEF2's ----------
     def _decoder_stage(self, index, stage, max_steps, deadline) -> bool:
-        cfg, arch = self.config, self.config.tiny
+        cfg, arch, losses = self.config, self.config.tiny, self.config.losses
         if arch.autoencoder != "taef2":
             raise OSDiffError("stage 'decoder' needs tiny.autoencoder: taef2")
-        teacher = self._teacher_autoencoder()
-        teacher.to(self.device).requires_grad_(False).eval()
-        sampler = CropSampler(self._images_cached(), stage.crop, stage.batch_size, cfg.seed, index)
-        with torch.no_grad():  # per-channel latent statistics from 64 fixed training crops
-            crops = torch.cat([sampler.batch(10**6 + i) for i in range(-(-64 // stage.batch_size))])
-            teacher.fit_latent_statistics(crops.to(self.device))
-        torch.manual_seed(cfg.seed + 5)
-        student = teacher.with_decoder(arch.student_decoder_channels, arch.student_decoder_blocks).to(self.device)
-        student.encoder.requires_grad_(False)
+        init = self._init_model()
+        photo = stage.decoder_target == "photo"
+        teacher = None if photo and init is not None else self._teacher_autoencoder().to(self.device).requires_grad_(False).eval()
+        if init is not None:  # continue a model folder's student (its latent statistics kept)
+            if not isinstance(init.vae, TAESDAutoencoder) or init.vae.config.decoder_channels is None:
+                raise OSDiffError(f"init_from {cfg.init_from}: its autoencoder is not a TAEF2 one with a slim decoder")
+            student = init.vae.to(self.device)
+            codec = init.to(self.device) if stage.decoder_inputs == "codec" else None
+        else:
+            sampler = CropSampler(self._images_cached(), stage.crop, stage.batch_size, cfg.seed, index)
+            with torch.no_grad():  # per-channel latent statistics from 64 fixed training crops
+                crops = torch.cat([sampler.batch(10**6 + i) for i in range(-(-64 // stage.batch_size))])
+                teacher.fit_latent_statistics(crops.to(self.device))
+            torch.manual_seed(cfg.seed + 5)
+            student = teacher.with_decoder(arch.student_decoder_channels, arch.student_decoder_blocks).to(self.device)
+            codec = None
+        if codec is None:
+            del init
+        else:
+            codec.compressor.eval().requires_grad_(False)  # eval: rounded latents, as in coding
+            codec.unet.eval().requires_grad_(False)
+            levels = codec.compressor.config.num_quality_levels
+        student.encoder.requires_grad_(False).eval()
         params = list(student.decoder.parameters())
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
         student, opt = self._prepare(student, opt)
-        features = PerceptualLoss("taesd-features", encoder=teacher.encoder).to(self.device)
-        std = teacher.std
+        model = self.accelerator.unwrap_model(student)
+        features = PerceptualLoss("taesd-features", encoder=model.encoder).to(self.device) if losses.decoder_features else None
+        pairs = self._latent_sampler(index, stage, model.encoder)
+        std = model.std
 
         def step_fn(step: int) -> dict:
-            x = sampler.batch(step).to(self.device)
+            x, raw = pairs.batch(step)
+            x, raw = x.to(self.device), raw.to(self.device)
             gen = self._generator(index, step)
             with torch.no_grad():
-                raw = teacher.encode_raw(x * 2 - 1)
-                # half the batch perturbed, so the student follows the teacher off the data manifold
-                # too (decoded latents carry coding errors)
-                sigma = torch.rand(raw.shape[0], 1, 1, 1, generator=gen).to(self.device) * 0.5
-                sigma[: raw.shape[0] // 2] = 0
-                raw = raw + sigma * std * torch.randn(raw.shape, generator=gen).to(self.device)
-                target = (teacher.decode_raw(raw).clamp(-1, 1) + 1) / 2
+                if codec is not None:  # the one-step output of a random quality level
+                    level = torch.randint(0, levels, (raw.shape[0],), generator=gen).to(self.device)
+                    hint = codec.compressor((raw - model.mean) / std, level)["hint"]
+                    raw = codec.denoise(hint) * std + model.mean
+                else:
+                    # half the batch perturbed, so the decoder also learns latents off the data
+                    # manifold (decoded latents carry coding errors)
+                    sigma = torch.rand(raw.shape[0], 1, 1, 1, generator=gen).to(self.device) * 0.5
+                    sigma[: raw.shape[0] // 2] = 0
+                    raw = raw + sigma * std * torch.randn(raw.shape, generator=gen).to(self.device)
+                target = x if photo else (teacher.decode_raw(raw).clamp(-1, 1) + 1) / 2
             with self.accelerator.accumulate(student):
-                pred = (self.accelerator.unwrap_model(student).decode_raw(raw) + 1) / 2
+                pred = (model.decode_raw(raw) + 1) / 2
                 l1 = (pred - target).abs().mean()
-                feat = features(pred, target).mean()
-                loss = l1 + 0.1 * feat
+                loss = l1
+                logs = {"l1": l1.detach()}
+                if features is not None:
+                    feat = features(pred, target).mean()
+                    loss = loss + losses.decoder_features * feat
+                    logs["features"] = feat.detach()
+                if losses.decoder_gradient:
+                    grad = _gradient_l1(pred, target)
+                    loss = loss + losses.decoder_gradient * grad
+                    logs["gradient"] = grad.detach()
                 self._update(loss, params, opt, stage.grad_clip)
-            return {"loss": loss.detach(), "l1": l1.detach(), "features": feat.detach(), "psnr_teacher": _psnr_tensor(pred, target)}
+            return {"loss": loss.detach(), **logs, f"psnr_{stage.decoder_target}": _psnr_tensor(pred, target)}
+
+        val_raw = None
 
         def val_fn() -> dict:
+            nonlocal val_raw
             x = self._val_batch(stage.crop)
-            model = self.accelerator.unwrap_model(student)
-            raw = teacher.encode_raw(x * 2 - 1)
-            pred = (model.decode_raw(raw) + 1) / 2
-            reference = (teacher.decode_raw(raw).clamp(-1, 1) + 1) / 2  # _psnr clamps pred to [0, 1] too
-            return {"psnr": _psnr(pred, x), "psnr_teacher_decoder": _psnr(reference, x), "psnr_vs_teacher": _psnr(pred, reference)}
+            if val_raw is None:
+                val_raw = torch.cat([model.encode_raw(c * 2 - 1) for c in x.split(4)])
+            pred = torch.cat([(model.decode_raw(r) + 1) / 2 for r in val_raw.split(4)])
+            out = {"psnr": _psnr(pred, x), "haarpsi": piq.haarpsi(pred.clamp(0, 1), x, data_range=1.0).item()}
+            if teacher is not None:
+                reference = (teacher.decode_raw(val_raw).clamp(-1, 1) + 1) / 2  # _psnr clamps pred to [0, 1] too
+                out.update(psnr_teacher_decoder=_psnr(reference, x), psnr_vs_teacher=_psnr(pred, reference))
+            return out
 
         if not self._loop(index, stage, {"vae": student}, {"vae": (opt, stage.lr)}, step_fn, max_steps, deadline, val_fn):
             return False
-        self.accelerator.unwrap_model(student).save_pretrained(self.stage_dir(index) / "out" / "vae")
+        model.save_pretrained(self.stage_dir(index) / "out" / "vae")
+        if codec is not None:  # the codec it learned to decode, with this decoder
+            codec.register_modules(vae=model)
+            codec.to("cpu").save_pretrained(self.out / "model")
         return True
 
     def _teacher_autoencoder(self) -> TAESDAutoencoder:
@@ -486,14 +537,24 @@ class Trainer:
         opt_d = torch.optim.AdamW(discriminator.parameters(), lr=stage.lr_discriminator, betas=(0.5, 0.999))
         compressor, unet, discriminator, opt, opt_aux, opt_d = self._prepare(compressor, unet, discriminator, opt, opt_aux, opt_d)
         encoder = vae.encoder if isinstance(vae, TAESDAutoencoder) else None
-        perceptual = PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear, encoder).to(self.device)
-        sampler = CropSampler(self._images_cached(), stage.crop, stage.batch_size, cfg.seed, index)
+        # perceptual weight 0: the official loss, all in latent space (no pixel decoding in training)
+        pixel_loss = losses.perceptual > 0
+        perceptual = PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear, encoder).to(self.device) if pixel_loss else None
+        if cfg.data.latent_cache and encoder is not None:
+            pairs = self._latent_sampler(index, stage, encoder)
+            to_latent = lambda raw: (raw - vae.mean) / vae.std
+        else:
+            pairs = _EncodingSampler(CropSampler(self._images_cached(), stage.crop, stage.batch_size, cfg.seed, index),
+                                     lambda x: encode_latent(vae, x * 2 - 1), self.device)
+            to_latent = lambda z: z
         alphas = scheduler.alphas_cumprod.to(self.device)
         lambdas = torch.tensor(rate_lambdas, device=self.device)
         level_weights = lambdas ** -stage.level_balance
         t0, start = cfg.decoding.timestep, cfg.decoding.start
         prediction_type = scheduler.config.prediction_type
         a0 = decoding_alpha_bar(scheduler, t0, start)
+
+        needs_unet = losses.latent_mse > 0 or losses.adversarial > 0 or pixel_loss
 
         def one_step(hint: torch.Tensor, noise: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
             """Clean latent from the hint, as decoding does: start at t0 (the noised hint, or pure
@@ -503,12 +564,11 @@ class Trainer:
             return decoding_x0_eps(pred, x_t, a0, prediction_type, start)[0]
 
         def step_fn(step: int) -> dict:
-            x = sampler.batch(step).to(self.device)
+            x, z = pairs.batch(step)
+            x, z = x.to(self.device), to_latent(z.to(self.device))
             gen = self._generator(index, step)
             b = x.shape[0]
             level = torch.randint(0, len(lambdas), (b,), generator=gen).to(self.device)
-            with torch.no_grad():
-                z = encode_latent(vae, x * 2 - 1)
             noise = torch.randn(z.shape, generator=gen).to(self.device)
             d_noise = torch.randn(z.shape, generator=gen).to(self.device)
             d_t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).to(self.device)
@@ -519,12 +579,15 @@ class Trainer:
                 out = compressor(z, level)
                 hint = out["hint"]
                 bpp = bits_per_pixel(out["likelihoods"], x.shape[-2] * x.shape[-1])
-                z_hat = one_step(hint, noise, ctx)
+                # compressor-only training (latent MSE, adversarial and pixel losses off): no UNet
+                z_hat = one_step(hint, noise, ctx) if needs_unet else hint
                 latent_mse = (z_hat - z).pow(2).mean(dim=(1, 2, 3))
                 hint_mse = (hint - z).pow(2).mean(dim=(1, 2, 3))
-                x_hat = (decode_latent(vae, z_hat) + 1) / 2
-                perc = perceptual(x_hat, x)
-                distortion = losses.latent_mse * latent_mse + losses.hint_mse * hint_mse + losses.perceptual * perc
+                distortion = losses.latent_mse * latent_mse + losses.hint_mse * hint_mse
+                if pixel_loss:
+                    x_hat = (decode_latent(vae, z_hat) + 1) / 2
+                    perc = perceptual(x_hat, x)
+                    distortion = distortion + losses.perceptual * perc
                 loss = (level_weights[level] * (bpp + lambdas[level] * distortion)).mean()
                 adv = torch.zeros((), device=self.device)
                 if use_adv:
@@ -546,9 +609,10 @@ class Trainer:
                 opt_d.zero_grad()
             bpp = bpp.detach()  # per level: a mean over the samples at that level (nan when none)
             per_level = {f"bpp_q{q + 1}": (bpp * (level == q)).sum() / (level == q).sum() for q in range(len(lambdas))}
+            pixel_logs = {"perceptual": perc.detach().mean(), "psnr": _psnr_tensor(x_hat, x)} if pixel_loss else {}
             return {"loss": loss.detach(), "bpp": bpp.mean(), **per_level, "latent_mse": latent_mse.detach().mean(),
-                    "hint_mse": hint_mse.detach().mean(), "perceptual": perc.detach().mean(), "adv_g": adv.detach(),
-                    "adv_d": d_loss.detach(), "aux": aux.detach(), "psnr": _psnr_tensor(x_hat, x)}
+                    "hint_mse": hint_mse.detach().mean(), "adv_g": adv.detach(), "adv_d": d_loss.detach(),
+                    "aux": aux.detach(), **pixel_logs}
 
         def val_fn() -> dict:
             """Per quality level, on the fixed crops: bpp from the entropy models (rounded latents
@@ -674,6 +738,25 @@ class Trainer:
         codec.update(force=True)
         BaselinePipeline(codec=codec, model_name=cfg.model_name).save_pretrained(self.out / "model")
         return True
+
+
+class _EncodingSampler:
+    """(photos, raw latents) batches by running a frozen encoder on each batch of crops."""
+
+    def __init__(self, crops: CropSampler, encoder: nn.Module, device) -> None:
+        self.crops, self.encoder, self.device = crops, encoder, device
+
+    @torch.no_grad()
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.crops.batch(step).to(self.device)
+        return x, self.encoder(x)
+
+
+def _gradient_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean L1 distance of horizontal and vertical neighbour differences (edge sharpness)."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]
+    return (dx(pred) - dx(target)).abs().mean() + (dy(pred) - dy(target)).abs().mean()
 
 
 def _split_quantiles(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

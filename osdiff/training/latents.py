@@ -1,0 +1,90 @@
+"""Latents of the training photos, computed once by the frozen encoder and kept on disk.
+
+With a frozen pretrained encoder (TAEF2), every stage that works in latent space would run the
+same encoder on the same pixels at every step; on a CPU that is most of a step's cost. The
+cache holds each photo's raw latent (float16, (C, H/8, W/8) of the photo cropped to multiples
+of 8), and `LatentCropSampler` cuts aligned (pixels, latent) crop pairs from it.
+
+A horizontal flip is applied to both the pixels and the latent: the flipped latent is an
+approximation of the flipped photo's latent (the encoder is not exactly mirror-symmetric), good
+enough for augmentation.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import OSDiffError
+from ..verbosity import progress
+
+
+def _key(files: list[Path], max_side: int, encoder: nn.Module) -> str:
+    h = hashlib.sha256(f"max_side={max_side}".encode())
+    for f in files:
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    for name, value in sorted(encoder.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def cached_latents(images: list[np.ndarray], files: list[Path], max_side: int, encoder: nn.Module,
+                   folder: Path, device: torch.device | str = "cpu") -> list[Tensor]:
+    """Raw latents (float16, (C, H//8, W//8)) of `images` (uint8 (H, W, 3), as load_images
+    returns them for `files`), read from `folder` when an earlier run of the same encoder on
+    the same photos saved them, else computed (one photo at a time) and saved atomically."""
+    path = folder / f"latents-{_key(files, max_side, encoder)}.pt"
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    encoder = encoder.to(device).eval()
+    out = []
+    for im in progress(images, desc="encoding training photos", mininterval=10):
+        h, w = (im.shape[0] // 8) * 8, (im.shape[1] // 8) * 8
+        x = torch.from_numpy(np.array(im[:h, :w])).permute(2, 0, 1)[None].float().div_(255.0)
+        out.append(encoder(x.to(device))[0].half().cpu())
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(out, tmp)
+    os.replace(tmp, path)
+    return out
+
+
+class LatentCropSampler:
+    """Aligned random crops of photos and their cached latents, with horizontal flips; batch k
+    is a pure function of (seed, stage, k)."""
+
+    def __init__(self, images: list[np.ndarray], latents: list[Tensor], crop: int, batch_size: int,
+                 seed: int, stage: int) -> None:
+        if crop % 8:
+            raise OSDiffError(f"crop must be a multiple of 8, got {crop}")
+        pairs = [(im, z) for im, z in zip(images, latents, strict=True) if min(z.shape[1:]) * 8 >= crop]
+        if not pairs:
+            raise OSDiffError(f"no training image is at least {crop}x{crop} pixels")
+        self.images, self.latents = zip(*pairs)
+        self.crop, self.batch_size, self.seed, self.stage = crop, batch_size, seed, stage
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """(pixels (B,3,crop,crop) float in [0,1], raw latents (B,C,crop/8,crop/8) float32)."""
+        rng = np.random.default_rng([self.seed, self.stage, step])
+        c = self.crop // 8
+        pixels = np.empty((self.batch_size, self.crop, self.crop, 3), dtype=np.uint8)
+        latents = []
+        for i in range(self.batch_size):
+            k = rng.integers(len(self.images))
+            im, z = self.images[k], self.latents[k]
+            y = rng.integers(z.shape[1] - c + 1)
+            x = rng.integers(z.shape[2] - c + 1)
+            patch = im[8 * y : 8 * (y + c), 8 * x : 8 * (x + c)]
+            zp = z[:, y : y + c, x : x + c]
+            if rng.random() < 0.5:
+                patch, zp = patch[:, ::-1], zp.flip(-1)
+            pixels[i] = patch
+            latents.append(zp)
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+        return x, torch.stack(latents).float()
