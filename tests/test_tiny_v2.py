@@ -183,7 +183,7 @@ def test_latent_cache_is_computed_once_and_crops_stay_aligned(tmp_path, image_fo
     sampler = LatentCropSampler(images, latents, 64, 6, seed=0, stage=0)
     x, z = sampler.batch(3)
     assert x.shape == (6, 3, 64, 64) and z.shape == (6, 32, 8, 8)
-    # each latent crop is the stand-in encoder's output of its photo crop (flips included)
+    # each latent crop is the stand-in encoder's output of its photo crop
     assert torch.allclose(encoder(x).half().float(), z, atol=2e-3)
     x2, z2 = sampler.batch(3)
     assert torch.equal(x, x2) and torch.equal(z, z2)
@@ -249,3 +249,14 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
                    cwd=ROOT, check=True, capture_output=True)
     swapped = osdiff.load(tmp_path / "swapped")
     assert torch.equal(swapped.vae.decoder[1].weight.float(), student.decoder[1].weight)
+
+
+def test_decoder_channel_weights_follow_each_channels_pixel_effect():
+    """A 'decoder' that maps channel c to pixels with gain k_c: the weights are k_c^2 / mean."""
+    from osdiff.training.losses import decoder_channel_weights
+
+    gains = torch.tensor([0.1, 1.0, 3.0, 0.0])
+    decode = lambda z: (z * gains.view(1, -1, 1, 1)).sum(1, keepdim=True).repeat(1, 3, 1, 1)  # noqa: E731
+    w = decoder_channel_weights(decode, torch.randn(4, 4, 32, 32))
+    expected = gains**2 / (gains**2).mean()
+    assert torch.allclose(w, expected, rtol=0.1, atol=1e-3) and w.mean().item() == pytest.approx(1.0)

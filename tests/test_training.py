@@ -156,10 +156,20 @@ def test_config_files_load(tmp_path):
     assert len(tiny.losses.rate_lambdas) == tiny.tiny.compressor.num_quality_levels
     sd = load_config(root / "sd21-controlnet-xs.yaml")
     assert sd.model == "sd21" and sd.compressor.code_channels == 320 and sd.compressor.groups == (16, 16, 32, 64, 192)
+    for path in sorted(root.glob("*.yaml")):  # every shipped recipe is a valid config
+        load_config(path)
+    cpu = load_config(root / "tiny-v2-cpu.yaml")
+    assert cpu.data.latent_cache and cpu.losses.latent_weighting == "decoder" and cpu.losses.perceptual == 0
     toml = tmp_path / "c.toml"
     toml.write_text('model = "tiny"\n[[stages]]\nname = "codec"\nsteps = 5\n')
     assert load_config(toml).stages[0].steps == 5
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages: [{name: codec, stepz: 3}]\n")
     with pytest.raises(OSDiffError, match="unknown keys"):
+        load_config(bad)
+    bad.write_text("losses: {latent_weighting: pixels}\nstages: [{name: codec}]\n")
+    with pytest.raises(OSDiffError, match="latent_weighting"):
+        load_config(bad)
+    bad.write_text("stages: [{name: decoder, decoder_inputs: codec}]\n")
+    with pytest.raises(OSDiffError, match="needs decoder_target 'photo' and init_from"):
         load_config(bad)

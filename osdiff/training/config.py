@@ -71,6 +71,11 @@ class LossConfig:
     latent_mse: float = 1.0
     hint_mse: float = 1.0
     perceptual: float = 1.0
+    # codec stage: weighting of the latent and hint squared errors over latent channels: "none",
+    # or "decoder": each channel by the mean squared pixel change the latent decoder makes per
+    # unit of error in that channel (measured once at the stage's start, mean 1). TAEF2's 32
+    # channels differ ~300x in that respect, so unweighted MSE spends bits where they barely show.
+    latent_weighting: str = "none"
     # ms-ssim | haarpsi | lpips (needs the two weight paths) | taesd-features (distance of the
     # frozen TAEF2 encoder's activations, LatentLPIPS-style; autoencoder "taef2" only)
     perceptual_kind: str = "ms-ssim"
@@ -172,6 +177,8 @@ def load_config(path: str | Path) -> TrainConfig:
     for stage in config.stages:
         if stage.name not in ("autoencoder", "decoder", "denoiser", "codec", "baseline", "official"):
             raise OSDiffError(f"config {path.name}: unknown stage {stage.name!r}")
+        if config.losses.latent_weighting not in ("none", "decoder"):
+            raise OSDiffError(f"config {path.name}: latent_weighting must be 'none' or 'decoder'")
         if stage.decoder_inputs not in ("latents", "codec"):
             raise OSDiffError(f"config {path.name}: decoder_inputs must be 'latents' or 'codec', got {stage.decoder_inputs!r}")
         if stage.decoder_inputs == "codec" and (stage.decoder_target != "photo" or not config.init_from):

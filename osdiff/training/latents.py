@@ -5,9 +5,9 @@ same encoder on the same pixels at every step; on a CPU that is most of a step's
 cache holds each photo's raw latent (float16, (C, H/8, W/8) of the photo cropped to multiples
 of 8), and `LatentCropSampler` cuts aligned (pixels, latent) crop pairs from it.
 
-A horizontal flip is applied to both the pixels and the latent: the flipped latent is an
-approximation of the flipped photo's latent (the encoder is not exactly mirror-symmetric), good
-enough for augmentation.
+No flips: TAEF2's latent is far from mirror-symmetric (measured on 4 CBSD68 crops: the mirrored
+latent differs from the mirrored photo's latent by a normalised MSE of 0.54, and decodes at
+19.0 dB instead of 27.0 dB), so a flipped latent would not be the latent of a flipped photo.
 """
 from __future__ import annotations
 
@@ -56,8 +56,8 @@ def cached_latents(images: list[np.ndarray], files: list[Path], max_side: int, e
 
 
 class LatentCropSampler:
-    """Aligned random crops of photos and their cached latents, with horizontal flips; batch k
-    is a pure function of (seed, stage, k)."""
+    """Aligned random crops of photos and their cached latents (no flips: see the module
+    docstring); batch k is a pure function of (seed, stage, k)."""
 
     def __init__(self, images: list[np.ndarray], latents: list[Tensor], crop: int, batch_size: int,
                  seed: int, stage: int) -> None:
@@ -80,11 +80,7 @@ class LatentCropSampler:
             im, z = self.images[k], self.latents[k]
             y = rng.integers(z.shape[1] - c + 1)
             x = rng.integers(z.shape[2] - c + 1)
-            patch = im[8 * y : 8 * (y + c), 8 * x : 8 * (x + c)]
-            zp = z[:, y : y + c, x : x + c]
-            if rng.random() < 0.5:
-                patch, zp = patch[:, ::-1], zp.flip(-1)
-            pixels[i] = patch
-            latents.append(zp)
+            pixels[i] = im[8 * y : 8 * (y + c), 8 * x : 8 * (x + c)]
+            latents.append(z[:, y : y + c, x : x + c])
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
         return x, torch.stack(latents).float()

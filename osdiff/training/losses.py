@@ -137,3 +137,19 @@ class LPIPS(nn.Module):
         return sum(
             lin((a - b) ** 2).mean(dim=(1, 2, 3)) for lin, a, b in zip(self.lins, self.features(x_hat), self.features(x))
         )
+
+
+@torch.no_grad()
+def decoder_channel_weights(decode, latents: Tensor, sigma: float = 0.3, seed: int = 0) -> Tensor:
+    """(C,) weights, mean 1: for each latent channel, the mean squared change of `decode`'s
+    output (images in [-1,1]) when Gaussian noise of std `sigma` is added to that channel of
+    `latents` (B,C,h,w) alone. A diagonal, small-error estimate of the decoder's pixel metric."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    base = decode(latents)
+    out = []
+    for c in range(latents.shape[1]):
+        noise = torch.zeros_like(latents)
+        noise[:, c] = sigma * torch.randn(latents[:, c].shape, generator=gen).to(latents.device)
+        out.append((decode(latents + noise) - base).pow(2).mean())
+    w = torch.stack(out).float()
+    return w / w.mean()

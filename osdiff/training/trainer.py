@@ -42,7 +42,7 @@ from .config import StageConfig, TrainConfig
 from .data import CropSampler, center_crops, find_images, load_images
 from .latents import LatentCropSampler, cached_latents
 from .discriminator import ConditionalPatchDiscriminator, UNetFeatureDiscriminator, frozen_generator_loss
-from .losses import PerceptualLoss, bits_per_pixel, discriminator_adversarial
+from .losses import PerceptualLoss, bits_per_pixel, decoder_channel_weights, discriminator_adversarial
 
 
 def lr_at(step: int, stage: StageConfig, base: float) -> float:
@@ -555,6 +555,13 @@ class Trainer:
         a0 = decoding_alpha_bar(scheduler, t0, start)
 
         needs_unet = losses.latent_mse > 0 or losses.adversarial > 0 or pixel_loss
+        channel_weights = torch.ones(1, device=self.device)
+        if losses.latent_weighting == "decoder":
+            x0, z0 = pairs.batch(10**6)  # a fixed batch, outside the training steps' range
+            channel_weights = decoder_channel_weights(lambda z: decode_latent(vae, z), to_latent(z0.to(self.device))[:4])
+            (self.stage_dir(index)).mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(self.stage_dir(index) / "channel-weights.json", json.dumps([round(float(w), 5) for w in channel_weights]))
+        channel_weights = channel_weights.view(1, -1, 1, 1)
 
         def one_step(hint: torch.Tensor, noise: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
             """Clean latent from the hint, as decoding does: start at t0 (the noised hint, or pure
@@ -581,8 +588,8 @@ class Trainer:
                 bpp = bits_per_pixel(out["likelihoods"], x.shape[-2] * x.shape[-1])
                 # compressor-only training (latent MSE, adversarial and pixel losses off): no UNet
                 z_hat = one_step(hint, noise, ctx) if needs_unet else hint
-                latent_mse = (z_hat - z).pow(2).mean(dim=(1, 2, 3))
-                hint_mse = (hint - z).pow(2).mean(dim=(1, 2, 3))
+                latent_mse = ((z_hat - z).pow(2) * channel_weights).mean(dim=(1, 2, 3))
+                hint_mse = ((hint - z).pow(2) * channel_weights).mean(dim=(1, 2, 3))
                 distortion = losses.latent_mse * latent_mse + losses.hint_mse * hint_mse
                 if pixel_loss:
                     x_hat = (decode_latent(vae, z_hat) + 1) / 2
