@@ -513,7 +513,10 @@ class Trainer:
         del plain_unet
         earlier = self._earlier_codec_checkpoint(index)
         if earlier is None and init_model is not None:  # compressor and controlled UNet from a model folder
-            compressor.load_state_dict(init_model.compressor.state_dict())
+            if _same_architecture(init_model.compressor.config, compressor.config):
+                compressor.load_state_dict(init_model.compressor.state_dict())
+            else:  # another compressor shape in the config: a fresh compressor for that model's other parts
+                self.accelerator.print(f"init_from {cfg.init_from}: its compressor has another shape; training a new one")
             unet.load_state_dict(init_model.unet.state_dict())
         elif earlier is None and cfg.init_from:
             earlier = Path(cfg.init_from) if Path(cfg.init_from).is_absolute() else self.base / cfg.init_from
@@ -764,6 +767,12 @@ def _gradient_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     dx = lambda t: t[..., :, 1:] - t[..., :, :-1]
     dy = lambda t: t[..., 1:, :] - t[..., :-1, :]
     return (dx(pred) - dx(target)).abs().mean() + (dy(pred) - dy(target)).abs().mean()
+
+
+def _same_architecture(a, b) -> bool:
+    """Whether two diffusers configs describe the same shapes (bookkeeping keys ignored)."""
+    strip = lambda c: {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731
+    return strip(a) == strip(b)
 
 
 def _split_quantiles(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
