@@ -7,7 +7,9 @@ Run through scripts/device_train.sh (it installs the carried wheels first). Two 
              once per decoding start ("hint": hint noised to t = 299; "noise": pure noise at
              t = 999, the official procedure), the better one on the validation crops (BD-rate
              on HaarPSI, else PSNR) continued for the rest of the budget;
-  continue   the codec stage started from the shipped weights (osdiff/weights/osdiff-tiny).
+  continue   the codec stage started from the shipped weights (osdiff/weights/osdiff-tiny), or
+             from --init-model (default .carry/init-model when it exists: a v2 model trained
+             elsewhere, put there by prepare_device_carry.py --init-model).
 
 $OUT receives: model.tar.part-* (the trained model folder, float16, split below 15 MiB),
 logs.tar (every log/val CSV and the configs used), summary.json, and conformance-cuda.txt (the
@@ -128,6 +130,7 @@ def main() -> int:
                         help="bootstrap: compare the decoding starts, each codec run this long (0: 'hint' only)")
     parser.add_argument("--mode", choices=("auto", "bootstrap", "continue"), default="auto")
     parser.add_argument("--data", default=".carry/data", help="train/ and val/ image folders")
+    parser.add_argument("--init-model", default=".carry/init-model", help="a v2 model folder to continue (if it exists)")
     parser.add_argument("--taesd", default=None, help="a folder with taef2_encoder.pth / taef2_decoder.pth (default: the packaged copy)")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/osdiff-device-out"))
@@ -152,8 +155,10 @@ def main() -> int:
                                capture_output=True, text=True)
         (out / "conformance-cuda.txt").write_text(check.stdout + check.stderr)
         print(check.stdout.strip().splitlines()[-1] if check.stdout.strip() else check.stderr[-500:], flush=True)
-    shipped = ROOT / "osdiff" / "weights" / "osdiff-tiny"
-    vae_kind = json.loads((shipped / "model_index.json").read_text())["vae"][1]
+    base_model = ROOT / "osdiff" / "weights" / "osdiff-tiny"
+    if (ROOT / args.init_model / "model_index.json").is_file():  # a v2 model trained elsewhere
+        base_model = (ROOT / args.init_model).resolve()
+    vae_kind = json.loads((base_model / "model_index.json").read_text())["vae"][1]
     mode = args.mode if args.mode != "auto" else ("continue" if vae_kind == TAESDAutoencoder.__name__ else "bootstrap")
 
     cfg = load_config(ROOT / "configs" / "tiny-v2.yaml")
@@ -209,10 +214,10 @@ def main() -> int:
         run = runs / "continue"
         minutes = max(0.2, remaining() - 1.0)
         stage = dataclasses.replace(cfg.stages[2], max_minutes=None if dry else minutes, warmup_steps=1 if dry else 20)
-        variant = dataclasses.replace(cfg, output_dir=str(run), stages=[stage], init_from=str(shipped))
-        shipped_cfg = json.loads((shipped / "model_index.json").read_text())
+        variant = dataclasses.replace(cfg, output_dir=str(run), stages=[stage], init_from=str(base_model))
+        base_cfg = json.loads((base_model / "model_index.json").read_text())
         variant = dataclasses.replace(variant, decoding=DecodingConfig(
-            timestep=shipped_cfg["timestep"], start=shipped_cfg.get("decoding_start", "hint")))
+            timestep=base_cfg["timestep"], start=base_cfg.get("decoding_start", "hint")))
     if not succeeded(train(variant, work, "final", args.device), work, "final"):
         summary["final_failed"] = True  # ship what the earlier stage saved, if anything
     if not (run / "model").is_dir():

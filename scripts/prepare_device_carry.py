@@ -5,7 +5,10 @@ the working tree plus .carry, at most 64 MiB, so training photos are added (CBSD
 stored, Urban100 and Wikipedia photos resized to 768 px as JPEG q92, interleaved) until the total
 reaches --budget-mib. The TAEF2 teacher travels inside the package.
 
-    .venv/bin/python scripts/prepare_device_carry.py [--budget-mib 62]
+    .venv/bin/python scripts/prepare_device_carry.py [--budget-mib 62] [--init-model DIR]
+
+--init-model: a v2 model folder trained elsewhere (e.g. on the CPU, ../runs/cpu2/...), carried
+as float16 to .carry/init-model; device_train.py then continues from it.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ def main() -> int:
     parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--budget-mib", type=float, default=62.0, help="working tree + .carry")
     parser.add_argument("--val-images", type=int, default=8, help="CBSD68 photos")
+    parser.add_argument("--init-model", default=None, help="a v2 model folder for device_train.py to continue")
     args = parser.parse_args()
     shared, carry = Path(args.shared), ROOT / ".carry"
     if carry.exists():
@@ -55,6 +59,11 @@ def main() -> int:
     platform_args = [a for p in PLATFORMS for a in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
                     "--implementation", "cp", *platform_args, "-d", str(carry / "wheels"), *WHEELS], check=True)
+    if args.init_model:
+        import osdiff
+        from osdiff.build import save_for_shipping
+
+        save_for_shipping(osdiff.load(args.init_model), carry / "init-model")
     images = shared / "images"
     for f in sorted((images / "cbsd68").glob("*.png"))[: args.val_images]:
         shutil.copy(f, carry / "data" / "val" / f.name)

@@ -148,6 +148,18 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
     image, data = model(np.zeros((64, 64, 3), np.uint8), quality=1)
     assert image.size == (64, 64) and len(data) > 0
 
+    # a v2 model trained elsewhere (carried as .carry/init-model) is continued, not bootstrapped
+    out2 = tmp_path / "out2"
+    proc = subprocess.run(
+        ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data"),
+         "--init-model", str(tmp_path / "unpacked" / "model")],
+        cwd=ROOT, env={**env, "OUT": str(out2)}, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    assert json.loads((out2 / "summary.json").read_text())["mode"] == "continue"
+
 
 class _CountingPool(torch.nn.Module):
     """A stand-in encoder: 8x8 average pooling to 32 channels, counting its calls."""
