@@ -1,0 +1,25 @@
+"""Make a model folder from a running codec stage's checkpoint, to evaluate it mid-training:
+the compressor and controlled UNet from the checkpoint, every other part from the model folder
+the run started from (its init_from).
+
+    python scripts/export_checkpoint.py ../runs/gpu1/model ../runs/cpu2/control/stages/0-codec/ckpt.pt ../runs/cpu2/eval-model
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+from osdiff.pipeline import OSDiffPipeline
+
+if len(sys.argv) != 4:
+    sys.exit(__doc__)
+base, ckpt, out = (Path(a) for a in sys.argv[1:])
+if out.exists():
+    sys.exit(f"{out} exists; not overwriting it")
+pipe = OSDiffPipeline.from_pretrained(base).to(torch.float32)
+state = torch.load(ckpt, map_location="cpu", weights_only=False)
+pipe.compressor.load_state_dict(state["modules"]["compressor"])
+pipe.unet.load_state_dict(state["modules"]["unet"])
+pipe.compressor.update(force=True)
+pipe.save_pretrained(out)
+print(f"wrote {out} (step {state['step']})")
