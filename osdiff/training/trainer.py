@@ -305,9 +305,8 @@ class Trainer:
             torch.manual_seed(cfg.seed + 5)
             student = teacher.with_decoder(arch.student_decoder_channels, arch.student_decoder_blocks).to(self.device)
             codec = None
-        if codec is None:
-            del init
-        else:
+        del init
+        if codec is not None:
             codec.compressor.eval().requires_grad_(False)  # eval: rounded latents, as in coding
             codec.unet.eval().requires_grad_(False)
             levels = codec.compressor.config.num_quality_levels
@@ -543,7 +542,7 @@ class Trainer:
         # perceptual weight 0: the official loss, all in latent space (no pixel decoding in training)
         pixel_loss = losses.perceptual > 0
         perceptual = PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear, encoder).to(self.device) if pixel_loss else None
-        if cfg.data.latent_cache and encoder is not None:
+        if encoder is not None:  # TAEF2: raw latents (cached or not), normalised here
             pairs = self._latent_sampler(index, stage, encoder)
             to_latent = lambda raw: (raw - vae.mean) / vae.std
         else:
@@ -559,11 +558,15 @@ class Trainer:
 
         needs_unet = losses.latent_mse > 0 or losses.adversarial > 0 or pixel_loss
         channel_weights = torch.ones(1, device=self.device)
-        if losses.latent_weighting == "decoder":
-            x0, z0 = pairs.batch(10**6)  # a fixed batch, outside the training steps' range
-            channel_weights = decoder_channel_weights(lambda z: decode_latent(vae, z), to_latent(z0.to(self.device))[:4])
-            (self.stage_dir(index)).mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(self.stage_dir(index) / "channel-weights.json", json.dumps([round(float(w), 5) for w in channel_weights]))
+        if losses.latent_weighting == "decoder":  # measured once per stage, read back on resume
+            weights_file = self.stage_dir(index) / "channel-weights.json"
+            if weights_file.is_file():
+                channel_weights = torch.tensor(json.loads(weights_file.read_text()), device=self.device)
+            else:
+                _, z0 = pairs.batch(10**6)  # a fixed batch, outside the training steps' range
+                channel_weights = decoder_channel_weights(lambda z: decode_latent(vae, z), to_latent(z0.to(self.device))[:4])
+                weights_file.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_write_text(weights_file, json.dumps([float(w) for w in channel_weights]))
         channel_weights = channel_weights.view(1, -1, 1, 1)
 
         def one_step(hint: torch.Tensor, noise: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
