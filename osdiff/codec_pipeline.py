@@ -33,11 +33,11 @@ from .rate import EncodeResult, quality_to_steps, search_quality, target_size
 
 
 @contextlib.contextmanager
-def _onednn_off():
-    """torch.backends.mkldnn.flags(enabled=False) without the TF32 warning that CPU-only torch
-    builds print on every use (filtered here, not globally: a caller's or pytest's
-    catch_warnings would drop a global filter)."""
-    flags = torch.backends.mkldnn.flags(enabled=False)
+def _onednn_on():
+    """torch.backends.mkldnn.flags(enabled=True), whatever the caller set, without the TF32
+    warning that CPU-only torch builds print on every use (filtered here, not globally: a
+    caller's or pytest's catch_warnings would drop a global filter)."""
+    flags = torch.backends.mkldnn.flags(enabled=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN", category=UserWarning)
         flags.__enter__()
@@ -176,7 +176,7 @@ class ImageCodecPipeline(DiffusionPipeline):
         before = torch.get_num_threads()
         torch.set_num_threads(self.compute.threads)
         try:
-            with _onednn_off():
+            with _onednn_on():
                 yield
         finally:
             torch.set_num_threads(before)

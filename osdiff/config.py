@@ -52,12 +52,14 @@ class DecodingConfig:
 class ComputeConfig:
     """How the networks run on the CPU while coding.
 
-    deterministic=True: oneDNN off and exactly `threads` intra-op threads, so the float work is
-    split the same way whatever the caller's torch thread setting: bytes and decoded pixels
-    are identical in processes with 1, 2 or 3 threads (tested). oneDNN's results change with
-    the thread count even when it is fixed for the call, hence off. About 1.8x slower decoding
-    on 2 CPU cores (512x768: 0.82 s vs 0.46 s). False: torch's defaults, fastest, pixels may
-    differ by one level between thread counts (the entropy decoding is exact either way)."""
+    deterministic=True: exactly `threads` intra-op threads and oneDNN on (whatever the caller
+    set), so the float work is split the same way whatever the caller's torch thread setting:
+    bytes and decoded pixels are identical in processes with 1, 2 or 3 threads (tested; by hand
+    on 18 CBSD68/McMaster photos, 10.6 M decoded values, 0 differences). An earlier version also
+    turned oneDNN off, after a measurement that its convolutions differed between thread counts;
+    that no longer reproduces with torch 2.14.1, and ATen's own convolutions were 3-4x slower.
+    False: torch's defaults (its thread count), pixels may differ by one level between thread
+    counts (the entropy decoding is exact either way)."""
 
     deterministic: bool = True
     threads: int = 2
@@ -90,6 +92,10 @@ class TinyArchitecture:
     autoencoder: str = "own"
     student_decoder_channels: tuple[int, ...] = (64, 48, 32, 16)  # at 1/8, 1/4, 1/2, 1/1 resolution
     student_decoder_blocks: tuple[int, ...] = (2, 2, 1, 1)
+    # True: the student keeps TAEF2's decoder layers at 1/8 and 1/4 resolution (copied from the
+    # teacher) and student_decoder_channels / _blocks name the levels after them (1/2, full),
+    # ending in a pixel shuffle (osdiff.models.taesd.trunk_decoder)
+    student_decoder_trunk: bool = False
     unet_block_out_channels: tuple[int, ...] = (64, 128)
     unet_down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
     unet_up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")

@@ -81,7 +81,7 @@ def test_cross_process_and_thread_count(tmp_path, model, quality):
     one, two, three = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("one", "two", "three"))
     assert np.array_equal(one, np.asarray(Image.open(tmp_path / "one_again.png"), dtype=int))
     # The entropy decoding is exact, so the latent is identical; the UNet and the latent
-    # decoder run with oneDNN off and a fixed thread count (ComputeConfig), so the float32
+    # decoder run with a fixed thread count and oneDNN on (ComputeConfig), so the float32
     # work is split the same way whatever the caller's torch setting: identical pixels.
     assert np.array_equal(one, two) and np.array_equal(one, three)
 
