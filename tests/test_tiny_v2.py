@@ -66,6 +66,17 @@ def test_taesd_component_saves_statistics_and_student_decoder(tmp_path):
     assert torch.equal(loaded.decode(z), student.decode(z))
     assert loaded.decode(z).shape == (2, 3, 32, 32)
 
+    # a trunk student: the teacher's 1/8 and 1/4 levels, then a 1/2 level and a pixel shuffle
+    trunk = teacher.with_decoder((8,), (1,), trunk=True)
+    trunk.load_trunk(teacher)
+    feats = trunk.decoder_trunk_layers(z)
+    assert torch.equal(feats, teacher.decoder[:11](z)) and feats.shape[-1] == 2 * z.shape[-1]
+    assert trunk.decode(z).shape == (2, 3, 32, 32)
+    trunk.save_pretrained(tmp_path / "trunk")
+    assert torch.equal(TAESDAutoencoder.from_pretrained(tmp_path / "trunk").decode(z), trunk.decode(z))
+    with pytest.raises(ValueError):
+        student.load_trunk(teacher)
+
 
 def test_controlled_unet_takes_any_latent_channel_count(tmp_path):
     from diffusers import UNetControlNetXSModel
@@ -175,6 +186,7 @@ class _CountingPool(torch.nn.Module):
 
 
 def test_latent_cache_is_computed_once_and_crops_stay_aligned(tmp_path, image_folder):
+    from osdiff.errors import OSDiffError
     from osdiff.training.data import find_images, load_images
     from osdiff.training.latents import LatentCropSampler, cached_latents
 
@@ -199,6 +211,15 @@ def test_latent_cache_is_computed_once_and_crops_stay_aligned(tmp_path, image_fo
     assert torch.allclose(encoder(x).half().float(), z, atol=2e-3)
     x2, z2 = sampler.batch(3)
     assert torch.equal(x, x2) and torch.equal(z, z2)
+
+    # crop 0: one whole photo per batch, trimmed to a multiple of `align` latent pixels
+    whole = LatentCropSampler(images, latents, 0, 1, seed=0, stage=0, align=3)
+    x, z = whole.batch(5)
+    assert z.shape[-2] % 3 == 0 and z.shape[-1] % 3 == 0 and x.shape[-2:] == (8 * z.shape[-2], 8 * z.shape[-1])
+    assert torch.allclose(encoder(x).half().float(), z, atol=2e-3)
+    assert z.shape == (1, 32, 12, 15)  # the 128x96 photos' 16x12 latents, trimmed
+    with pytest.raises(OSDiffError, match="batch_size must be 1"):
+        LatentCropSampler(images, latents, 0, 2, seed=0, stage=0)
 
 
 def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
@@ -270,6 +291,28 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
                    cwd=ROOT, check=True, capture_output=True)
     swapped = osdiff.load(tmp_path / "swapped")
     assert torch.equal(swapped.vae.decoder[1].weight.float(), student.decoder[1].weight)
+
+    # another student shape: a trunk decoder starts from the teacher's 1/8 and 1/4 levels, which
+    # stay frozen, with the pixel MSE and colour terms, on whole photos (crop 0)
+    trunked = tmp_path / "trunked"
+    arch3 = dataclasses.replace(arch, student_decoder_channels=(8,), student_decoder_blocks=(1,), student_decoder_trunk=True)
+    cfg3 = dataclasses.replace(cfg, output_dir=str(trunked), init_from=str(tuned / "model"), tiny=arch3, val_every=2,
+                               losses=dataclasses.replace(cfg.losses, decoder_mse=5.0, decoder_colour=10.0),
+                               stages=[StageConfig(name="decoder", decoder_target="photo", decoder_inputs="codec",
+                                                   decoder_freeze_trunk=True, steps=2, batch_size=1, crop=0, warmup_steps=1)])
+    assert Trainer(cfg3).run() == trunked / "model"
+    new = osdiff.load(trunked / "model")
+    teacher = TAESDAutoencoder.from_pretrained(ROOT / "osdiff" / "weights" / "taef2" / "vae")
+    assert new.vae.config.decoder_trunk and new.vae.config.latent_mean == before.vae.config.latent_mean
+    for a, b in zip(new.vae.decoder_trunk_layers.state_dict().values(), teacher.decoder[:11].state_dict().values()):
+        assert torch.equal(a.float(), b.float())
+    with open(trunked / "log-0-decoder.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[0]["mse"]) > 0 and float(rows[0]["colour"]) > 0
+    with open(trunked / "val-0-decoder.csv") as f:
+        assert float(next(csv.DictReader(f))["colour_shift"]) >= 0
+    image, data = new(np.zeros((64, 64, 3), np.uint8), quality=2)
+    assert image.size == (64, 64)
 
 
 def test_decoder_channel_weights_follow_each_channels_pixel_effect():

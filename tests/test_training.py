@@ -173,3 +173,9 @@ def test_config_files_load(tmp_path):
     bad.write_text("stages: [{name: decoder, decoder_inputs: codec}]\n")
     with pytest.raises(OSDiffError, match="needs decoder_target 'photo' and init_from"):
         load_config(bad)
+    bad.write_text("data: {latent_cache: cache}\nstages: [{name: decoder, crop: 0, batch_size: 2}]\n")
+    with pytest.raises(OSDiffError, match="crop 0"):
+        load_config(bad)
+    bad.write_text("stages: [{name: decoder, crop: 0, batch_size: 1}]\n")  # no latent cache
+    with pytest.raises(OSDiffError, match="crop 0"):
+        load_config(bad)

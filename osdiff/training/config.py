@@ -41,7 +41,7 @@ class StageConfig:
     name: str = "codec"  # autoencoder | decoder | denoiser | codec | baseline | official
     steps: int = 1000
     batch_size: int = 4
-    crop: int = 256
+    crop: int = 256  # pixels; 0 (decoder stage on data.latent_cache, batch_size 1): whole photos
     lr: float = 1e-4
     lr_discriminator: float = 1e-4
     lr_aux: float = 1e-3
@@ -62,6 +62,9 @@ class StageConfig:
     # "codec" (init_from's one-step outputs at random quality levels, as decoding produces them:
     # the decoder learns to undo the codec's errors too; needs decoder_target "photo")
     decoder_inputs: str = "latents"
+    # decoder stage, tiny.student_decoder_trunk: keep the teacher's 1/8 and 1/4 levels frozen
+    # (only the new layers learn; no backward pass through the trunk)
+    decoder_freeze_trunk: bool = False
 
 
 @dataclass
@@ -89,6 +92,8 @@ class LossConfig:
     # horizontal and vertical pixel differences (edges; cheap where the feature distance is not)
     decoder_features: float = 0.1
     decoder_gradient: float = 0.0
+    decoder_mse: float = 0.0  # decoder stage: + decoder_mse * pixel MSE (images in [0,1])
+    decoder_colour: float = 0.0  # decoder stage: + decoder_colour * MSE of 16x16 block means (colour casts)
     pixel_mse: float = 1.0  # baseline stage: weight of the image MSE (images in [0,1])
     # baseline stage: loss = bpp + lambda * (pixel_mse * MSE + perceptual * P + adversarial * A),
     # the adversarial term inside lambda as in HiFiC (its weight is relative to the distortion)
@@ -183,6 +188,8 @@ def load_config(path: str | Path) -> TrainConfig:
             raise OSDiffError(f"config {path.name}: decoder_inputs must be 'latents' or 'codec', got {stage.decoder_inputs!r}")
         if stage.decoder_inputs == "codec" and (stage.decoder_target != "photo" or not config.init_from):
             raise OSDiffError(f"config {path.name}: decoder_inputs 'codec' needs decoder_target 'photo' and init_from (a model folder)")
+        if stage.crop == 0 and (stage.name != "decoder" or not config.data.latent_cache or stage.batch_size != 1):
+            raise OSDiffError(f"config {path.name}: crop 0 (whole photos) is for a decoder stage with data.latent_cache and batch_size 1")
         if stage.decoder_target not in ("teacher", "photo"):
             raise OSDiffError(f"config {path.name}: decoder_target must be 'teacher' or 'photo', got {stage.decoder_target!r}")
         if (stage.name == "official") != (config.model == "official"):

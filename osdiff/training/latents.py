@@ -57,21 +57,36 @@ def cached_latents(images: list[np.ndarray], files: list[Path], max_side: int, e
 
 class LatentCropSampler:
     """Aligned random crops of photos and their cached latents (no flips: see the module
-    docstring); batch k is a pure function of (seed, stage, k)."""
+    docstring); batch k is a pure function of (seed, stage, k).
+
+    crop 0: whole photos instead, one per batch (sizes differ), each trimmed at the right and
+    bottom to a multiple of `align` latent pixels (e.g. a compressor's `latent_multiple`). For
+    decoders with GroupNorm over the whole image (TAEF2's): on a crop its statistics, and with
+    them the colours, differ from the whole image's."""
 
     def __init__(self, images: list[np.ndarray], latents: list[Tensor], crop: int, batch_size: int,
-                 seed: int, stage: int) -> None:
+                 seed: int, stage: int, align: int = 1) -> None:
         if crop % 8:
             raise OSDiffError(f"crop must be a multiple of 8, got {crop}")
-        pairs = [(im, z) for im, z in zip(images, latents, strict=True) if min(z.shape[1:]) * 8 >= crop]
+        if crop == 0 and batch_size != 1:
+            raise OSDiffError(f"whole images (crop 0) come one per batch: batch_size must be 1, got {batch_size}")
+        least = max(crop, 8 * align)
+        pairs = [(im, z) for im, z in zip(images, latents, strict=True) if min(z.shape[1:]) * 8 >= least]
         if not pairs:
-            raise OSDiffError(f"no training image is at least {crop}x{crop} pixels")
+            raise OSDiffError(f"no training image is at least {least}x{least} pixels")
         self.images, self.latents = zip(*pairs)
-        self.crop, self.batch_size, self.seed, self.stage = crop, batch_size, seed, stage
+        self.crop, self.batch_size, self.seed, self.stage, self.align = crop, batch_size, seed, stage, align
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
-        """(pixels (B,3,crop,crop) float in [0,1], raw latents (B,C,crop/8,crop/8) float32)."""
+        """(pixels (B,3,crop,crop) float in [0,1], raw latents (B,C,crop/8,crop/8) float32);
+        crop 0: (1,3,H,W) and (1,C,H/8,W/8) of one whole photo."""
         rng = np.random.default_rng([self.seed, self.stage, step])
+        if self.crop == 0:
+            k = rng.integers(len(self.images))
+            im, z = self.images[k], self.latents[k]
+            h, w = (z.shape[1] // self.align) * self.align, (z.shape[2] // self.align) * self.align
+            x = torch.from_numpy(np.array(im[: 8 * h, : 8 * w])).permute(2, 0, 1)[None].float().div_(255.0)
+            return x, z[None, :, :h, :w].float()
         c = self.crop // 8
         pixels = np.empty((self.batch_size, self.crop, self.crop, 3), dtype=np.uint8)
         latents = []

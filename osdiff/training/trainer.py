@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import piq
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from ..baseline_pipeline import BaselinePipeline
 from ..build import SD_COMPRESSOR, add_control, compressor_from, sd_noise_scheduler, tiny_autoencoder, tiny_unet
 from ..denoise import add_noise, decoding_alpha_bar, decoding_x0_eps
 from ..errors import OSDiffError
+from ..evaluation.metrics import colour_shift
 from ..models.autoencoder import TinyAutoencoder, decode_latent, encode_latent
 from ..models.baselines import LearnedImageCodec
 from ..models.taesd import TAESDAutoencoder
@@ -100,16 +102,26 @@ class Trainer:
             self._val_images = load_images(files, self.config.data.max_side)
         return center_crops(self._val_images, crop).to(self.device)
 
-    def _latent_sampler(self, index: int, stage: StageConfig, encoder: nn.Module):
+    def _val_whole(self) -> list[torch.Tensor]:
+        """The validation photos whole, each (1,3,H,W) in [0,1] trimmed to multiples of 8."""
+        self._val_batch(8)  # loads them
+        out = []
+        for im in self._val_images:
+            h, w = (im.shape[0] // 8) * 8, (im.shape[1] // 8) * 8
+            out.append(torch.from_numpy(np.array(im[:h, :w])).permute(2, 0, 1)[None].float().div(255.0).to(self.device))
+        return out
+
+    def _latent_sampler(self, index: int, stage: StageConfig, encoder: nn.Module, align: int = 1):
         """Batches of (photos (B,3,crop,crop) in [0,1], raw latents) for a stage on a frozen
-        encoder: cut from data.latent_cache when set, else the encoder runs on each batch."""
+        encoder: cut from data.latent_cache when set, else the encoder runs on each batch.
+        crop 0 (cache only): one whole photo per batch, trimmed to `align` latent pixels."""
         cfg = self.config
         if cfg.data.latent_cache:
             folder = Path(cfg.data.latent_cache)
             folder = folder if folder.is_absolute() else self.base / folder
             files = find_images(cfg.data.train_folders, self.base)
             latents = cached_latents(self._images_cached(), files, cfg.data.max_side, encoder, folder, self.device)
-            return LatentCropSampler(self._images_cached(), latents, stage.crop, stage.batch_size, cfg.seed, index)
+            return LatentCropSampler(self._images_cached(), latents, stage.crop, stage.batch_size, cfg.seed, index, align)
         return _EncodingSampler(CropSampler(self._images_cached(), stage.crop, stage.batch_size, cfg.seed, index), encoder, self.device)
 
     def _log(self, row: dict, kind: str = "log") -> None:
@@ -291,32 +303,46 @@ class Trainer:
             raise OSDiffError("stage 'decoder' needs tiny.autoencoder: taef2")
         init = self._init_model()
         photo = stage.decoder_target == "photo"
-        teacher = None if photo and init is not None else self._teacher_autoencoder().to(self.device).requires_grad_(False).eval()
-        if init is not None:  # continue a model folder's student (its latent statistics kept)
-            if not isinstance(init.vae, TAESDAutoencoder) or init.vae.config.decoder_channels is None:
-                raise OSDiffError(f"init_from {cfg.init_from}: its autoencoder is not a TAEF2 one with a slim decoder")
-            student = init.vae.to(self.device)
+        shape = dict(channels=arch.student_decoder_channels, blocks=arch.student_decoder_blocks, trunk=arch.student_decoder_trunk)
+        continues = False  # init_from's student goes on learning
+        if init is not None:
+            if not isinstance(init.vae, TAESDAutoencoder):
+                raise OSDiffError(f"init_from {cfg.init_from}: its autoencoder is not a TAEF2 one")
+            c = init.vae.config
+            continues = _decoder_shape(c.decoder_channels, c.decoder_blocks, c.get("decoder_trunk", False)) == _decoder_shape(**shape)
+        needs_teacher = not (photo and continues)
+        teacher = self._teacher_autoencoder().to(self.device).requires_grad_(False).eval() if needs_teacher else None
+        if init is not None:
+            # the model folder's latent statistics are kept; its student continues when it has
+            # this recipe's shape, else a new student of that shape starts
+            student = init.vae.to(self.device) if continues else init.vae.with_decoder(**shape).to(self.device)
             codec = init.to(self.device) if stage.decoder_inputs == "codec" else None
         else:
-            sampler = CropSampler(self._images_cached(), stage.crop, stage.batch_size, cfg.seed, index)
+            sampler = CropSampler(self._images_cached(), stage.crop or 256, stage.batch_size, cfg.seed, index)
             with torch.no_grad():  # per-channel latent statistics from 64 fixed training crops
                 crops = torch.cat([sampler.batch(10**6 + i) for i in range(-(-64 // stage.batch_size))])
                 teacher.fit_latent_statistics(crops.to(self.device))
             torch.manual_seed(cfg.seed + 5)
-            student = teacher.with_decoder(arch.student_decoder_channels, arch.student_decoder_blocks).to(self.device)
+            student = teacher.with_decoder(**shape).to(self.device)
             codec = None
+        if not continues and student.config.decoder_trunk:
+            student.load_trunk(teacher)  # the teacher's 1/8 and 1/4 levels, kept or fine-tuned
         del init
         if codec is not None:
             codec.compressor.eval().requires_grad_(False)  # eval: rounded latents, as in coding
             codec.unet.eval().requires_grad_(False)
             levels = codec.compressor.config.num_quality_levels
         student.encoder.requires_grad_(False).eval()
-        params = list(student.decoder.parameters())
+        if stage.decoder_freeze_trunk:
+            if student.decoder_trunk_layers is None:
+                raise OSDiffError("decoder_freeze_trunk needs tiny.student_decoder_trunk: true")
+            student.decoder_trunk_layers.requires_grad_(False)
+        params = [p for p in student.decoder.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
         student, opt = self._prepare(student, opt)
         model = self.accelerator.unwrap_model(student)
         features = PerceptualLoss("taesd-features", encoder=model.encoder).to(self.device) if losses.decoder_features else None
-        pairs = self._latent_sampler(index, stage, model.encoder)
+        pairs = self._latent_sampler(index, stage, model.encoder, codec.compressor.latent_multiple if codec is not None else 1)
         std = model.std
 
         def step_fn(step: int) -> dict:
@@ -340,6 +366,14 @@ class Trainer:
                 l1 = (pred - target).abs().mean()
                 loss = l1
                 logs = {"l1": l1.detach()}
+                if losses.decoder_mse:
+                    mse = F.mse_loss(pred, target)
+                    loss = loss + losses.decoder_mse * mse
+                    logs["mse"] = mse.detach()
+                if losses.decoder_colour:
+                    colour = _low_pass_mse(pred, target)
+                    loss = loss + losses.decoder_colour * colour
+                    logs["colour"] = colour.detach()
                 if features is not None:
                     feat = features(pred, target).mean()
                     loss = loss + losses.decoder_features * feat
@@ -354,15 +388,19 @@ class Trainer:
         val_raw = None
 
         def val_fn() -> dict:
+            # crops, or (crop 0) the whole photos one at a time: TAEF2's GroupNorm sees the
+            # statistics it sees when coding
             nonlocal val_raw
-            x = self._val_batch(stage.crop)
+            xs = list(self._val_batch(stage.crop).split(4)) if stage.crop else self._val_whole()
             if val_raw is None:
-                val_raw = torch.cat([model.encode_raw(c * 2 - 1) for c in x.split(4)])
-            pred = torch.cat([(model.decode_raw(r) + 1) / 2 for r in val_raw.split(4)])
-            out = {"psnr": _psnr(pred, x), "haarpsi": piq.haarpsi(pred.clamp(0, 1), x, data_range=1.0).item()}
+                val_raw = [model.encode_raw(x * 2 - 1) for x in xs]
+            preds = [((model.decode_raw(r) + 1) / 2).clamp(0, 1) for r in val_raw]
+            pairs_ = [(p[None], x[None]) for pb, xb in zip(preds, xs) for p, x in zip(pb, xb)]
+            out = {"psnr": _mean_psnr(preds, xs), "haarpsi": sum(piq.haarpsi(p, x, data_range=1.0).item() for p, x in pairs_) / len(pairs_),
+                   "colour_shift": sum(colour_shift(p, x) for p, x in pairs_) / len(pairs_)}
             if teacher is not None:
-                reference = (teacher.decode_raw(val_raw).clamp(-1, 1) + 1) / 2  # _psnr clamps pred to [0, 1] too
-                out.update(psnr_teacher_decoder=_psnr(reference, x), psnr_vs_teacher=_psnr(pred, reference))
+                reference = [((teacher.decode_raw(r) + 1) / 2).clamp(0, 1) for r in val_raw]
+                out.update(psnr_teacher_decoder=_mean_psnr(reference, xs), psnr_vs_teacher=_mean_psnr(preds, reference))
             return out
 
         if not self._loop(index, stage, {"vae": student}, {"vae": (opt, stage.lr)}, step_fn, max_steps, deadline, val_fn):
@@ -772,6 +810,17 @@ def _gradient_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (dx(pred) - dx(target)).abs().mean() + (dy(pred) - dy(target)).abs().mean()
 
 
+def _low_pass_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE of 16x16 block means (average colour and brightness; what a colour cast moves)."""
+    return F.mse_loss(F.avg_pool2d(pred, 16, ceil_mode=True), F.avg_pool2d(target, 16, ceil_mode=True))
+
+
+def _decoder_shape(channels, blocks, trunk) -> tuple:
+    """A TAEF2 student decoder's shape, comparable between a vae config and a recipe (widths
+    None: the teacher's own decoder)."""
+    return (None if channels is None else tuple(channels), tuple(blocks), bool(trunk) and channels is not None)
+
+
 def _same_architecture(a, b) -> bool:
     """Whether two diffusers configs describe the same shapes (bookkeeping keys ignored)."""
     strip = lambda c: {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731
@@ -792,6 +841,12 @@ def _number(v) -> float:
 def _psnr_tensor(x_hat, x) -> torch.Tensor:
     """Batch PSNR in dB of images in [0,1] as a 0-d tensor (no device sync)."""
     return -10 * torch.log10(F.mse_loss(x_hat.detach().clamp(0, 1), x).clamp_min(1e-10))
+
+
+def _mean_psnr(preds: list, targets: list) -> float:
+    """Mean over the images of each one's PSNR in dB (batches of any sizes, in [0,1])."""
+    values = [_psnr(p[None], t[None]) for pb, tb in zip(preds, targets) for p, t in zip(pb, tb)]
+    return sum(values) / len(values)
 
 
 def _psnr(x_hat, x) -> float:
