@@ -360,9 +360,8 @@ def cmd_train(args) -> int:
     from .training.trainer import Trainer
 
     config_path = Path(args.config)
-    config = load_config(config_path)
     overrides = {"device": args.device, "init_from": args.init_from, "output_dir": args.output_dir}
-    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    config = load_config(config_path, **{k: v for k, v in overrides.items() if v is not None})
     model = Trainer(config, config_dir=Path.cwd()).run(max_steps=args.max_steps, max_minutes=args.max_minutes)
     print(f"finished: {model}" if model else "stopped early; run the same command again to resume")
     return 0

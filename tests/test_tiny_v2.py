@@ -313,6 +313,9 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
         assert float(next(csv.DictReader(f))["colour_shift"]) >= 0
     image, data = new(np.zeros((64, 64, 3), np.uint8), quality=2)
     assert image.size == (64, 64)
+    report = subprocess.run([sys.executable, "scripts/decoder_diagnosis.py", str(trunked / "model"), "--images", str(image_folder),
+                             "--limit", "1"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    assert "teacher(z)" in report and "L4 model(one step)" in report
 
 
 def test_decoder_channel_weights_follow_each_channels_pixel_effect():

@@ -173,6 +173,8 @@ def test_config_files_load(tmp_path):
     bad.write_text("stages: [{name: decoder, decoder_inputs: codec}]\n")
     with pytest.raises(OSDiffError, match="needs decoder_target 'photo' and init_from"):
         load_config(bad)
+    bad.write_text("stages: [{name: decoder, decoder_inputs: codec, decoder_target: photo}]\n")
+    assert load_config(bad, init_from="model").init_from == "model"  # as `osdiff train --init-from` gives it
     bad.write_text("data: {latent_cache: cache}\nstages: [{name: decoder, crop: 0, batch_size: 2}]\n")
     with pytest.raises(OSDiffError, match="crop 0"):
         load_config(bad)

@@ -15,6 +15,8 @@ A run is a list of stages executed in order, each resumable:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -163,8 +165,9 @@ def _build(cls, data: Any, where: str):
         raise OSDiffError(f"config {where}: {exc}") from None
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a TrainConfig."""
+def load_config(path: str | Path, **overrides) -> TrainConfig:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a TrainConfig; `overrides` (top-level
+    fields, e.g. the CLI's init_from) replace the file's values before the checks."""
     path = Path(path)
     if not path.is_file():
         raise OSDiffError(f"{path}: no such config file")
@@ -178,7 +181,7 @@ def load_config(path: str | Path) -> TrainConfig:
             data = yaml.safe_load(text) or {}
     except Exception as exc:  # parse errors of either format
         raise OSDiffError(f"{path}: cannot parse config ({exc.__class__.__name__}: {exc})") from None
-    config = _build(TrainConfig, data, path.name)
+    config = dataclasses.replace(_build(TrainConfig, data, path.name), **overrides)
     for stage in config.stages:
         if stage.name not in ("autoencoder", "decoder", "denoiser", "codec", "baseline", "official"):
             raise OSDiffError(f"config {path.name}: unknown stage {stage.name!r}")
