@@ -344,6 +344,12 @@ class Trainer:
         features = PerceptualLoss("taesd-features", encoder=model.encoder).to(self.device) if losses.decoder_features else None
         pairs = self._latent_sampler(index, stage, model.encoder, codec.compressor.latent_multiple if codec is not None else 1)
         std = model.std
+        extra_terms = {  # loss = L1 + the sum of weight * term
+            "mse": (losses.decoder_mse, F.mse_loss),
+            "colour": (losses.decoder_colour, _low_pass_mse),
+            "features": (losses.decoder_features, lambda p, t: features(p, t).mean()),
+            "gradient": (losses.decoder_gradient, _gradient_l1),
+        }
 
         def step_fn(step: int) -> dict:
             x, raw = pairs.batch(step)
@@ -366,22 +372,11 @@ class Trainer:
                 l1 = (pred - target).abs().mean()
                 loss = l1
                 logs = {"l1": l1.detach()}
-                if losses.decoder_mse:
-                    mse = F.mse_loss(pred, target)
-                    loss = loss + losses.decoder_mse * mse
-                    logs["mse"] = mse.detach()
-                if losses.decoder_colour:
-                    colour = _low_pass_mse(pred, target)
-                    loss = loss + losses.decoder_colour * colour
-                    logs["colour"] = colour.detach()
-                if features is not None:
-                    feat = features(pred, target).mean()
-                    loss = loss + losses.decoder_features * feat
-                    logs["features"] = feat.detach()
-                if losses.decoder_gradient:
-                    grad = _gradient_l1(pred, target)
-                    loss = loss + losses.decoder_gradient * grad
-                    logs["gradient"] = grad.detach()
+                for name, (weight, term) in extra_terms.items():
+                    if weight:
+                        value = term(pred, target)
+                        loss = loss + weight * value
+                        logs[name] = value.detach()
                 self._update(loss, params, opt, stage.grad_clip)
             return {"loss": loss.detach(), **logs, f"psnr_{stage.decoder_target}": _psnr_tensor(pred, target)}
 
