@@ -310,7 +310,8 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
         rows = list(csv.DictReader(f))
     assert float(rows[0]["mse"]) > 0 and float(rows[0]["colour"]) > 0
     with open(trunked / "val-0-decoder.csv") as f:
-        assert float(next(csv.DictReader(f))["colour_shift"]) >= 0
+        row = next(csv.DictReader(f))
+    assert float(row["colour_shift"]) >= 0 and float(row["psnr_one_step"]) > 0  # clean latents, and the codec's outputs
     image, data = new(np.zeros((64, 64, 3), np.uint8), quality=2)
     assert image.size == (64, 64)
     report = subprocess.run([sys.executable, "scripts/decoder_diagnosis.py", str(trunked / "model"), "--images", str(image_folder),

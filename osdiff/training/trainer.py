@@ -102,12 +102,12 @@ class Trainer:
             self._val_images = load_images(files, self.config.data.max_side)
         return center_crops(self._val_images, crop).to(self.device)
 
-    def _val_whole(self) -> list[torch.Tensor]:
-        """The validation photos whole, each (1,3,H,W) in [0,1] trimmed to multiples of 8."""
+    def _val_whole(self, multiple: int = 8) -> list[torch.Tensor]:
+        """The validation photos whole, each (1,3,H,W) in [0,1] trimmed to multiples of `multiple`."""
         self._val_batch(8)  # loads them
         out = []
         for im in self._val_images:
-            h, w = (im.shape[0] // 8) * 8, (im.shape[1] // 8) * 8
+            h, w = (im.shape[0] // multiple) * multiple, (im.shape[1] // multiple) * multiple
             out.append(torch.from_numpy(np.array(im[:h, :w])).permute(2, 0, 1)[None].float().div(255.0).to(self.device))
         return out
 
@@ -386,16 +386,25 @@ class Trainer:
             # crops, or (crop 0) the whole photos one at a time: TAEF2's GroupNorm sees the
             # statistics it sees when coding
             nonlocal val_raw
-            xs = list(self._val_batch(stage.crop).split(4)) if stage.crop else self._val_whole()
+            multiple = 8 * (codec.compressor.latent_multiple if codec is not None else 1)
+            xs = list(self._val_batch(stage.crop).split(4)) if stage.crop else self._val_whole(multiple)
             if val_raw is None:
                 val_raw = [model.encode_raw(x * 2 - 1) for x in xs]
-            preds = [((model.decode_raw(r) + 1) / 2).clamp(0, 1) for r in val_raw]
-            pairs_ = [(p[None], x[None]) for pb, xb in zip(preds, xs) for p, x in zip(pb, xb)]
-            out = {"psnr": _mean_psnr(preds, xs), "haarpsi": sum(piq.haarpsi(p, x, data_range=1.0).item() for p, x in pairs_) / len(pairs_),
-                   "colour_shift": sum(colour_shift(p, x) for p, x in pairs_) / len(pairs_)}
+            decode = lambda raws: [((model.decode_raw(r) + 1) / 2).clamp(0, 1) for r in raws]  # noqa: E731
+            preds = decode(val_raw)
+            out = _image_metrics(preds, xs)
             if teacher is not None:
                 reference = [((teacher.decode_raw(r) + 1) / 2).clamp(0, 1) for r in val_raw]
                 out.update(psnr_teacher_decoder=_mean_psnr(reference, xs), psnr_vs_teacher=_mean_psnr(preds, reference))
+            if codec is not None:  # what it learns: the one-step outputs, averaged over the levels
+                per_level = []
+                for level in range(levels):
+                    outputs = []
+                    for r in val_raw:
+                        hint = codec.compressor((r - model.mean) / std, torch.full((r.shape[0],), level, device=r.device))["hint"]
+                        outputs.append(codec.denoise(hint) * std + model.mean)
+                    per_level.append(_image_metrics(decode(outputs), xs))
+                out.update({f"{k}_one_step": sum(m[k] for m in per_level) / levels for k in per_level[0]})
             return out
 
         if not self._loop(index, stage, {"vae": student}, {"vae": (opt, stage.lr)}, step_fn, max_steps, deadline, val_fn):
@@ -836,6 +845,15 @@ def _number(v) -> float:
 def _psnr_tensor(x_hat, x) -> torch.Tensor:
     """Batch PSNR in dB of images in [0,1] as a 0-d tensor (no device sync)."""
     return -10 * torch.log10(F.mse_loss(x_hat.detach().clamp(0, 1), x).clamp_min(1e-10))
+
+
+def _image_metrics(preds: list, targets: list) -> dict:
+    """Mean PSNR (dB), HaarPSI and colour shift (8-bit levels) over the images of lists of
+    batches (any sizes, in [0,1])."""
+    pairs = [(p[None], t[None]) for pb, tb in zip(preds, targets) for p, t in zip(pb, tb)]
+    return {"psnr": _mean_psnr(preds, targets),
+            "haarpsi": sum(piq.haarpsi(p, t, data_range=1.0).item() for p, t in pairs) / len(pairs),
+            "colour_shift": sum(colour_shift(p, t) for p, t in pairs) / len(pairs)}
 
 
 def _mean_psnr(preds: list, targets: list) -> float:
