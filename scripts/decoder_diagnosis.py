@@ -4,7 +4,8 @@ averaged over the photos. No entropy coding: the compressor's rounded hint at ea
 
     teacher(z)        TAEF2's own decoder on the clean latent (the autoencoder's ceiling)
     model(z)          the model's decoder on the clean latent
-    L<n> teacher(hint), model(hint), model(one step): level n's hint, and its UNet step
+    L<n> teacher(hint), model(hint), teacher(one step), model(one step): level n's hint, and
+                      the output of its UNet step, decoded by either decoder
 
     python scripts/decoder_diagnosis.py MODEL [--images DIR] [--limit 8] [--threads 2]
 """
@@ -62,7 +63,9 @@ def main() -> int:
                 hint = pipe.compressor(z, torch.full((1,), level))["hint"]
                 add(f"L{level + 1} teacher(hint)", teacher.decode(hint), x)
                 add(f"L{level + 1} model(hint)", pipe.vae.decode(hint), x)
-                add(f"L{level + 1} model(one step)", pipe.vae.decode(pipe.denoise(hint)), x)
+                one_step = pipe.denoise(hint)
+                add(f"L{level + 1} teacher(one step)", teacher.decode(one_step), x)
+                add(f"L{level + 1} model(one step)", pipe.vae.decode(one_step), x)
     print(f"{len(files)} photos of {args.images}, model {args.model}")
     print(f"{'decoded':24s} {'PSNR dB':>8s} {'colour shift':>13s}")
     for name, values in rows.items():
