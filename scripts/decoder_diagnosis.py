@@ -26,7 +26,7 @@ from osdiff.evaluation.metrics import colour_shift  # noqa: E402
 from osdiff.hub import WEIGHTS_DIR  # noqa: E402
 from osdiff.models.taesd import TAESDAutoencoder  # noqa: E402
 from osdiff.pipeline import OSDiffPipeline  # noqa: E402
-from osdiff.training.data import find_images, load_images  # noqa: E402
+from osdiff.training.data import find_images, load_images, whole_photo  # noqa: E402
 
 
 def main() -> int:
@@ -54,8 +54,7 @@ def main() -> int:
     files = find_images([args.images])[: args.limit]
     with torch.no_grad():
         for im in load_images(files, 768):
-            h, w = im.shape[0] // multiple * multiple, im.shape[1] // multiple * multiple
-            x = torch.from_numpy(np.array(im[:h, :w])).permute(2, 0, 1)[None].float() / 255
+            x = whole_photo(im, multiple)
             z = pipe.vae.encode(x * 2 - 1)
             add("teacher(z)", teacher.decode(z), x)
             add("model(z)", pipe.vae.decode(z), x)

@@ -121,8 +121,9 @@ class TAESDAutoencoder(ModelMixin, ConfigMixin):
 
     `decoder_channels=None`: the teacher's decoder (TAESD layout); else a student with those
     widths and `decoder_blocks`: slim (`slim_decoder`), or with `decoder_trunk` the teacher's
-    1/8 and 1/4 levels followed by those widths and a pixel shuffle (`trunk_decoder`). `latent_mean` / `latent_std` (one per channel, from
-    training photos) map raw latents to roughly zero-mean, unit-variance ones.
+    1/8 and 1/4 levels followed by those widths and a pixel shuffle (`trunk_decoder`).
+    `latent_mean` / `latent_std` (one per channel, from training photos) map raw latents to
+    roughly zero-mean, unit-variance ones.
     """
 
     @register_to_config

@@ -40,6 +40,13 @@ def load_images(files: list[Path], max_side: int) -> list[np.ndarray]:
     return out
 
 
+def whole_photo(image: np.ndarray, multiple: int = 8) -> torch.Tensor:
+    """(1,3,H,W) float in [0,1]: a whole uint8 (H0,W0,3) photo, trimmed at the right and bottom
+    to multiples of `multiple` pixels."""
+    h, w = (image.shape[0] // multiple) * multiple, (image.shape[1] // multiple) * multiple
+    return torch.from_numpy(np.array(image[:h, :w])).permute(2, 0, 1)[None].float().div_(255.0)
+
+
 def center_crops(images: list[np.ndarray], crop: int) -> torch.Tensor:
     """(N,3,crop,crop) float in [0,1]: the centre of every image at least `crop` pixels a side
     (the fixed validation batch)."""

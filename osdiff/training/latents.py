@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import OSDiffError
 from ..verbosity import progress
+from .data import whole_photo
 
 
 def _key(files: list[Path], max_side: int, encoder: nn.Module) -> str:
@@ -45,9 +46,7 @@ def cached_latents(images: list[np.ndarray], files: list[Path], max_side: int, e
     encoder = encoder.to(device).eval()
     out = []
     for im in progress(images, desc="encoding training photos", mininterval=10):
-        h, w = (im.shape[0] // 8) * 8, (im.shape[1] // 8) * 8
-        x = torch.from_numpy(np.array(im[:h, :w])).permute(2, 0, 1)[None].float().div_(255.0)
-        out.append(encoder(x.to(device))[0].half().cpu())
+        out.append(encoder(whole_photo(im).to(device))[0].half().cpu())
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(out, tmp)
@@ -84,9 +83,8 @@ class LatentCropSampler:
         if self.crop == 0:
             k = rng.integers(len(self.images))
             im, z = self.images[k], self.latents[k]
-            h, w = (z.shape[1] // self.align) * self.align, (z.shape[2] // self.align) * self.align
-            x = torch.from_numpy(np.array(im[: 8 * h, : 8 * w])).permute(2, 0, 1)[None].float().div_(255.0)
-            return x, z[None, :, :h, :w].float()
+            x = whole_photo(im, 8 * self.align)
+            return x, z[None, :, : x.shape[2] // 8, : x.shape[3] // 8].float()
         c = self.crop // 8
         pixels = np.empty((self.batch_size, self.crop, self.crop, 3), dtype=np.uint8)
         latents = []

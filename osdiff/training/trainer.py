@@ -21,7 +21,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import piq
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,7 @@ from ..models.conditioning import ConditioningEmbedding
 from ..pipeline import OSDiffPipeline
 from ..verbosity import progress
 from .config import StageConfig, TrainConfig
-from .data import CropSampler, center_crops, find_images, load_images
+from .data import CropSampler, center_crops, find_images, load_images, whole_photo
 from .latents import LatentCropSampler, cached_latents
 from .discriminator import ConditionalPatchDiscriminator, UNetFeatureDiscriminator, frozen_generator_loss
 from .losses import PerceptualLoss, bits_per_pixel, decoder_channel_weights, discriminator_adversarial
@@ -105,11 +104,7 @@ class Trainer:
     def _val_whole(self, multiple: int = 8) -> list[torch.Tensor]:
         """The validation photos whole, each (1,3,H,W) in [0,1] trimmed to multiples of `multiple`."""
         self._val_batch(8)  # loads them
-        out = []
-        for im in self._val_images:
-            h, w = (im.shape[0] // multiple) * multiple, (im.shape[1] // multiple) * multiple
-            out.append(torch.from_numpy(np.array(im[:h, :w])).permute(2, 0, 1)[None].float().div(255.0).to(self.device))
-        return out
+        return [whole_photo(im, multiple).to(self.device) for im in self._val_images]
 
     def _latent_sampler(self, index: int, stage: StageConfig, encoder: nn.Module, align: int = 1):
         """Batches of (photos (B,3,crop,crop) in [0,1], raw latents) for a stage on a frozen
@@ -380,30 +375,32 @@ class Trainer:
                 self._update(loss, params, opt, stage.grad_clip)
             return {"loss": loss.detach(), **logs, f"psnr_{stage.decoder_target}": _psnr_tensor(pred, target)}
 
-        val_raw = None
+        fixed = None  # what the frozen networks give for the validation photos, computed once
+
+        def one_step_raw(raw: torch.Tensor, level: int) -> torch.Tensor:
+            hint = codec.compressor((raw - model.mean) / std, torch.full((raw.shape[0],), level, device=raw.device))["hint"]
+            return codec.denoise(hint) * std + model.mean
 
         def val_fn() -> dict:
             # crops, or (crop 0) the whole photos one at a time: TAEF2's GroupNorm sees the
             # statistics it sees when coding
-            nonlocal val_raw
-            multiple = 8 * (codec.compressor.latent_multiple if codec is not None else 1)
-            xs = list(self._val_batch(stage.crop).split(4)) if stage.crop else self._val_whole(multiple)
-            if val_raw is None:
-                val_raw = [model.encode_raw(x * 2 - 1) for x in xs]
-            decode = lambda raws: [((model.decode_raw(r) + 1) / 2).clamp(0, 1) for r in raws]  # noqa: E731
-            preds = decode(val_raw)
+            nonlocal fixed
+            decode = lambda net, raws: [((net.decode_raw(r) + 1) / 2).clamp(0, 1) for r in raws]  # noqa: E731
+            if fixed is None:
+                multiple = 8 * (codec.compressor.latent_multiple if codec is not None else 1)
+                xs = list(self._val_batch(stage.crop).split(4)) if stage.crop else self._val_whole(multiple)
+                raws = [model.encode_raw(x * 2 - 1) for x in xs]
+                fixed = {"photos": xs, "raws": raws,
+                         "teacher": decode(teacher, raws) if teacher is not None else None,
+                         "one_step": [[one_step_raw(r, level) for r in raws] for level in range(levels)] if codec is not None else None}
+            xs = fixed["photos"]
+            preds = decode(model, fixed["raws"])
             out = _image_metrics(preds, xs)
             if teacher is not None:
-                reference = [((teacher.decode_raw(r) + 1) / 2).clamp(0, 1) for r in val_raw]
+                reference = fixed["teacher"]
                 out.update(psnr_teacher_decoder=_mean_psnr(reference, xs), psnr_vs_teacher=_mean_psnr(preds, reference))
             if codec is not None:  # what it learns: the one-step outputs, averaged over the levels
-                per_level = []
-                for level in range(levels):
-                    outputs = []
-                    for r in val_raw:
-                        hint = codec.compressor((r - model.mean) / std, torch.full((r.shape[0],), level, device=r.device))["hint"]
-                        outputs.append(codec.denoise(hint) * std + model.mean)
-                    per_level.append(_image_metrics(decode(outputs), xs))
+                per_level = [_image_metrics(decode(model, outputs), xs) for outputs in fixed["one_step"]]
                 out.update({f"{k}_one_step": sum(m[k] for m in per_level) / levels for k in per_level[0]})
             return out
 
@@ -850,16 +847,21 @@ def _psnr_tensor(x_hat, x) -> torch.Tensor:
 def _image_metrics(preds: list, targets: list) -> dict:
     """Mean PSNR (dB), HaarPSI and colour shift (8-bit levels) over the images of lists of
     batches (any sizes, in [0,1])."""
-    pairs = [(p[None], t[None]) for pb, tb in zip(preds, targets) for p, t in zip(pb, tb)]
-    return {"psnr": _mean_psnr(preds, targets),
+    pairs = _image_pairs(preds, targets)
+    return {"psnr": sum(_psnr(p, t) for p, t in pairs) / len(pairs),
             "haarpsi": sum(piq.haarpsi(p, t, data_range=1.0).item() for p, t in pairs) / len(pairs),
             "colour_shift": sum(colour_shift(p, t) for p, t in pairs) / len(pairs)}
 
 
 def _mean_psnr(preds: list, targets: list) -> float:
     """Mean over the images of each one's PSNR in dB (batches of any sizes, in [0,1])."""
-    values = [_psnr(p[None], t[None]) for pb, tb in zip(preds, targets) for p, t in zip(pb, tb)]
-    return sum(values) / len(values)
+    pairs = _image_pairs(preds, targets)
+    return sum(_psnr(p, t) for p, t in pairs) / len(pairs)
+
+
+def _image_pairs(preds: list, targets: list) -> list:
+    """Lists of batches -> [(pred (1,3,H,W), target (1,3,H,W))], one pair per image."""
+    return [(p[None], t[None]) for pb, tb in zip(preds, targets) for p, t in zip(pb, tb)]
 
 
 def _psnr(x_hat, x) -> float:
