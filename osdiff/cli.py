@@ -497,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("osdiff: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`osdiff info f.osd | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     except Exception as exc:  # a bug, not bad input: still one line unless asked for more
         if os.environ.get("OSDIFF_DEBUG"):
             raise

@@ -230,3 +230,13 @@ def test_unreachable_target_warns_and_writes_the_lowest_or_fails_with_strict(ima
     assert len(err) == 2 and all("over the target" in line for line in err)
     assert any("a.png: even the lowest" in line for line in err) and any("b.jpg: even the lowest" in line for line in err)
     assert not strict.exists() or list(strict.iterdir()) == []
+
+
+def test_info_into_a_closed_pipe_stops_quietly():
+    """`osdiff info *.osd | head -1`: the reader leaves early; no error line, exit 141 as cat's."""
+    fixture = str(Path(__file__).parent / "fixtures" / "osdiff-tiny-v1.osd")
+    proc = subprocess.Popen([sys.executable, "-m", "osdiff.cli", "info"] + [fixture] * 200,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and err == b""

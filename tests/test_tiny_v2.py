@@ -318,6 +318,57 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
                              "--limit", "1"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
     assert "teacher(z)" in report and "L4 model(one step)" in report
 
+    # a quality level below the lowest: a 5-level compressor from the 4-level model, only the
+    # new level's gains learn; the old levels code bit for bit as before, one level up
+    levels = tmp_path / "levels"
+    arch4 = dataclasses.replace(arch3, compressor=dataclasses.replace(arch.compressor, num_quality_levels=5))
+    cfg4 = dataclasses.replace(cfg, output_dir=str(levels), init_from=str(trunked / "model"), tiny=arch4,
+                               losses=dataclasses.replace(cfg.losses, rate_lambdas=[0.25, 0.5, 1.0, 2.0, 4.0], latent_mse=0.0),
+                               stages=[StageConfig(name="codec", train="gains", levels=[1], steps=2, batch_size=2, crop=64,
+                                                   lr=0.05, warmup_steps=1)])
+    assert Trainer(cfg4).run() == levels / "model"
+    five = osdiff.load(levels / "model")
+    assert five.num_quality_levels == 5
+    for name in ("y_gain", "z_gain_inv"):
+        old_table, new_table = getattr(new.compressor, name).float(), getattr(five.compressor, name).float()
+        assert torch.equal(new_table[1:], old_table)
+        assert not torch.equal(new_table[0], old_table[0])
+    assert torch.equal(five.vae.decoder[-2].weight.float(), new.vae.decoder[-2].weight.float())
+    for a, b in zip(five.unet.state_dict().values(), new.unet.state_dict().values()):
+        assert torch.equal(a.float(), b.float())
+    z = torch.randn(1, 32, 8, 8)
+    with torch.no_grad():
+        for q in range(4):
+            assert new.compressor.compress(z, q)["strings"] == five.compressor.compress(z, q + 1)["strings"]
+    _, bottom = five(np.zeros((64, 64, 3), np.uint8), quality=1)
+    assert len(bottom) > 0
+
+
+def test_lower_levels_continue_the_gains_and_keep_the_old_levels_bits():
+    from osdiff.models.compressor import LatentCompressor
+
+    torch.manual_seed(0)
+    four = LatentCompressor(latent_channels=8, hidden_channels=16, code_channels=16, groups=(4, 4, 8),
+                            analysis_downsamples=1, hyper_downsamples=1, num_quality_levels=4).eval()
+    with torch.no_grad():
+        four.y_gain.mul_(torch.rand_like(four.y_gain) + 0.5)
+    four.update(force=True)
+    six = four.with_lower_levels(2).eval()
+    six.update(force=True)
+    assert six.config.num_quality_levels == 6
+    g = four.y_gain.detach()
+    assert torch.allclose(six.y_gain[1], g[0] * g[0] / g[1]) and torch.allclose(six.y_gain[0], g[0] * (g[0] / g[1]) ** 2)
+    h = four.z_gain_inv.detach()
+    assert torch.allclose(six.z_gain_inv[0], h[0] * (h[0] / h[1]) ** 2) and torch.equal(six.z_gain_inv[2:], h)
+    z = torch.randn(1, 8, 16, 16) * 3
+    with torch.no_grad():
+        sizes = [sum(map(len, six.compress(z, q)["strings"])) for q in range(6)]
+        for q in range(4):
+            assert six.compress(z, q + 2)["strings"] == four.compress(z, q)["strings"]
+    assert sizes[0] <= sizes[1] <= sizes[2]
+    with pytest.raises(ValueError):
+        four.with_lower_levels(0)
+
 
 def test_decoder_channel_weights_follow_each_channels_pixel_effect():
     """A 'decoder' that maps channel c to pixels with gain k_c: the weights are k_c^2 / mean."""

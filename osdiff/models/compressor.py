@@ -193,6 +193,31 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
             return exact_modules(self.entropy_parameter_modules())
         return contextlib.nullcontext()
 
+    GAIN_NAMES = ("y_gain", "y_gain_inv", "z_gain", "z_gain_inv")
+
+    def gain_parameters(self) -> list[nn.Parameter]:
+        """The per-level gain tables (what `StageConfig.train: gains` trains)."""
+        return [getattr(self, name) for name in self.GAIN_NAMES]
+
+    def with_lower_levels(self, count: int) -> "LatentCompressor":
+        """A copy with `count` new quality levels below the lowest (the old level k becomes
+        k + count): each new level's gains continue the lowest two levels' per-channel ratio
+        geometrically (g_-1 = g_0 * g_0 / g_1), a start for training them (`train: gains`)."""
+        if count < 1 or self.config.num_quality_levels < 2:
+            raise ValueError("with_lower_levels needs count >= 1 and a compressor with at least two levels")
+        config = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        config["num_quality_levels"] = self.config.num_quality_levels + count
+        other = type(self)(**config)
+        state = dict(self.state_dict())
+        with torch.no_grad():
+            for name in self.GAIN_NAMES:
+                table = getattr(self, name)
+                ratio = table[0] / table[1]
+                new = [table[0] * ratio ** (count - i) for i in range(count)]
+                state[name] = torch.cat([torch.stack(new), table])
+        other.load_state_dict(state)
+        return other.to(device=self.y_gain.device, dtype=self.y_gain.dtype)
+
     # ---- shapes ---------------------------------------------------------------------------
     @property
     def latent_multiple(self) -> int:

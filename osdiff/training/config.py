@@ -56,6 +56,12 @@ class StageConfig:
     # (for one level this only rescales the loss; its optimum is unchanged)
     level_balance: float = 0.0
     train_unet: bool = False  # codec stage: also fine-tune the denoising UNet (else it stays frozen)
+    # codec stage: what learns: "all" (compressor + control module, + UNet with train_unet), or
+    # "gains" (only the compressor's per-level gain tables, e.g. new levels that init_from lacks:
+    # a compressor with fewer levels gets the missing ones below its lowest, see
+    # LatentCompressor.with_lower_levels; the other levels code exactly as before)
+    train: str = "all"
+    levels: list[int] | None = None  # codec stage: the 1-based quality levels trained on (default: all)
     max_minutes: float | None = None  # stop this stage (as finished) after this many minutes
     # decoder stage: what the slim decoder learns to reproduce from the TAEF2 latent: "teacher"
     # (TAEF2's own decoder output; distillation) or "photo" (the photo itself; no teacher runs)
@@ -193,6 +199,12 @@ def load_config(path: str | Path, **overrides) -> TrainConfig:
             raise OSDiffError(f"config {path.name}: decoder_inputs 'codec' needs decoder_target 'photo' and init_from (a model folder)")
         if stage.crop == 0 and (stage.name != "decoder" or not config.data.latent_cache or stage.batch_size != 1):
             raise OSDiffError(f"config {path.name}: crop 0 (whole photos) is for a decoder stage with data.latent_cache and batch_size 1")
+        if stage.levels is not None and (not stage.levels or min(stage.levels) < 1):
+            raise OSDiffError(f"config {path.name}: levels must list 1-based quality levels")
+        if stage.train not in ("all", "gains"):
+            raise OSDiffError(f"config {path.name}: train must be 'all' or 'gains', got {stage.train!r}")
+        if stage.train == "gains" and (stage.name != "codec" or stage.train_unet):
+            raise OSDiffError(f"config {path.name}: train 'gains' is for a codec stage without train_unet")
         if stage.decoder_target not in ("teacher", "photo"):
             raise OSDiffError(f"config {path.name}: decoder_target must be 'teacher' or 'photo', got {stage.decoder_target!r}")
         if (stage.name == "official") != (config.model == "official"):

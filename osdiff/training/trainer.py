@@ -553,6 +553,10 @@ class Trainer:
         if earlier is None and init_model is not None:  # compressor and controlled UNet from a model folder
             if _same_architecture(init_model.compressor.config, compressor.config):
                 compressor.load_state_dict(init_model.compressor.state_dict())
+            elif _fewer_levels(init_model.compressor.config, compressor.config):
+                extra = compressor.config.num_quality_levels - init_model.compressor.config.num_quality_levels
+                self.accelerator.print(f"init_from {cfg.init_from}: {extra} new quality level(s) below its lowest")
+                compressor.load_state_dict(init_model.compressor.with_lower_levels(extra).state_dict())
             else:  # another compressor shape in the config: a fresh compressor for that model's other parts
                 self.accelerator.print(f"init_from {cfg.init_from}: its compressor has another shape; training a new one")
             unet.load_state_dict(init_model.unet.state_dict())
@@ -570,13 +574,22 @@ class Trainer:
         vae.to(self.device)
         conditioning.to(self.device)
 
+        if stage.train == "gains":  # only the gain tables; everything else codes as before
+            unet.requires_grad_(False)
+            compressor.requires_grad_(False)
+            for p in compressor.gain_parameters():
+                p.requires_grad_(True)
         control_params = [p for p in unet.parameters() if p.requires_grad]
         compressor_params, aux_params = _split_quantiles(compressor)
+        compressor_params = [p for p in compressor_params if p.requires_grad]
+        aux_params = [p for p in aux_params if p.requires_grad]
         main_params = compressor_params + control_params
         opt = torch.optim.AdamW(main_params, lr=stage.lr, weight_decay=stage.weight_decay)
-        opt_aux = torch.optim.Adam(aux_params, lr=stage.lr_aux)
+        opt_aux = torch.optim.Adam(aux_params, lr=stage.lr_aux) if aux_params else None
         opt_d = torch.optim.AdamW(discriminator.parameters(), lr=stage.lr_discriminator, betas=(0.5, 0.999))
-        compressor, unet, discriminator, opt, opt_aux, opt_d = self._prepare(compressor, unet, discriminator, opt, opt_aux, opt_d)
+        compressor, unet, discriminator, opt, opt_d = self._prepare(compressor, unet, discriminator, opt, opt_d)
+        if opt_aux is not None:
+            opt_aux = self._prepare(opt_aux)
         encoder = vae.encoder if isinstance(vae, TAESDAutoencoder) else None
         # perceptual weight 0: the official loss, all in latent space (no pixel decoding in training)
         pixel_loss = losses.perceptual > 0
@@ -591,6 +604,10 @@ class Trainer:
         alphas = scheduler.alphas_cumprod.to(self.device)
         lambdas = torch.tensor(rate_lambdas, device=self.device)
         level_weights = lambdas ** -stage.level_balance
+        trained_levels = [q - 1 for q in stage.levels] if stage.levels else list(range(len(lambdas)))
+        if max(trained_levels) >= len(lambdas):
+            raise OSDiffError(f"levels {stage.levels}: the compressor has {len(lambdas)} quality levels")
+        trained_levels = torch.tensor(trained_levels)
         t0, start = cfg.decoding.timestep, cfg.decoding.start
         prediction_type = scheduler.config.prediction_type
         a0 = decoding_alpha_bar(scheduler, t0, start)
@@ -620,7 +637,7 @@ class Trainer:
             x, z = x.to(self.device), to_latent(z.to(self.device))
             gen = self._generator(index, step)
             b = x.shape[0]
-            level = torch.randint(0, len(lambdas), (b,), generator=gen).to(self.device)
+            level = trained_levels[torch.randint(0, len(trained_levels), (b,), generator=gen)].to(self.device)
             noise = torch.randn(z.shape, generator=gen).to(self.device)
             d_noise = torch.randn(z.shape, generator=gen).to(self.device)
             d_t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).to(self.device)
@@ -648,7 +665,7 @@ class Trainer:
                     adv = frozen_generator_loss(discriminator, fake, d_t, ctx)
                     loss = loss + losses.adversarial * adv
                 self._update(loss, main_params, opt, stage.grad_clip)
-                aux = self._aux_step(compressor, opt_aux)
+                aux = self._aux_step(compressor, opt_aux) if opt_aux is not None else torch.zeros(())
 
             d_loss = torch.zeros(())
             if use_adv:
@@ -686,7 +703,9 @@ class Trainer:
             return out
 
         modules = {"compressor": compressor, "unet": unet, "discriminator": discriminator}
-        optimizers = {"main": (opt, stage.lr), "aux": (opt_aux, stage.lr_aux), "disc": (opt_d, stage.lr_discriminator)}
+        optimizers = {"main": (opt, stage.lr), "disc": (opt_d, stage.lr_discriminator)}
+        if opt_aux is not None:
+            optimizers["aux"] = (opt_aux, stage.lr_aux)
         if not self._loop(index, stage, modules, optimizers, step_fn, max_steps, deadline, val_fn):
             return False
         pipe = OSDiffPipeline(
@@ -826,6 +845,12 @@ def _same_architecture(a, b) -> bool:
     """Whether two diffusers configs describe the same shapes (bookkeeping keys ignored)."""
     strip = lambda c: {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731
     return strip(a) == strip(b)
+
+
+def _fewer_levels(init, wanted) -> bool:
+    """Whether compressor config `init` is `wanted` with fewer quality levels."""
+    fewer = dict(wanted, num_quality_levels=init["num_quality_levels"])
+    return init["num_quality_levels"] < wanted["num_quality_levels"] and _same_architecture(init, fewer)
 
 
 def _split_quantiles(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
