@@ -213,7 +213,9 @@ def main() -> int:
     else:
         run = runs / "continue"
         minutes = max(0.2, remaining() - 1.0)
-        stage = dataclasses.replace(cfg.stages[2], max_minutes=None if dry else minutes, warmup_steps=1 if dry else 20)
+        # trained weights go on at 1e-4 (the recipe's 5e-4 from scratch turns the shipped v2 to NaN in 3 steps)
+        stage = dataclasses.replace(cfg.stages[2], max_minutes=None if dry else minutes, warmup_steps=1 if dry else 20,
+                                    lr=min(cfg.stages[2].lr, 1e-4))
         variant = dataclasses.replace(cfg, output_dir=str(run), stages=[stage], init_from=str(base_model))
         base_cfg = json.loads((base_model / "model_index.json").read_text())
         variant = dataclasses.replace(variant, decoding=DecodingConfig(

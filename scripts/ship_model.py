@@ -2,6 +2,9 @@
 
     python scripts/ship_model.py ../runs/osdiff-tiny/model      # -> osdiff/weights/osdiff-tiny
     python scripts/ship_model.py ../runs/hific-tiny/model       # -> osdiff/weights/hific-tiny
+    python scripts/ship_model.py ../runs/cpu2/levels/model --default-quality 3
+
+--default-quality N: the level `osdiff compress` uses without -q (else the run's own).
 """
 import shutil
 import sys
@@ -12,8 +15,20 @@ from osdiff.build import save_for_shipping
 
 SHIPPABLE = ("osdiff-tiny", "hific-tiny")  # elic-tiny (38 MB in float16) is too large to ship
 
-source = Path(sys.argv[1])
+args = sys.argv[1:]
+default_quality = None
+if "--default-quality" in args:
+    at = args.index("--default-quality")
+    default_quality = int(args[at + 1])
+    del args[at:at + 2]
+if len(args) != 1:
+    sys.exit(__doc__)
+source = Path(args[0])
 codec = osdiff.load(source)
+if default_quality is not None:
+    if not 1 <= default_quality <= codec.num_quality_levels:
+        sys.exit(f"--default-quality must be 1..{codec.num_quality_levels}")
+    codec.register_to_config(default_quality=default_quality)
 name = codec.config.model_name
 if name not in SHIPPABLE:
     sys.exit(f"{source} is model {name!r}; only {', '.join(SHIPPABLE)} ship inside the package")

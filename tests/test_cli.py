@@ -72,7 +72,7 @@ def test_no_overwrite_without_force(images, tmp_path, capsys, tiny_codec_folder)
     (["compress", "{img}", "-q", "0"], "quality must be"),
     (["compress", "{img}", "-q", "abc"], "invalid float value"),
     (["compress", "{img}", "-q", "nan"], "quality must be"),
-    (["compress", "{img}", "-q", "4.5"], "quality must be"),
+    (["compress", "{img}", "-q", "5.5"], "quality must be"),
     (["compress", "{img}", "--size", "abc"], "size must be"),
     (["compress", "{img}", "--size", "0"], "size must be"),
     (["compress", "{img}", "--size=-5kB"], "size must be"),

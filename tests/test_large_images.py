@@ -59,7 +59,10 @@ def test_tiled_decode_has_no_seams(shipped):
     finally:
         shipped.tiling = TilingConfig()
     assert tiled.shape == whole.shape
-    assert psnr(tiled, whole) > 35
+    # the shipped v2 decoder's trunk (TAEF2's) has GroupNorm over what it decodes, so each tile is
+    # normalised with its own statistics: close to the untiled decode (30.3 dB at these tiny 128-px
+    # tiles; the default tile is 1024 px), not equal to it
+    assert psnr(tiled, whole) > 28
     # no seam: the difference to the untiled decode is not concentrated on tile borders
     diff = (tiled - whole).abs().mean(dim=(0, 1, 2))  # per column
     borders = [c for s in tile_starts(whole.shape[-1] // 8, 16, 8, 8)[1:] for c in range(8 * s - 2, 8 * s + 2)]
@@ -95,4 +98,4 @@ def test_twelve_megapixels_in_bounded_memory():
     assert run.returncode == 0, run.stderr[-2000:]
     peak_mib = float(run.stdout.split("peak RSS ")[1].split(" MiB")[0])
     print(run.stdout)
-    assert peak_mib < 2500
+    assert peak_mib < 3000  # v2 (TAEF2 encoder: 64 channels at full resolution per tile): 2.7 GiB measured

@@ -1,6 +1,10 @@
 """The shipped osdiff-tiny on a real photo (skipped where ../shared/data is absent)."""
 from __future__ import annotations
 
+import contextlib
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -78,3 +82,18 @@ def test_target_size_on_a_photo_lands_within_ten_percent_of_the_budget():
         assert result.fits and 0.9 * target <= len(result.data) <= target, (target, len(result.data))
         assert result.encodes <= codec.rate_control.max_encodes and 1 < result.quality < codec.num_quality_levels
         assert codec.decompress(result.data).size == image.size
+
+
+def test_a_file_of_the_replaced_v1_model_is_one_clear_line(tmp_path):
+    """osdiff-tiny v2 replaced v1 under the same name: a v1 file (fixture, made by v1 before the
+    switch) is refused with one line naming its model hash; nothing is written."""
+    from osdiff.cli import main
+
+    v1 = Path(__file__).parent / "fixtures" / "osdiff-tiny-v1.osd"
+    out = tmp_path / "v1.png"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["decompress", str(v1), "-o", str(out)]) != 0
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and "81e096754ff8fc9b" in lines[0] and "osdiff-tiny" in lines[0], lines
+    assert not out.exists()
