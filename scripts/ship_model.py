@@ -3,9 +3,8 @@
     python scripts/ship_model.py ../runs/osdiff-tiny/model      # -> osdiff/weights/osdiff-tiny
     python scripts/ship_model.py ../runs/hific-tiny/model       # -> osdiff/weights/hific-tiny
     python scripts/ship_model.py ../runs/cpu2/levels/model --default-quality 3
-
---default-quality N: the level `osdiff compress` uses without -q (else the run's own).
 """
+import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -15,20 +14,16 @@ from osdiff.build import save_for_shipping
 
 SHIPPABLE = ("osdiff-tiny", "hific-tiny")  # elic-tiny (38 MB in float16) is too large to ship
 
-args = sys.argv[1:]
-default_quality = None
-if "--default-quality" in args:
-    at = args.index("--default-quality")
-    default_quality = int(args[at + 1])
-    del args[at:at + 2]
-if len(args) != 1:
-    sys.exit(__doc__)
-source = Path(args[0])
+parser = argparse.ArgumentParser(description="Copy a finished run's model into the package (float16).")
+parser.add_argument("model", help="the run's model folder")
+parser.add_argument("--default-quality", type=int, help="the level `osdiff compress` uses without -q (else the run's own)")
+args = parser.parse_args()
+source = Path(args.model)
 codec = osdiff.load(source)
-if default_quality is not None:
-    if not 1 <= default_quality <= codec.num_quality_levels:
+if args.default_quality is not None:
+    if not 1 <= args.default_quality <= codec.num_quality_levels:
         sys.exit(f"--default-quality must be 1..{codec.num_quality_levels}")
-    codec.register_to_config(default_quality=default_quality)
+    codec.register_to_config(default_quality=args.default_quality)
 name = codec.config.model_name
 if name not in SHIPPABLE:
     sys.exit(f"{source} is model {name!r}; only {', '.join(SHIPPABLE)} ship inside the package")

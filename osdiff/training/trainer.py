@@ -873,20 +873,24 @@ def _image_metrics(preds: list, targets: list) -> dict:
     """Mean PSNR (dB), HaarPSI and colour shift (8-bit levels) over the images of lists of
     batches (any sizes, in [0,1])."""
     pairs = _image_pairs(preds, targets)
-    return {"psnr": sum(_psnr(p, t) for p, t in pairs) / len(pairs),
-            "haarpsi": sum(piq.haarpsi(p, t, data_range=1.0).item() for p, t in pairs) / len(pairs),
-            "colour_shift": sum(colour_shift(p, t) for p, t in pairs) / len(pairs)}
+    return {"psnr": _mean_over(pairs, _psnr),
+            "haarpsi": _mean_over(pairs, lambda p, t: piq.haarpsi(p, t, data_range=1.0).item()),
+            "colour_shift": _mean_over(pairs, colour_shift)}
 
 
 def _mean_psnr(preds: list, targets: list) -> float:
     """Mean over the images of each one's PSNR in dB (batches of any sizes, in [0,1])."""
-    pairs = _image_pairs(preds, targets)
-    return sum(_psnr(p, t) for p, t in pairs) / len(pairs)
+    return _mean_over(_image_pairs(preds, targets), _psnr)
 
 
 def _image_pairs(preds: list, targets: list) -> list:
     """Lists of batches -> [(pred (1,3,H,W), target (1,3,H,W))], one pair per image."""
     return [(p[None], t[None]) for pb, tb in zip(preds, targets) for p, t in zip(pb, tb)]
+
+
+def _mean_over(pairs: list, metric) -> float:
+    """Mean of metric(pred, target) over (pred, target) pairs."""
+    return sum(metric(p, t) for p, t in pairs) / len(pairs)
 
 
 def _psnr(x_hat, x) -> float:
