@@ -183,6 +183,7 @@ def _measure(codec, size, steps, device, dtype, repeat, warmup, model_label, ran
     mem = MemoryMeter(dev)
     image, data, result = _coded_test_image(codec, size, dev, dtype, model_label, random_weights)
     header, strings = codec.read_header(data)
+    strings = strings[: codec.num_strings()]  # the compressor's (without a stored mean colour)
 
     # --- encoding components
     x = (pad_right_bottom(image, header.pad_w, header.pad_h) * 2 - 1).to(dev, DTYPES[dtype])

@@ -1,8 +1,10 @@
 """ImageCodecPipeline: what every osdiff codec shares, whatever its networks.
 
     compress:   image -> pad right/bottom -> encode_padded (the codec's networks) -> strings
+                [+ the image's mean colour, if the config sets `mean_colour`]
                 -> `.osd` bytes (header + strings + CRC32; osdiff.entropy.bitstream)
     decompress: `.osd` bytes -> header checks against this model -> decode_strings -> crop
+                [-> shift to the stored mean colour (osdiff.mean_colour)]
 
 A subclass (OSDiffPipeline, BaselinePipeline) registers its components and provides
 `pad_multiple`, `min_padded_side`, `num_quality_levels`, `num_strings()`, `encode_padded()`
@@ -29,6 +31,7 @@ from .config import BitstreamLimits, ComputeConfig, RateControlConfig, TilingCon
 from .entropy.bitstream import HASH_BYTES, QUALITY_STEPS, OSDHeader, header_bytes, pack, parse, quality_from_steps
 from .errors import OSDiffError, OSDiffWarning, TargetUnreachable
 from .imageio import ImageInput, pad_right_bottom, tensor_to_pil, to_tensor
+from .mean_colour import MEAN_COLOUR_BYTES, match_mean_colour, mean_colour_bytes
 from .rate import EncodeResult, quality_to_steps, search_quality, target_size
 
 
@@ -117,6 +120,16 @@ class ImageCodecPipeline(DiffusionPipeline):
         return pad_right_bottom(x, pad_w, pad_h)
 
     # ---- shared -------------------------------------------------------------------------
+    @property
+    def mean_colour(self) -> bool:
+        """True if this model's files end with the original's mean colour (3 bytes, one more
+        string; osdiff.mean_colour), which the decoder matches."""
+        return bool(self.config.get("mean_colour", False))
+
+    def file_strings(self) -> int:
+        """Strings in every file of this model: the codec's, plus the mean colour if stored."""
+        return self.num_strings() + int(self.mean_colour)
+
     def padded_side(self, side: int) -> int:
         """Pixels a side of `side` pixels is padded to before coding."""
         return max(-(-side // self.pad_multiple) * self.pad_multiple, self.min_padded_side)
@@ -130,6 +143,9 @@ class ImageCodecPipeline(DiffusionPipeline):
             settings = {k: v for k, v in self.config.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}
             if settings.get("decoding_start") == "hint":  # the v1 procedure: v1 models keep their hash
                 del settings["decoding_start"]
+            for key, default in (("pad_multiple", None), ("mean_colour", False)):  # earlier models keep their hash
+                if key in settings and settings[key] == default:
+                    del settings[key]
             digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
             if getattr(self, "scheduler", None) is not None:
                 schedule = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
@@ -159,7 +175,7 @@ class ImageCodecPipeline(DiffusionPipeline):
 
     def min_file_bytes(self) -> int:
         """Smallest possible file of this model (the header with empty strings), in bytes."""
-        return header_bytes(self.config.model_name, self.num_strings())
+        return header_bytes(self.config.model_name, self.file_strings()) + MEAN_COLOUR_BYTES * self.mean_colour
 
     def _prepare(self) -> None:
         coder = getattr(self, self.entropy_coder)
@@ -214,13 +230,14 @@ class ImageCodecPipeline(DiffusionPipeline):
         if target is not None and target < self.min_file_bytes():
             raise OSDiffError(f"target of {target} bytes is below the smallest file this model can write "
                               f"({self.min_file_bytes()} bytes of header)")
+        side = [mean_colour_bytes(x)] if self.mean_colour else []
         pad_w, pad_h = self.padded_side(width) - width, self.padded_side(height) - height
         x = self.pad_image(x, pad_w, pad_h)
         with self.coding_context():
             analysed = self.analyse_padded(x)
 
             def encode_at(q: int | float) -> bytes:
-                strings = self.encode_analysed(analysed, q)
+                strings = self.encode_analysed(analysed, q) + side
                 return pack(OSDHeader(self.config.model_name, self.model_hash, q, width, height, pad_w, pad_h), strings)
 
             if target is None:
@@ -249,8 +266,8 @@ class ImageCodecPipeline(DiffusionPipeline):
             raise OSDiffError(f"quality {header.quality} is between levels; this model codes whole levels only")
         if (header.pad_w, header.pad_h) != (self.padded_side(header.width) - header.width, self.padded_side(header.height) - header.height):
             raise OSDiffError("corrupted header (padding does not match the model)")
-        if len(strings) != self.num_strings():
-            raise OSDiffError(f"corrupted file: {len(strings)} strings, the model codes {self.num_strings()}")
+        if len(strings) != self.file_strings():
+            raise OSDiffError(f"corrupted file: {len(strings)} strings, the model codes {self.file_strings()}")
         return header, strings
 
     @torch.inference_mode()
@@ -258,9 +275,12 @@ class ImageCodecPipeline(DiffusionPipeline):
         """`.osd` bytes -> image tensor (1,3,H,W) in [0,1]; `steps` > 1: multi-step diffusion
         decoding, for the codecs that have it."""
         header, strings = self.read_header(data)
+        side = strings.pop() if self.mean_colour else None
         with self.coding_context():
-            image = self.decode_strings(strings, header, steps)
-        return DecodeResult(image[:, :, : header.height, : header.width].cpu(), header)
+            image = self.decode_strings(strings, header, steps)[:, :, : header.height, : header.width]
+            if side is not None:
+                image = match_mean_colour(image, side)
+        return DecodeResult(image.cpu(), header)
 
     def decompress(self, data: bytes, steps: int = 1) -> Image.Image:
         """`.osd` bytes -> PIL RGB image of the original size."""

@@ -1,6 +1,6 @@
 """OSDiffPipeline: the one-step diffusion codec as a diffusers pipeline.
 
-    compress:   image -> pad -> autoencoder encode -> latent z -> LatentCompressor.compress
+    compress:   image -> pad (replicate, to `pad_multiple`) -> autoencoder encode -> latent z -> LatentCompressor.compress
                 -> entropy-coded strings -> `.osd` bytes (header + strings + CRC32)
     decompress: `.osd` bytes -> strings -> LatentCompressor.decompress -> hint
                 -> start latent at timestep t: the hint noised with fixed-seed noise
@@ -59,19 +59,32 @@ class OSDiffPipeline(ImageCodecPipeline):
         control_scale: float = 1.0,
         default_quality: int = 2,
         decoding_start: str = "hint",
+        pad_multiple: int | None = None,
+        mean_colour: bool = False,
     ) -> None:
         super().__init__()
         self.register_modules(vae=vae, compressor=compressor, unet=unet, conditioning=conditioning, scheduler=scheduler)
         self.register_to_config(
             model_name=model_name, timestep=timestep, noise_seed=noise_seed,
             control_scale=control_scale, default_quality=default_quality, decoding_start=decoding_start,
+            pad_multiple=pad_multiple, mean_colour=mean_colour,
         )
 
     # ---- properties ---------------------------------------------------------------------
     @property
     def pad_multiple(self) -> int:
-        """Image height and width are padded to a multiple of this many pixels."""
-        return LATENT_DOWNSCALE * self.compressor.latent_multiple
+        """Image height and width are padded to a multiple of this many pixels: the config's
+        `pad_multiple` (at least what the compressor's analysis and the UNet's downsampling
+        need), or by default as far as the compressor codes without internal padding (64 px
+        for osdiff-tiny v2 before it set 16)."""
+        chosen = self.config.get("pad_multiple")
+        if chosen is None:
+            return LATENT_DOWNSCALE * self.compressor.latent_multiple
+        unet_downsamples = len(self.unet.config.down_block_types) - 1
+        needed = LATENT_DOWNSCALE * max(self.compressor.min_latent_multiple, 2**unet_downsamples)
+        if chosen % needed:
+            raise OSDiffError(f"model config: pad_multiple {chosen} is not a multiple of {needed} pixels")
+        return int(chosen)
 
     @property
     def min_padded_side(self) -> int:

@@ -2,7 +2,7 @@
 
     python scripts/ship_model.py ../runs/osdiff-tiny/model      # -> osdiff/weights/osdiff-tiny
     python scripts/ship_model.py ../runs/hific-tiny/model       # -> osdiff/weights/hific-tiny
-    python scripts/ship_model.py ../runs/cpu2/levels/model --default-quality 3
+    python scripts/ship_model.py ../runs/cpu2/levels/model --default-quality 3 --pad-multiple 32 --mean-colour
 """
 import argparse
 import shutil
@@ -17,6 +17,10 @@ SHIPPABLE = ("osdiff-tiny", "hific-tiny")  # elic-tiny (38 MB in float16) is too
 parser = argparse.ArgumentParser(description="Copy a finished run's model into the package (float16).")
 parser.add_argument("model", help="the run's model folder")
 parser.add_argument("--default-quality", type=int, help="the level `osdiff compress` uses without -q (else the run's own)")
+parser.add_argument("--pad-multiple", type=int, help="pad images to a multiple of this many pixels (osdiff models; "
+                    "default: the compressor's full multiple)")
+parser.add_argument("--mean-colour", action="store_true", help="store the image's mean colour in each file (3 bytes) "
+                    "and match it when decoding (osdiff models)")
 args = parser.parse_args()
 source = Path(args.model)
 codec = osdiff.load(source)
@@ -24,6 +28,11 @@ if args.default_quality is not None:
     if not 1 <= args.default_quality <= codec.num_quality_levels:
         sys.exit(f"--default-quality must be 1..{codec.num_quality_levels}")
     codec.register_to_config(default_quality=args.default_quality)
+if args.pad_multiple is not None:
+    codec.register_to_config(pad_multiple=args.pad_multiple)
+    codec.pad_multiple  # noqa: B018  (raises if the networks cannot take it)
+if args.mean_colour:
+    codec.register_to_config(mean_colour=True)
 name = codec.config.model_name
 if name not in SHIPPABLE:
     sys.exit(f"{source} is model {name!r}; only {', '.join(SHIPPABLE)} ship inside the package")

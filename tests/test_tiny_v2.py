@@ -3,6 +3,7 @@ the official decoding start ("noise"), the distillation and codec stages, the GP
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -342,6 +343,24 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
             assert new.compressor.compress(z, q)["strings"] == five.compressor.compress(z, q + 1)["strings"]
     _, bottom = five(np.zeros((64, 64, 3), np.uint8), quality=1)
     assert len(bottom) > 0
+
+    # the control module learns on the frozen compressor's hints (train: denoiser): the files
+    # stay bit for bit the same, and init_from's coding settings (padding, mean colour) carry over
+    index = json.loads((levels / "model" / "model_index.json").read_text())
+    (levels / "model" / "model_index.json").write_text(json.dumps({**index, "pad_multiple": 32, "mean_colour": True}))
+    denoised = tmp_path / "denoised"
+    cfg5 = dataclasses.replace(cfg4, output_dir=str(denoised), init_from=str(levels / "model"),
+                               losses=dataclasses.replace(cfg4.losses, latent_mse=1.0),
+                               stages=[StageConfig(name="codec", train="denoiser", steps=2, batch_size=2, crop=64,
+                                                   lr=1e-3, warmup_steps=1)])
+    assert Trainer(cfg5).run() == denoised / "model"
+    tuned = osdiff.load(denoised / "model")
+    assert tuned.config.pad_multiple == 32 and tuned.config.mean_colour is True
+    with torch.no_grad():
+        for q in range(5):
+            assert tuned.compressor.compress(z, q)["strings"] == five.compressor.compress(z, q)["strings"]
+    changed = [k for k, v in tuned.unet.state_dict().items() if not torch.equal(v.float(), five.unet.state_dict()[k].float())]
+    assert changed and all("ctrl" in k or "control" in k for k in changed)
 
 
 def test_lower_levels_continue_the_gains_and_keep_the_old_levels_bits():

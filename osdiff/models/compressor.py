@@ -18,6 +18,7 @@ import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 from compressai.entropy_models import EntropyBottleneck
 from compressai.latent_codecs import (
     ChannelGroupsLatentCodec,
@@ -110,10 +111,50 @@ def _hyper_synthesis(n: int, m: int, upsamples: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class CroppingGainHyperLatentCodec(GainHyperLatentCodec):
+    """compressai's `GainHyperLatentCodec` for a y of any size: y is padded (replicate, right and
+    bottom) to a multiple of `multiple` before `h_a`, and the parameters `h_s` returns are cropped
+    back to y's size, so only y's own positions are entropy-coded. For y whose sides are already
+    multiples it computes exactly what the parent does. `decompress` takes the shape
+    (z_h, z_w, y_h, y_w) (see `LatentCompressor.code_shapes`)."""
+
+    def __init__(self, entropy_bottleneck: EntropyBottleneck, h_a: nn.Module, h_s: nn.Module, multiple: int) -> None:
+        super().__init__(entropy_bottleneck=entropy_bottleneck, h_a=h_a, h_s=h_s)
+        self.multiple = multiple
+
+    def _analyse(self, y: Tensor, gain: Tensor) -> Tensor:
+        pad_h, pad_w = (-y.shape[-2]) % self.multiple, (-y.shape[-1]) % self.multiple
+        if pad_h or pad_w:
+            y = F.pad(y, (0, pad_w, 0, pad_h), mode="replicate")
+        return self.h_a(y) * gain
+
+    def _params(self, z_hat: Tensor, gain_inv: Tensor, y_hw: tuple[int, int]) -> Tensor:
+        return self.h_s(z_hat * gain_inv)[..., : y_hw[0], : y_hw[1]]
+
+    def forward(self, y: Tensor, gain: Tensor, gain_inv: Tensor) -> dict:
+        z_hat, z_likelihoods = self.entropy_bottleneck(self._analyse(y, gain))
+        return {"likelihoods": {"z": z_likelihoods}, "params": self._params(z_hat, gain_inv, y.shape[-2:])}
+
+    def compress(self, y: Tensor, gain: Tensor, gain_inv: Tensor) -> dict:
+        z = self._analyse(y, gain)
+        shape = z.size()[-2:]
+        z_strings = self.entropy_bottleneck.compress(z)
+        z_hat = self.entropy_bottleneck.decompress(z_strings, shape)
+        return {"strings": [z_strings], "shape": shape, "params": self._params(z_hat, gain_inv, y.shape[-2:])}
+
+    def decompress(self, strings: list[list[bytes]], shape: tuple[int, int, int, int], gain_inv: Tensor, **kwargs) -> dict:
+        (z_strings,) = strings
+        z_h, z_w, y_h, y_w = shape
+        z_hat = self.entropy_bottleneck.decompress(z_strings, (z_h, z_w))
+        return {"params": self._params(z_hat, gain_inv, (y_h, y_w))}
+
+
 class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigMixin):
     """Variable-rate ELIC-style compressor of a (B, latent_channels, h, w) latent.
 
-    `h` and `w` must be multiples of `2 ** (analysis_downsamples + hyper_downsamples)`.
+    `h` and `w` must be multiples of `2 ** (analysis_downsamples + 1)` (`min_latent_multiple`); the
+    hyperprior pads y internally (`CroppingGainHyperLatentCodec`), so padding the latent further,
+    to `latent_multiple`, is not needed (it only adds coded positions).
     Quality levels are 0-based indices into the gain tables here; higher codes more bits.
     """
 
@@ -167,10 +208,11 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
                 "y": ChannelGroupsLatentCodec(
                     groups=groups, channel_context=channel_context, latent_codec=groups_codec
                 ),
-                "hyper": GainHyperLatentCodec(
+                "hyper": CroppingGainHyperLatentCodec(
                     entropy_bottleneck=EntropyBottleneck(n),
                     h_a=_hyper_analysis(m, n, hyper_downsamples),
                     h_s=_hyper_synthesis(n, m, hyper_downsamples),
+                    multiple=2**hyper_downsamples,
                 ),
             }
         )
@@ -221,26 +263,38 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
     # ---- shapes ---------------------------------------------------------------------------
     @property
     def latent_multiple(self) -> int:
-        """Latent height and width must be multiples of this."""
+        """A latent whose sides are multiples of this is coded without any internal padding
+        (every network sees whole positions); the training crops use it."""
         return 2 ** (self.config.analysis_downsamples + self.config.hyper_downsamples)
 
+    @property
+    def min_latent_multiple(self) -> int:
+        """Latent height and width must be multiples of this: the analysis downsampling, and
+        an even y for the checkerboard's 2x2 anchor pattern."""
+        return 2 ** (self.config.analysis_downsamples + 1)
+
+    def _check_latent(self, latent_hw: tuple[int, ...]) -> None:
+        if any(side % self.min_latent_multiple for side in latent_hw):
+            raise ValueError(f"latent sides {tuple(latent_hw)} must be multiples of {self.min_latent_multiple}")
+
     def code_shapes(self, latent_hw: tuple[int, int]) -> dict:
-        """The `shape` argument compressai's decompress needs, from the latent (h, w)."""
+        """The `shape` argument compressai's decompress needs, from the latent (h, w): y's
+        (channels, h, w) per group, and (z_h, z_w, y_h, y_w) for the hyperprior."""
+        self._check_latent(latent_hw)
         h, w = latent_hw
         ya = 2 ** self.config.analysis_downsamples
         yh, yw = h // ya, w // ya
-        zh = yh // 2 ** self.config.hyper_downsamples
-        zw = yw // 2 ** self.config.hyper_downsamples
+        zm = 2 ** self.config.hyper_downsamples
         return {
             "y": [(g, yh, yw) for g in self.groups],
-            "hyper": (zh, zw),
+            "hyper": (-(-yh // zm), -(-yw // zm), yh, yw),
         }
 
     def max_symbols_per_string(self, latent_hw: tuple[int, int]) -> int:
         """An upper bound on the symbols any one string codes (a whole group, or all of z)."""
         shapes = self.code_shapes(latent_hw)
         _, yh, yw = shapes["y"][0]
-        zh, zw = shapes["hyper"]
+        zh, zw, _, _ = shapes["hyper"]
         return max(max(self.groups) * yh * yw, self.config.hidden_channels * zh * zw)
 
     def num_strings(self) -> int:
@@ -274,6 +328,7 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
         Returns {"hint": (B,C,h,w), "likelihoods": {"y": ..., "z": ...}}; the rate in bits is
         -sum(log2(likelihoods)).
         """
+        self._check_latent(latent.shape[-2:])
         y = self.g_a(latent)
         out = self.latent_codec(y, *self._gains(level))
         return {"hint": self.g_s(out["y_hat"]), "likelihoods": out["likelihoods"]}
@@ -285,6 +340,7 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
         `level`: 0-based quality, fractional in 1/256 steps (see `coding_gains`)."""
         if latent.shape[0] != 1:
             raise ValueError("compress codes one latent at a time")
+        self._check_latent(latent.shape[-2:])
         y = self.g_a(latent)
         with self._coding_context():
             out = self.latent_codec.compress(y, *self.coding_gains(level))

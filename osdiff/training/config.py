@@ -59,7 +59,9 @@ class StageConfig:
     # codec stage: what learns: "all" (compressor + control module, + UNet with train_unet), or
     # "gains" (only the compressor's per-level gain tables, e.g. new levels that init_from lacks:
     # a compressor with fewer levels gets the missing ones below its lowest, see
-    # LatentCompressor.with_lower_levels; the other levels code exactly as before)
+    # LatentCompressor.with_lower_levels; the other levels code exactly as before), or
+    # "denoiser" (the control module, + UNet with train_unet, on the frozen compressor's hints as
+    # decoding gives them: the files stay bit for bit the same, the one step learns to beat the hint)
     train: str = "all"
     levels: list[int] | None = None  # codec stage: the 1-based quality levels trained on (default: all)
     max_minutes: float | None = None  # stop this stage (as finished) after this many minutes
@@ -201,8 +203,10 @@ def load_config(path: str | Path, **overrides) -> TrainConfig:
             raise OSDiffError(f"config {path.name}: crop 0 (whole photos) is for a decoder stage with data.latent_cache and batch_size 1")
         if stage.levels is not None and (not stage.levels or min(stage.levels) < 1):
             raise OSDiffError(f"config {path.name}: levels must list 1-based quality levels")
-        if stage.train not in ("all", "gains"):
-            raise OSDiffError(f"config {path.name}: train must be 'all' or 'gains', got {stage.train!r}")
+        if stage.train not in ("all", "gains", "denoiser"):
+            raise OSDiffError(f"config {path.name}: train must be 'all', 'gains' or 'denoiser', got {stage.train!r}")
+        if stage.train == "denoiser" and (stage.name != "codec" or not (config.losses.latent_mse > 0 or config.losses.adversarial > 0)):
+            raise OSDiffError(f"config {path.name}: train 'denoiser' is for a codec stage with latent_mse or adversarial > 0")
         if stage.train == "gains" and (stage.name != "codec" or stage.train_unet):
             raise OSDiffError(f"config {path.name}: train 'gains' is for a codec stage without train_unet")
         if stage.decoder_target not in ("teacher", "photo"):

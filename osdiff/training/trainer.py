@@ -13,6 +13,8 @@ exactly the result of an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
+
 import csv
 import json
 import math
@@ -550,6 +552,8 @@ class Trainer:
         discriminator = UNetFeatureDiscriminator(plain_unet)
         del plain_unet
         earlier = self._earlier_codec_checkpoint(index)
+        # how init_from's files are coded (padding, mean colour): the exported model keeps it
+        coding = {k: init_model.config.get(k) for k in ("pad_multiple", "mean_colour")} if init_model is not None else {}
         if earlier is None and init_model is not None:  # compressor and controlled UNet from a model folder
             if _same_architecture(init_model.compressor.config, compressor.config):
                 compressor.load_state_dict(init_model.compressor.state_dict())
@@ -579,6 +583,9 @@ class Trainer:
             compressor.requires_grad_(False)
             for p in compressor.gain_parameters():
                 p.requires_grad_(True)
+        frozen_compressor = stage.train == "denoiser"
+        if frozen_compressor:  # the control module (and UNet) learn on the hints decoding gives
+            compressor.requires_grad_(False).eval()
         control_params = [p for p in unet.parameters() if p.requires_grad]
         compressor_params, aux_params = _split_quantiles(compressor)
         compressor_params = [p for p in compressor_params if p.requires_grad]
@@ -645,7 +652,8 @@ class Trainer:
             ctx = conditioning(b)
 
             with self.accelerator.accumulate(compressor, unet):
-                out = compressor(z, level)
+                with torch.no_grad() if frozen_compressor else contextlib.nullcontext():
+                    out = compressor(z, level)  # (frozen: in eval mode, rounded as in coding)
                 hint = out["hint"]
                 bpp = bits_per_pixel(out["likelihoods"], x.shape[-2] * x.shape[-1])
                 # compressor-only training (latent MSE, adversarial and pixel losses off): no UNet
@@ -712,7 +720,7 @@ class Trainer:
             vae=vae, compressor=self.accelerator.unwrap_model(compressor), unet=self.accelerator.unwrap_model(unet),
             conditioning=conditioning, scheduler=scheduler, model_name=cfg.model_name,
             timestep=cfg.decoding.timestep, noise_seed=cfg.decoding.noise_seed, control_scale=cfg.decoding.control_scale,
-            decoding_start=cfg.decoding.start,
+            decoding_start=cfg.decoding.start, **{k: v for k, v in coding.items() if v is not None},
         )
         pipe.to("cpu")
         pipe.compressor.update(force=True)
