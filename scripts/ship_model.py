@@ -40,6 +40,13 @@ target = Path(__file__).resolve().parents[1] / "osdiff" / "weights" / name
 staging = target.with_name(f"{name}.new")
 shutil.rmtree(staging, ignore_errors=True)
 save_for_shipping(codec, staging)
+# licence notices (e.g. vae/LICENSE-TAESD.txt for TAEF2's layers) of the run folder or, failing
+# that, of the shipped folder this replaces: weights change, their origin does not
+for notice in [*source.glob("*/LICENSE*"), *target.glob("*/LICENSE*")]:
+    kept = staging / notice.parent.name / notice.name
+    if kept.parent.is_dir() and not kept.exists():
+        shutil.copy2(notice, kept)
+        print(f"kept the notice {notice.parent.name}/{notice.name}")
 shutil.rmtree(target, ignore_errors=True)
 staging.rename(target)
 size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())

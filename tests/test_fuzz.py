@@ -75,7 +75,7 @@ codec = osdiff.load(sys.argv[1])
 header, strings = parse(codec.compress(np.full((64, 96, 3), 120, np.uint8), quality=1))
 rng = np.random.default_rng(0)
 payloads = [b"", b"\xff", b"\xff" * 7, b"\x00" * 3, b"\xff" * 5000, b"\xff" * 200_000, b"\x00" * 5000, b"\xf0" * 999]
-payloads += [rng.bytes(int(n)) for n in rng.integers(0, 3000, 40)]
+payloads += [rng.bytes(int(n)) for n in rng.integers(0, 3000, 16)]
 done = 0
 for i, garbage in enumerate(payloads):
     mixed = [garbage if (j + i) % 2 == 0 else s for j, s in enumerate(strings)]
@@ -98,4 +98,4 @@ def test_garbage_rans_strings_do_not_crash(tiny_codec_folder):
 
     run = subprocess.run([sys.executable, "-c", GARBAGE_DECODE, str(tiny_codec_folder)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "decoded 96" in run.stdout
+    assert "decoded 48" in run.stdout

@@ -84,16 +84,19 @@ def test_target_size_on_a_photo_lands_within_ten_percent_of_the_budget():
         assert codec.decompress(result.data).size == image.size
 
 
-def test_a_file_of_the_replaced_v1_model_is_one_clear_line(tmp_path):
-    """osdiff-tiny v2 replaced v1 under the same name: a v1 file (fixture, made by v1 before the
-    switch) is refused with one line naming its model hash; nothing is written."""
+@pytest.mark.parametrize("fixture, model_hash", [("osdiff-tiny-v1.osd", "81e096754ff8fc9b"),
+                                                  ("osdiff-tiny-v2.0.osd", "c39f390ff12a9d95")])
+def test_a_file_of_a_replaced_model_is_one_clear_line(tmp_path, fixture, model_hash):
+    """osdiff-tiny v2 replaced v1, and v2.1 v2.0, under the same name: their files (fixtures,
+    made by each before the switch) are refused with one line naming the model hash; nothing
+    is written."""
     from osdiff.cli import main
 
-    v1 = Path(__file__).parent / "fixtures" / "osdiff-tiny-v1.osd"
-    out = tmp_path / "v1.png"
+    old = Path(__file__).parent / "fixtures" / fixture
+    out = tmp_path / "old.png"
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        assert main(["decompress", str(v1), "-o", str(out)]) != 0
+        assert main(["decompress", str(old), "-o", str(out)]) != 0
     lines = err.getvalue().strip().splitlines()
-    assert len(lines) == 1 and "81e096754ff8fc9b" in lines[0] and "osdiff-tiny" in lines[0], lines
+    assert len(lines) == 1 and model_hash in lines[0] and "osdiff-tiny" in lines[0], lines
     assert not out.exists()
