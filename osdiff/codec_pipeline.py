@@ -52,6 +52,11 @@ def _onednn_on():
             flags.__exit__(None, None, None)
 
 
+# model config settings added after models had shipped: at these defaults they are left out of
+# the model hash, so the earlier models keep theirs (a training run carries them over too)
+CODING_SETTINGS_SINCE_V2_1 = {"pad_multiple": None, "mean_colour": False}
+
+
 @dataclass
 class DecodeResult:
     """What `decompress_tensor` returns: the image (1,3,H,W) in [0,1] and its header."""
@@ -143,7 +148,7 @@ class ImageCodecPipeline(DiffusionPipeline):
             settings = {k: v for k, v in self.config.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}
             if settings.get("decoding_start") == "hint":  # the v1 procedure: v1 models keep their hash
                 del settings["decoding_start"]
-            for key, default in (("pad_multiple", None), ("mean_colour", False)):  # earlier models keep their hash
+            for key, default in CODING_SETTINGS_SINCE_V2_1.items():
                 if key in settings and settings[key] == default:
                     del settings[key]
             digest.update(json.dumps(settings, sort_keys=True, default=str).encode())

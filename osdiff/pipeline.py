@@ -76,12 +76,11 @@ class OSDiffPipeline(ImageCodecPipeline):
         """Image height and width are padded to a multiple of this many pixels: the config's
         `pad_multiple` (at least what the compressor's analysis and the UNet's downsampling
         need), or by default as far as the compressor codes without internal padding (64 px
-        for osdiff-tiny v2 before it set 16)."""
+        for osdiff-tiny v1 and v2.0; v2.1 sets 32)."""
         chosen = self.config.get("pad_multiple")
         if chosen is None:
             return LATENT_DOWNSCALE * self.compressor.latent_multiple
-        unet_downsamples = len(self.unet.config.down_block_types) - 1
-        needed = LATENT_DOWNSCALE * max(self.compressor.min_latent_multiple, 2**unet_downsamples)
+        needed = LATENT_DOWNSCALE * max(self.compressor.min_latent_multiple, 2**self._unet_downsamples)
         if chosen % needed:
             raise OSDiffError(f"model config: pad_multiple {chosen} is not a multiple of {needed} pixels")
         return int(chosen)
@@ -89,9 +88,13 @@ class OSDiffPipeline(ImageCodecPipeline):
     @property
     def min_padded_side(self) -> int:
         """Smallest padded side in pixels: the UNet's lowest level must be at least 2x2."""
-        unet_downsamples = len(self.unet.config.down_block_types) - 1
-        side = LATENT_DOWNSCALE * 2 ** (unet_downsamples + 1)
+        side = LATENT_DOWNSCALE * 2 ** (self._unet_downsamples + 1)
         return -(-side // self.pad_multiple) * self.pad_multiple
+
+    @property
+    def _unet_downsamples(self) -> int:
+        """How many times the UNet halves the latent."""
+        return len(self.unet.config.down_block_types) - 1
 
     @property
     def num_quality_levels(self) -> int:

@@ -14,7 +14,6 @@ exactly the result of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-
 import csv
 import json
 import math
@@ -32,6 +31,7 @@ from torch import nn
 
 from ..baseline_pipeline import BaselinePipeline
 from ..build import SD_COMPRESSOR, add_control, compressor_from, sd_noise_scheduler, tiny_autoencoder, tiny_unet
+from ..codec_pipeline import CODING_SETTINGS_SINCE_V2_1
 from ..denoise import add_noise, decoding_alpha_bar, decoding_x0_eps
 from ..errors import OSDiffError
 from ..evaluation.metrics import colour_shift
@@ -553,7 +553,7 @@ class Trainer:
         del plain_unet
         earlier = self._earlier_codec_checkpoint(index)
         # how init_from's files are coded (padding, mean colour): the exported model keeps it
-        coding = {k: init_model.config.get(k) for k in ("pad_multiple", "mean_colour")} if init_model is not None else {}
+        coding = {k: init_model.config.get(k) for k in CODING_SETTINGS_SINCE_V2_1} if init_model is not None else {}
         if earlier is None and init_model is not None:  # compressor and controlled UNet from a model folder
             if _same_architecture(init_model.compressor.config, compressor.config):
                 compressor.load_state_dict(init_model.compressor.state_dict())
