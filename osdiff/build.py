@@ -70,7 +70,7 @@ def tiny_autoencoder(arch: TinyArchitecture) -> TinyAutoencoder | TAESDAutoencod
         return TAESDAutoencoder(
             latent_channels=arch.compressor.latent_channels, midblock_gn=True,
             decoder_channels=arch.student_decoder_channels, decoder_blocks=arch.student_decoder_blocks,
-            decoder_trunk=arch.student_decoder_trunk,
+            decoder_trunk=arch.student_decoder_trunk, decoder_trunk_layers=arch.student_decoder_trunk_layers,
         )
     return TinyAutoencoder(
         latent_channels=arch.compressor.latent_channels,

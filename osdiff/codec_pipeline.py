@@ -157,7 +157,9 @@ class ImageCodecPipeline(DiffusionPipeline):
                 digest.update(json.dumps(schedule, sort_keys=True, default=str).encode())
             for name in self.hashed_components:
                 module = getattr(self, name)
-                architecture = {k: v for k, v in module.config.items() if not k.startswith("_")}
+                neutral = getattr(module, "hash_neutral_defaults", {})
+                architecture = {k: v for k, v in module.config.items()
+                                if not k.startswith("_") and not (k in neutral and v == neutral[k])}
                 digest.update(json.dumps(architecture, sort_keys=True, default=str).encode())
                 tensors = dict(module.state_dict())
                 if name == self.entropy_coder:

@@ -96,6 +96,10 @@ class TinyArchitecture:
     # teacher) and student_decoder_channels / _blocks name the levels after them (1/2, full),
     # ending in a pixel shuffle (osdiff.models.taesd.trunk_decoder)
     student_decoder_trunk: bool = False
+    # how many of TAEF2's decoder layers the trunk keeps (osdiff.models.taesd.TRUNK_DEPTHS): 11
+    # ends after the 1/4 level; 13-16 go on into the 1/2 level (its conv and 0-3 of its blocks),
+    # and student_decoder_channels then names at most the full-resolution level
+    student_decoder_trunk_layers: int = 11
     unet_block_out_channels: tuple[int, ...] = (64, 128)
     unet_down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
     unet_up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")

@@ -1,6 +1,7 @@
-"""Make a model folder from a running codec stage's checkpoint, to evaluate it mid-training:
-the compressor and controlled UNet from the checkpoint, every other part from the model folder
-the run started from (its init_from). A checkpoint with more quality levels than that model
+"""Make a model folder from a running codec or decoder stage's checkpoint, to evaluate it
+mid-training: the parts the checkpoint holds (compressor and controlled UNet of a codec stage,
+the vae of a decoder stage), every other part from the model folder the run started from (its
+init_from). A checkpoint with more quality levels than that model
 (configs/tiny-v2-cpu-levels.yaml) gets them as new lowest levels, as the run did.
 
     python scripts/export_checkpoint.py ../runs/gpu1/model ../runs/cpu2/control/stages/0-codec/ckpt.pt ../runs/cpu2/eval-model
@@ -19,11 +20,15 @@ if out.exists():
     sys.exit(f"{out} exists; not overwriting it")
 pipe = OSDiffPipeline.from_pretrained(base).to(torch.float32)
 state = torch.load(ckpt, map_location="cpu", weights_only=False)
-extra = state["modules"]["compressor"]["y_gain"].shape[0] - pipe.compressor.config.num_quality_levels
-if extra > 0:
-    pipe.register_modules(compressor=pipe.compressor.with_lower_levels(extra))
-pipe.compressor.load_state_dict(state["modules"]["compressor"])
-pipe.unet.load_state_dict(state["modules"]["unet"])
-pipe.compressor.update(force=True)
+modules = state["modules"]
+if "compressor" in modules:
+    extra = modules["compressor"]["y_gain"].shape[0] - pipe.compressor.config.num_quality_levels
+    if extra > 0:
+        pipe.register_modules(compressor=pipe.compressor.with_lower_levels(extra))
+    pipe.compressor.load_state_dict(modules["compressor"])
+    pipe.compressor.update(force=True)
+for name in ("unet", "vae"):
+    if name in modules:
+        getattr(pipe, name).load_state_dict(modules[name])
 pipe.save_pretrained(out)
 print(f"wrote {out} (step {state['step']})")

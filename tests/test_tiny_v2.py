@@ -70,13 +70,26 @@ def test_taesd_component_saves_statistics_and_student_decoder(tmp_path):
     # a trunk student: the teacher's 1/8 and 1/4 levels, then a 1/2 level and a pixel shuffle
     trunk = teacher.with_decoder((8,), (1,), trunk=True)
     trunk.load_trunk(teacher)
-    feats = trunk.decoder_trunk_layers(z)
+    feats = trunk.trunk(z)
     assert torch.equal(feats, teacher.decoder[:11](z)) and feats.shape[-1] == 2 * z.shape[-1]
     assert trunk.decode(z).shape == (2, 3, 32, 32)
     trunk.save_pretrained(tmp_path / "trunk")
     assert torch.equal(TAESDAutoencoder.from_pretrained(tmp_path / "trunk").decode(z), trunk.decode(z))
     with pytest.raises(ValueError):
         student.load_trunk(teacher)
+
+    # a deeper trunk: also the teacher's 1/2-resolution conv and two of its blocks, then only a
+    # conv and a pixel shuffle; the teacher's output is one of its heads
+    deep = teacher.with_decoder((), (), trunk=True, trunk_layers=15)
+    deep.load_trunk(teacher)
+    assert torch.equal(deep.trunk(z), teacher.decoder[:15](z)) and deep.trunk(z).shape[-1] == 4 * z.shape[-1]
+    assert deep.decode(z).shape == (2, 3, 32, 32) and isinstance(deep.decoder[-1], torch.nn.PixelShuffle)
+    deep.save_pretrained(tmp_path / "deep")
+    again = TAESDAutoencoder.from_pretrained(tmp_path / "deep")
+    assert again.config.decoder_trunk_layers == 15 and torch.equal(again.decode(z), deep.decode(z))
+    for bad in ({"trunk_layers": 12}, {"channels": (8, 8), "blocks": (1, 1), "trunk_layers": 14}):
+        with pytest.raises(ValueError, match="trunk decoder"):
+            teacher.with_decoder(**{"channels": (), "blocks": (), "trunk": True, **bad})
 
 
 def test_controlled_unet_takes_any_latent_channel_count(tmp_path):
@@ -293,26 +306,34 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     swapped = osdiff.load(tmp_path / "swapped")
     assert torch.equal(swapped.vae.decoder[1].weight.float(), student.decoder[1].weight)
 
-    # another student shape: a trunk decoder starts from the teacher's 1/8 and 1/4 levels, which
-    # stay frozen, with the pixel MSE and colour terms, on whole photos (crop 0)
+    # another student shape: a trunk decoder keeping the teacher's layers into the 1/2 level,
+    # frozen, its conv + pixel shuffle head fitted in closed form and then trained with the pixel
+    # MSE, colour and adversarial terms, on whole photos (crop 0), learning to decode the codec's
+    # one-step outputs as the teacher does (the sharp recipe)
     trunked = tmp_path / "trunked"
-    arch3 = dataclasses.replace(arch, student_decoder_channels=(8,), student_decoder_blocks=(1,), student_decoder_trunk=True)
+    arch3 = dataclasses.replace(arch, student_decoder_channels=(), student_decoder_blocks=(), student_decoder_trunk=True,
+                                student_decoder_trunk_layers=15)
     cfg3 = dataclasses.replace(cfg, output_dir=str(trunked), init_from=str(tuned / "model"), tiny=arch3, val_every=2,
-                               losses=dataclasses.replace(cfg.losses, decoder_mse=5.0, decoder_colour=10.0),
-                               stages=[StageConfig(name="decoder", decoder_target="photo", decoder_inputs="codec",
-                                                   decoder_freeze_trunk=True, steps=2, batch_size=1, crop=0, warmup_steps=1)])
+                               losses=dataclasses.replace(cfg.losses, decoder_mse=5.0, decoder_colour=10.0, decoder_adversarial=0.1),
+                               stages=[StageConfig(name="decoder", decoder_target="teacher", decoder_inputs="codec",
+                                                   decoder_freeze_trunk=True, decoder_head_fit=2, steps=2, batch_size=1, crop=0,
+                                                   warmup_steps=1)])
     assert Trainer(cfg3).run() == trunked / "model"
     new = osdiff.load(trunked / "model")
     teacher = TAESDAutoencoder.from_pretrained(ROOT / "osdiff" / "weights" / "taef2" / "vae")
     assert new.vae.config.decoder_trunk and new.vae.config.latent_mean == before.vae.config.latent_mean
-    for a, b in zip(new.vae.decoder_trunk_layers.state_dict().values(), teacher.decoder[:11].state_dict().values()):
+    for a, b in zip(new.vae.trunk.state_dict().values(), teacher.decoder[:15].state_dict().values()):
         assert torch.equal(a.float(), b.float())
+    assert new.vae.config.decoder_trunk_layers == 15 and isinstance(new.vae.decoder[-1], torch.nn.PixelShuffle)
     with open(trunked / "log-0-decoder.csv") as f:
         rows = list(csv.DictReader(f))
-    assert float(rows[0]["mse"]) > 0 and float(rows[0]["colour"]) > 0
+    assert float(rows[0]["mse"]) > 0 and float(rows[0]["colour"]) > 0 and float(rows[0]["psnr_teacher"]) > 0
+    assert float(rows[0]["adv_g"]) > 0 and float(rows[0]["adv_d"]) > 0  # the conditional patch discriminator
+    assert "discriminator" in torch.load(trunked / "stages" / "0-decoder" / "ckpt.pt", weights_only=False)["modules"]
     with open(trunked / "val-0-decoder.csv") as f:
         row = next(csv.DictReader(f))
     assert float(row["colour_shift"]) >= 0 and float(row["psnr_one_step"]) > 0  # clean latents, and the codec's outputs
+    assert float(row["detail_one_step"]) > 0 and float(row["psnr_vs_teacher_one_step"]) > 0
     image, data = new(np.zeros((64, 64, 3), np.uint8), quality=2)
     assert image.size == (64, 64)
     report = subprocess.run([sys.executable, "scripts/decoder_diagnosis.py", str(trunked / "model"), "--images", str(image_folder),

@@ -171,8 +171,9 @@ def test_config_files_load(tmp_path):
     with pytest.raises(OSDiffError, match="latent_weighting"):
         load_config(bad)
     bad.write_text("stages: [{name: decoder, decoder_inputs: codec}]\n")
-    with pytest.raises(OSDiffError, match="needs decoder_target 'photo' and init_from"):
+    with pytest.raises(OSDiffError, match="decoder_inputs 'codec' needs init_from"):
         load_config(bad)
+    assert load_config(bad, init_from="model").stages[0].decoder_target == "teacher"  # sharp decoding of codec outputs
     bad.write_text("stages: [{name: decoder, decoder_inputs: codec, decoder_target: photo}]\n")
     assert load_config(bad, init_from="model").init_from == "model"  # as `osdiff train --init-from` gives it
     bad.write_text("data: {latent_cache: cache}\nstages: [{name: decoder, crop: 0, batch_size: 2}]\n")
@@ -181,3 +182,24 @@ def test_config_files_load(tmp_path):
     bad.write_text("stages: [{name: decoder, crop: 0, batch_size: 1}]\n")  # no latent cache
     with pytest.raises(OSDiffError, match="crop 0"):
         load_config(bad)
+
+
+def test_conv_head_least_squares_recovers_a_linear_head_and_refuses_other_shapes():
+    """The closed-form head fit (decoder_head_fit) finds the conv + pixel shuffle that made the
+    targets, to float precision, from features of several sizes."""
+    from torch import nn
+
+    from osdiff.training.head_fit import ConvHeadLeastSquares
+
+    torch.manual_seed(0)
+    true, head = nn.Conv2d(8, 12, 3, padding=1), nn.Conv2d(8, 12, 3, padding=1)
+    fit = ConvHeadLeastSquares(head, 2, positions=10**9)
+    for h, w in ((10, 12), (7, 9), (12, 5)):
+        features = torch.randn(1, 8, h, w)
+        fit.add(features, nn.functional.pixel_shuffle(true(features), 2))
+    fit.solve(ridge=1e-9)
+    assert torch.allclose(head.weight, true.weight, atol=1e-5) and torch.allclose(head.bias, true.bias, atol=1e-5)
+    with pytest.raises(ValueError, match="3 \\* 2"):
+        ConvHeadLeastSquares(nn.Conv2d(8, 3, 3, padding=1), 2)
+    with pytest.raises(ValueError, match="no samples"):
+        ConvHeadLeastSquares(nn.Conv2d(8, 12, 3, padding=1), 2).solve()

@@ -96,32 +96,46 @@ def slim_decoder(latent_channels: int, channels: tuple[int, ...], blocks: tuple[
 
 
 TRUNK_LAYERS = 11  # taesd_decoder's layers up to the 1/4-resolution blocks (indices 0..10)
+# trunk depths a trunk decoder may keep: the 1/8 and 1/4 levels (11), or further into the
+# 1/2-resolution level: its upsampling conv (13) and then one, two or all three of its blocks
+TRUNK_DEPTHS = (11, 13, 14, 15, 16)
 
 
-def trunk_decoder(latent_channels: int, midblock_gn: bool, channels: tuple[int, ...], blocks: tuple[int, ...]) -> nn.Sequential:
-    """Student decoder that keeps the teacher's cheap part: TAESD's layers at 1/8 and 1/4
-    resolution (the first TRUNK_LAYERS, same names, so the teacher's weights load into them),
-    then one level per `channels[i]` / `blocks[i]` at each further doubling (1/2, ...), and a
-    3x3 conv to 3 * s * s channels with PixelShuffle(s) for the remaining factor s (no conv at
-    full resolution, where the teacher spends ~55 % of its time)."""
-    if len(channels) != len(blocks) or len(channels) > 2:
-        raise ValueError("trunk decoder: need as many widths as block counts, at most 2 (1/2 and full resolution)")
-    layers = list(taesd_decoder(latent_channels, midblock_gn)[:TRUNK_LAYERS])
+def trunk_decoder(latent_channels: int, midblock_gn: bool, channels: tuple[int, ...], blocks: tuple[int, ...],
+                  trunk_layers: int = TRUNK_LAYERS) -> nn.Sequential:
+    """Student decoder that keeps the teacher's cheap part: TAESD's first `trunk_layers` layers
+    (11: the 1/8 and 1/4 levels; 13-16: also the 1/2-resolution upsampling conv and 0-3 of its
+    blocks; same names, so the teacher's weights load into them), then one level per
+    `channels[i]` / `blocks[i]` at each further doubling, and a 3x3 conv to 3 * s * s channels
+    with PixelShuffle(s) for the remaining factor s (no conv at full resolution, where the
+    teacher spends ~2/3 of its time)."""
+    if trunk_layers not in TRUNK_DEPTHS:
+        raise ValueError(f"trunk decoder: trunk_layers must be one of {TRUNK_DEPTHS}, got {trunk_layers}")
+    remaining = 4 if trunk_layers == TRUNK_LAYERS else 2  # upsampling factor left after the trunk
+    if len(channels) != len(blocks) or 2 ** len(channels) > remaining:
+        raise ValueError(f"trunk decoder: need as many widths as block counts, at most {remaining.bit_length() - 1} "
+                         f"after a trunk of {trunk_layers} layers")
+    layers = list(taesd_decoder(latent_channels, midblock_gn)[:trunk_layers])
     width = 64
     for w, count in zip(channels, blocks):
         layers += [nn.Upsample(scale_factor=2), _conv(width, w, bias=False)] + [Block(w, w) for _ in range(count)]
         width = w
-    shuffle = 4 // 2 ** len(channels)
+    shuffle = remaining // 2 ** len(channels)
     layers += [_conv(width, 3 * shuffle * shuffle), nn.PixelShuffle(shuffle)] if shuffle > 1 else [_conv(width, 3)]
     return nn.Sequential(*layers)
 
 
 class TAESDAutoencoder(ModelMixin, ConfigMixin):
+    # config keys added after models were shipped, with the value those models had: the model
+    # hash leaves them out at that value, so older models keep their hash
+    hash_neutral_defaults = {"decoder_trunk_layers": TRUNK_LAYERS}
+
     """Frozen pretrained TAESD-family autoencoder with per-channel latent normalisation.
 
     `decoder_channels=None`: the teacher's decoder (TAESD layout); else a student with those
     widths and `decoder_blocks`: slim (`slim_decoder`), or with `decoder_trunk` the teacher's
-    1/8 and 1/4 levels followed by those widths and a pixel shuffle (`trunk_decoder`).
+    first `decoder_trunk_layers` layers (11: its 1/8 and 1/4 levels) followed by those widths and
+    a pixel shuffle (`trunk_decoder`).
     `latent_mean` / `latent_std` (one per channel, from training photos) map raw latents to
     roughly zero-mean, unit-variance ones.
     """
@@ -136,13 +150,15 @@ class TAESDAutoencoder(ModelMixin, ConfigMixin):
         latent_mean: tuple[float, ...] | None = None,
         latent_std: tuple[float, ...] | None = None,
         decoder_trunk: bool = False,
+        decoder_trunk_layers: int = TRUNK_LAYERS,
     ) -> None:
         super().__init__()
         self.encoder = taesd_encoder(latent_channels, midblock_gn)
         if decoder_channels is None:
             self.decoder = taesd_decoder(latent_channels, midblock_gn)
         elif decoder_trunk:
-            self.decoder = trunk_decoder(latent_channels, midblock_gn, tuple(decoder_channels), tuple(decoder_blocks))
+            self.decoder = trunk_decoder(latent_channels, midblock_gn, tuple(decoder_channels), tuple(decoder_blocks),
+                                         decoder_trunk_layers)
         else:
             self.decoder = slim_decoder(latent_channels, tuple(decoder_channels), tuple(decoder_blocks))
         mean = torch.tensor(latent_mean if latent_mean is not None else [0.0] * latent_channels)
@@ -172,27 +188,29 @@ class TAESDAutoencoder(ModelMixin, ConfigMixin):
         return self.decode(self.encode(x))
 
     def with_decoder(self, channels: tuple[int, ...] | None, blocks: tuple[int, ...] = (2, 2, 1, 1),
-                     trunk: bool = False) -> "TAESDAutoencoder":
+                     trunk: bool = False, trunk_layers: int = TRUNK_LAYERS) -> "TAESDAutoencoder":
         """A copy with this encoder and normalisation and a new (random) decoder of that shape
-        (`trunk`: a `trunk_decoder`; its trunk is random too until `load_trunk`)."""
+        (`trunk`: a `trunk_decoder` keeping `trunk_layers` teacher layers; its trunk is random
+        too until `load_trunk`)."""
         cfg = dict(self.config)
         cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
         cfg.update(decoder_channels=None if channels is None else tuple(channels), decoder_blocks=tuple(blocks),
-                   decoder_trunk=bool(trunk and channels is not None))
+                   decoder_trunk=bool(trunk and channels is not None), decoder_trunk_layers=int(trunk_layers))
         other = TAESDAutoencoder(**cfg)
         other.encoder.load_state_dict(self.encoder.state_dict())
         return other
 
     def load_trunk(self, teacher: "TAESDAutoencoder") -> None:
-        """Copy the teacher decoder's 1/8 and 1/4 levels into this trunk decoder."""
+        """Copy the teacher decoder's first `decoder_trunk_layers` layers into this trunk decoder."""
         if not self.config.decoder_trunk:
             raise ValueError("load_trunk: this decoder has no teacher trunk")
-        self.decoder[:TRUNK_LAYERS].load_state_dict(teacher.decoder[:TRUNK_LAYERS].state_dict())
+        depth = self.config.decoder_trunk_layers
+        self.decoder[:depth].load_state_dict(teacher.decoder[:depth].state_dict())
 
     @property
-    def decoder_trunk_layers(self) -> nn.Module | None:
+    def trunk(self) -> nn.Module | None:
         """The trunk decoder's teacher part (None for other decoders)."""
-        return self.decoder[:TRUNK_LAYERS] if self.config.decoder_trunk else None
+        return self.decoder[: self.config.decoder_trunk_layers] if self.config.decoder_trunk else None
 
     @classmethod
     def from_taesd_files(cls, encoder_path: str | os.PathLike, decoder_path: str | os.PathLike | None = None,
@@ -221,4 +239,4 @@ def _load_state(path: str | os.PathLike) -> dict[str, Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
-__all__ = ["TAESDAutoencoder", "slim_decoder", "taesd_decoder", "taesd_encoder", "trunk_decoder"]
+__all__ = ["TRUNK_DEPTHS", "TAESDAutoencoder", "slim_decoder", "taesd_decoder", "taesd_encoder", "trunk_decoder"]

@@ -69,12 +69,17 @@ class StageConfig:
     # (TAEF2's own decoder output; distillation) or "photo" (the photo itself; no teacher runs)
     decoder_target: str = "teacher"
     # decoder stage: what it decodes: "latents" (the photos' latents, half of them perturbed) or
-    # "codec" (init_from's one-step outputs at random quality levels, as decoding produces them:
-    # the decoder learns to undo the codec's errors too; needs decoder_target "photo")
+    # "codec" (init_from's one-step outputs at random quality levels, as decoding produces them;
+    # with decoder_target "photo" the decoder learns to undo the codec's errors too, with
+    # "teacher" it learns to decode them as TAEF2's own decoder does: sharp)
     decoder_inputs: str = "latents"
-    # decoder stage, tiny.student_decoder_trunk: keep the teacher's 1/8 and 1/4 levels frozen
+    # decoder stage, tiny.student_decoder_trunk: keep the teacher layers of the trunk frozen
     # (only the new layers learn; no backward pass through the trunk)
     decoder_freeze_trunk: bool = False
+    # decoder stage: before the gradient steps, fit the head of a trunk decoder with no new levels
+    # (one 3x3 conv + pixel shuffle, linear) in closed form: ridge least squares to the target on
+    # this many training photos' inputs (osdiff.training.head_fit); 0: off. Not redone on resume
+    decoder_head_fit: int = 0
 
 
 @dataclass
@@ -104,6 +109,9 @@ class LossConfig:
     decoder_gradient: float = 0.0
     decoder_mse: float = 0.0  # decoder stage: + decoder_mse * pixel MSE (images in [0,1])
     decoder_colour: float = 0.0  # decoder stage: + decoder_colour * MSE of 16x16 block means (colour casts)
+    # decoder stage: + decoder_adversarial * non-saturating GAN loss of a HiFiC-style conditional
+    # patch discriminator (real: the photo, fake: the decoded image, both given the decoded latent)
+    decoder_adversarial: float = 0.0
     pixel_mse: float = 1.0  # baseline stage: weight of the image MSE (images in [0,1])
     # baseline stage: loss = bpp + lambda * (pixel_mse * MSE + perceptual * P + adversarial * A),
     # the adversarial term inside lambda as in HiFiC (its weight is relative to the distortion)
@@ -197,8 +205,8 @@ def load_config(path: str | Path, **overrides) -> TrainConfig:
             raise OSDiffError(f"config {path.name}: latent_weighting must be 'none' or 'decoder'")
         if stage.decoder_inputs not in ("latents", "codec"):
             raise OSDiffError(f"config {path.name}: decoder_inputs must be 'latents' or 'codec', got {stage.decoder_inputs!r}")
-        if stage.decoder_inputs == "codec" and (stage.decoder_target != "photo" or not config.init_from):
-            raise OSDiffError(f"config {path.name}: decoder_inputs 'codec' needs decoder_target 'photo' and init_from (a model folder)")
+        if stage.decoder_inputs == "codec" and not config.init_from:
+            raise OSDiffError(f"config {path.name}: decoder_inputs 'codec' needs init_from (a model folder)")
         if stage.crop == 0 and (stage.name != "decoder" or not config.data.latent_cache or stage.batch_size != 1):
             raise OSDiffError(f"config {path.name}: crop 0 (whole photos) is for a decoder stage with data.latent_cache and batch_size 1")
         if stage.levels is not None and (not stage.levels or min(stage.levels) < 1):

@@ -34,10 +34,10 @@ from ..build import SD_COMPRESSOR, add_control, compressor_from, sd_noise_schedu
 from ..codec_pipeline import CODING_SETTINGS_SINCE_V2_1
 from ..denoise import add_noise, decoding_alpha_bar, decoding_x0_eps
 from ..errors import OSDiffError
-from ..evaluation.metrics import colour_shift
+from ..evaluation.metrics import colour_shift, detail_retention
 from ..models.autoencoder import TinyAutoencoder, decode_latent, encode_latent
 from ..models.baselines import LearnedImageCodec
-from ..models.taesd import TAESDAutoencoder
+from ..models.taesd import TRUNK_LAYERS, TAESDAutoencoder
 from ..models.conditioning import ConditioningEmbedding
 from ..pipeline import OSDiffPipeline
 from ..verbosity import progress
@@ -300,13 +300,15 @@ class Trainer:
             raise OSDiffError("stage 'decoder' needs tiny.autoencoder: taef2")
         init = self._init_model()
         photo = stage.decoder_target == "photo"
-        shape = dict(channels=arch.student_decoder_channels, blocks=arch.student_decoder_blocks, trunk=arch.student_decoder_trunk)
+        shape = dict(channels=arch.student_decoder_channels, blocks=arch.student_decoder_blocks, trunk=arch.student_decoder_trunk,
+                     trunk_layers=arch.student_decoder_trunk_layers)
         continues = False  # init_from's student goes on learning
         if init is not None:
             if not isinstance(init.vae, TAESDAutoencoder):
                 raise OSDiffError(f"init_from {cfg.init_from}: its autoencoder is not a TAEF2 one")
             c = init.vae.config
-            continues = _decoder_shape(c.decoder_channels, c.decoder_blocks, c.get("decoder_trunk", False)) == _decoder_shape(**shape)
+            continues = _decoder_shape(c.decoder_channels, c.decoder_blocks, c.get("decoder_trunk", False),
+                                       c.get("decoder_trunk_layers", TRUNK_LAYERS)) == _decoder_shape(**shape)
         needs_teacher = not (photo and continues)
         teacher = self._teacher_autoencoder().to(self.device).requires_grad_(False).eval() if needs_teacher else None
         if init is not None:
@@ -323,7 +325,7 @@ class Trainer:
             student = teacher.with_decoder(**shape).to(self.device)
             codec = None
         if not continues and student.config.decoder_trunk:
-            student.load_trunk(teacher)  # the teacher's 1/8 and 1/4 levels, kept or fine-tuned
+            student.load_trunk(teacher)  # the teacher's first layers, kept or fine-tuned
         del init
         if codec is not None:
             codec.compressor.eval().requires_grad_(False)  # eval: rounded latents, as in coding
@@ -331,13 +333,21 @@ class Trainer:
             levels = codec.compressor.config.num_quality_levels
         student.encoder.requires_grad_(False).eval()
         if stage.decoder_freeze_trunk:
-            if student.decoder_trunk_layers is None:
+            if student.trunk is None:
                 raise OSDiffError("decoder_freeze_trunk needs tiny.student_decoder_trunk: true")
-            student.decoder_trunk_layers.requires_grad_(False)
+            student.trunk.requires_grad_(False)
         params = [p for p in student.decoder.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
         student, opt = self._prepare(student, opt)
         model = self.accelerator.unwrap_model(student)
+        modules, optimizers = {"vae": student}, {"vae": (opt, stage.lr)}
+        discriminator = None
+        if losses.decoder_adversarial:  # judges (image, normalised latent it was decoded from)
+            torch.manual_seed(cfg.seed + 9)
+            discriminator = ConditionalPatchDiscriminator(model.config.latent_channels).to(self.device)
+            opt_d = torch.optim.AdamW(discriminator.parameters(), lr=stage.lr_discriminator, betas=(0.5, 0.999))
+            discriminator, opt_d = self._prepare(discriminator, opt_d)
+            modules["discriminator"], optimizers["disc"] = discriminator, (opt_d, stage.lr_discriminator)
         features = PerceptualLoss("taesd-features", encoder=model.encoder).to(self.device) if losses.decoder_features else None
         pairs = self._latent_sampler(index, stage, model.encoder, codec.compressor.latent_multiple if codec is not None else 1)
         std = model.std
@@ -349,6 +359,33 @@ class Trainer:
         }
 
         def step_fn(step: int) -> dict:
+            x, raw, target = decoder_input(step)
+            with self.accelerator.accumulate(student):
+                pred = (model.decode_raw(raw) + 1) / 2
+                l1 = (pred - target).abs().mean()
+                loss = l1
+                logs = {"l1": l1.detach()}
+                for name, (weight, term) in extra_terms.items():
+                    if weight:
+                        value = term(pred, target)
+                        loss = loss + weight * value
+                        logs[name] = value.detach()
+                if discriminator is not None:
+                    condition = (raw - model.mean) / std
+                    adv = frozen_generator_loss(discriminator, pred, condition)
+                    loss = loss + losses.decoder_adversarial * adv
+                    logs["adv_g"] = adv.detach()
+                self._update(loss, params, opt, stage.grad_clip)
+            if discriminator is not None:
+                d_loss = discriminator_adversarial(discriminator(x, condition), discriminator(pred.detach(), condition))
+                self.accelerator.backward(d_loss)
+                opt_d.step()
+                opt_d.zero_grad()
+                logs["adv_d"] = d_loss.detach()
+            return {"loss": loss.detach(), **logs, f"psnr_{stage.decoder_target}": _psnr_tensor(pred, target)}
+
+        def decoder_input(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """(photos, raw latents the decoder decodes, target images) of training step `step`."""
             x, raw = pairs.batch(step)
             x, raw = x.to(self.device), raw.to(self.device)
             gen = self._generator(index, step)
@@ -364,18 +401,10 @@ class Trainer:
                     sigma[: raw.shape[0] // 2] = 0
                     raw = raw + sigma * std * torch.randn(raw.shape, generator=gen).to(self.device)
                 target = x if photo else (teacher.decode_raw(raw).clamp(-1, 1) + 1) / 2
-            with self.accelerator.accumulate(student):
-                pred = (model.decode_raw(raw) + 1) / 2
-                l1 = (pred - target).abs().mean()
-                loss = l1
-                logs = {"l1": l1.detach()}
-                for name, (weight, term) in extra_terms.items():
-                    if weight:
-                        value = term(pred, target)
-                        loss = loss + weight * value
-                        logs[name] = value.detach()
-                self._update(loss, params, opt, stage.grad_clip)
-            return {"loss": loss.detach(), **logs, f"psnr_{stage.decoder_target}": _psnr_tensor(pred, target)}
+            return x, raw, target
+
+        if stage.decoder_head_fit and not (self.stage_dir(index) / "ckpt.pt").is_file():
+            self._fit_decoder_head(model, stage, decoder_input)
 
         fixed = None  # what the frozen networks give for the validation photos, computed once
 
@@ -395,6 +424,8 @@ class Trainer:
                 fixed = {"photos": xs, "raws": raws,
                          "teacher": decode(teacher, raws) if teacher is not None else None,
                          "one_step": [[one_step_raw(r, level) for r in raws] for level in range(levels)] if codec is not None else None}
+                if codec is not None and teacher is not None:  # what TAEF2's own decoder makes of them
+                    fixed["teacher_one_step"] = [decode(teacher, outputs) for outputs in fixed["one_step"]]
             xs = fixed["photos"]
             preds = decode(model, fixed["raws"])
             out = _image_metrics(preds, xs)
@@ -402,17 +433,40 @@ class Trainer:
                 reference = fixed["teacher"]
                 out.update(psnr_teacher_decoder=_mean_psnr(reference, xs), psnr_vs_teacher=_mean_psnr(preds, reference))
             if codec is not None:  # what it learns: the one-step outputs, averaged over the levels
-                per_level = [_image_metrics(decode(model, outputs), xs) for outputs in fixed["one_step"]]
+                decoded = [decode(model, outputs) for outputs in fixed["one_step"]]
+                per_level = [_image_metrics(images, xs) for images in decoded]
                 out.update({f"{k}_one_step": sum(m[k] for m in per_level) / levels for k in per_level[0]})
+                if teacher is not None:
+                    out["psnr_vs_teacher_one_step"] = sum(
+                        _mean_psnr(images, reference) for images, reference in zip(decoded, fixed["teacher_one_step"])) / levels
             return out
 
-        if not self._loop(index, stage, {"vae": student}, {"vae": (opt, stage.lr)}, step_fn, max_steps, deadline, val_fn):
+        if not self._loop(index, stage, modules, optimizers, step_fn, max_steps, deadline, val_fn):
             return False
         model.save_pretrained(self.stage_dir(index) / "out" / "vae")
         if codec is not None:  # the codec it learned to decode, with this decoder
             codec.register_modules(vae=model)
             codec.to("cpu").save_pretrained(self.out / "model")
         return True
+
+    def _fit_decoder_head(self, model: TAESDAutoencoder, stage: StageConfig, decoder_input) -> None:
+        """Closed-form start for a trunk decoder whose head is one conv + pixel shuffle: ridge
+        least squares from the trunk's features to the targets of `stage.decoder_head_fit`
+        photos (decoder_input(step) -> (photos, raw latents, targets), drawn at steps past the
+        stage's own)."""
+        from .head_fit import ConvHeadLeastSquares
+
+        c = model.config
+        if not (c.decoder_trunk and len(c.decoder_channels) == 0 and isinstance(model.decoder[-1], nn.PixelShuffle)):
+            raise OSDiffError("decoder_head_fit needs a trunk decoder with no new levels "
+                              "(tiny.student_decoder_trunk: true, student_decoder_channels: [])")
+        fit = ConvHeadLeastSquares(model.decoder[-2], model.decoder[-1].upscale_factor, seed=self.config.seed)
+        for i in progress(range(stage.decoder_head_fit), desc="head fit", disable=not self.accelerator.is_local_main_process):
+            _, raw, target = decoder_input(stage.steps + 10**6 + i)
+            with torch.no_grad():
+                for one_raw, one_target in zip(raw.split(1), target.split(1)):
+                    fit.add(model.trunk(one_raw), one_target)
+        fit.solve()
 
     def _teacher_autoencoder(self) -> TAESDAutoencoder:
         """TAEF2 (encoder and decoder): the packaged copy, or the released .pth pair."""
@@ -843,10 +897,11 @@ def _low_pass_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(F.avg_pool2d(pred, 16, ceil_mode=True), F.avg_pool2d(target, 16, ceil_mode=True))
 
 
-def _decoder_shape(channels, blocks, trunk) -> tuple:
+def _decoder_shape(channels, blocks, trunk, trunk_layers=TRUNK_LAYERS) -> tuple:
     """A TAEF2 student decoder's shape, comparable between a vae config and a recipe (widths
     None: the teacher's own decoder)."""
-    return (None if channels is None else tuple(channels), tuple(blocks), bool(trunk) and channels is not None)
+    trunk = bool(trunk) and channels is not None
+    return (None if channels is None else tuple(channels), tuple(blocks), trunk, int(trunk_layers) if trunk else None)
 
 
 def _same_architecture(a, b) -> bool:
@@ -878,11 +933,12 @@ def _psnr_tensor(x_hat, x) -> torch.Tensor:
 
 
 def _image_metrics(preds: list, targets: list) -> dict:
-    """Mean PSNR (dB), HaarPSI and colour shift (8-bit levels) over the images of lists of
-    batches (any sizes, in [0,1])."""
+    """Mean PSNR (dB), HaarPSI, detail retention and colour shift (8-bit levels) over the images
+    of lists of batches (any sizes, in [0,1])."""
     pairs = _image_pairs(preds, targets)
     return {"psnr": _mean_over(pairs, _psnr),
             "haarpsi": _mean_over(pairs, lambda p, t: piq.haarpsi(p, t, data_range=1.0).item()),
+            "detail": _mean_over(pairs, detail_retention),
             "colour_shift": _mean_over(pairs, colour_shift)}
 
 
