@@ -57,6 +57,12 @@ def _onednn_on():
 CODING_SETTINGS_SINCE_V2_1 = {"pad_multiple": None, "mean_colour": False}
 
 
+def _hashed_config(config, neutral: dict) -> dict:
+    """The config entries the model hash covers: private keys (`_...`) and settings at their
+    hash-neutral value (`neutral`: key -> the value models had before the setting existed) left out."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and not (k in neutral and v == neutral[k])}
+
+
 @dataclass
 class DecodeResult:
     """What `decompress_tensor` returns: the image (1,3,H,W) in [0,1] and its header."""
@@ -145,21 +151,17 @@ class ImageCodecPipeline(DiffusionPipeline):
         that affects decoding. Written in each file; a file from another model is refused."""
         if self._model_hash is None:
             digest = hashlib.sha256()
-            settings = {k: v for k, v in self.config.items() if not k.startswith("_") and not isinstance(v, (list, tuple))}
+            settings = {k: v for k, v in _hashed_config(self.config, CODING_SETTINGS_SINCE_V2_1).items()
+                        if not isinstance(v, (list, tuple))}
             if settings.get("decoding_start") == "hint":  # the v1 procedure: v1 models keep their hash
                 del settings["decoding_start"]
-            for key, default in CODING_SETTINGS_SINCE_V2_1.items():
-                if key in settings and settings[key] == default:
-                    del settings[key]
             digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
             if getattr(self, "scheduler", None) is not None:
                 schedule = {k: v for k, v in self.scheduler.config.items() if not k.startswith("_")}
                 digest.update(json.dumps(schedule, sort_keys=True, default=str).encode())
             for name in self.hashed_components:
                 module = getattr(self, name)
-                neutral = getattr(module, "hash_neutral_defaults", {})
-                architecture = {k: v for k, v in module.config.items()
-                                if not k.startswith("_") and not (k in neutral and v == neutral[k])}
+                architecture = _hashed_config(module.config, getattr(module, "hash_neutral_defaults", {}))
                 digest.update(json.dumps(architecture, sort_keys=True, default=str).encode())
                 tensors = dict(module.state_dict())
                 if name == self.entropy_coder:

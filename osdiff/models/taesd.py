@@ -126,10 +126,6 @@ def trunk_decoder(latent_channels: int, midblock_gn: bool, channels: tuple[int, 
 
 
 class TAESDAutoencoder(ModelMixin, ConfigMixin):
-    # config keys added after models were shipped, with the value those models had: the model
-    # hash leaves them out at that value, so older models keep their hash
-    hash_neutral_defaults = {"decoder_trunk_layers": TRUNK_LAYERS}
-
     """Frozen pretrained TAESD-family autoencoder with per-channel latent normalisation.
 
     `decoder_channels=None`: the teacher's decoder (TAESD layout); else a student with those
@@ -139,6 +135,10 @@ class TAESDAutoencoder(ModelMixin, ConfigMixin):
     `latent_mean` / `latent_std` (one per channel, from training photos) map raw latents to
     roughly zero-mean, unit-variance ones.
     """
+
+    # config keys added after models were shipped, with the value those models had: the model
+    # hash leaves them out at that value, so older models keep their hash
+    hash_neutral_defaults = {"decoder_trunk_layers": TRUNK_LAYERS}
 
     @register_to_config
     def __init__(

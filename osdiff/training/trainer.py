@@ -384,6 +384,11 @@ class Trainer:
                 logs["adv_d"] = d_loss.detach()
             return {"loss": loss.detach(), **logs, f"psnr_{stage.decoder_target}": _psnr_tensor(pred, target)}
 
+        def one_step_raw(raw: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+            """Raw latents (B,C,h,w) -> the codec's one-step outputs at quality levels (B,), raw."""
+            hint = codec.compressor((raw - model.mean) / std, level)["hint"]
+            return codec.denoise(hint) * std + model.mean
+
         def decoder_input(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             """(photos, raw latents the decoder decodes, target images) of training step `step`."""
             x, raw = pairs.batch(step)
@@ -391,9 +396,7 @@ class Trainer:
             gen = self._generator(index, step)
             with torch.no_grad():
                 if codec is not None:  # the one-step output of a random quality level
-                    level = torch.randint(0, levels, (raw.shape[0],), generator=gen).to(self.device)
-                    hint = codec.compressor((raw - model.mean) / std, level)["hint"]
-                    raw = codec.denoise(hint) * std + model.mean
+                    raw = one_step_raw(raw, torch.randint(0, levels, (raw.shape[0],), generator=gen).to(self.device))
                 else:
                     # half the batch perturbed, so the decoder also learns latents off the data
                     # manifold (decoded latents carry coding errors)
@@ -408,10 +411,6 @@ class Trainer:
 
         fixed = None  # what the frozen networks give for the validation photos, computed once
 
-        def one_step_raw(raw: torch.Tensor, level: int) -> torch.Tensor:
-            hint = codec.compressor((raw - model.mean) / std, torch.full((raw.shape[0],), level, device=raw.device))["hint"]
-            return codec.denoise(hint) * std + model.mean
-
         def val_fn() -> dict:
             # crops, or (crop 0) the whole photos one at a time: TAEF2's GroupNorm sees the
             # statistics it sees when coding
@@ -423,7 +422,8 @@ class Trainer:
                 raws = [model.encode_raw(x * 2 - 1) for x in xs]
                 fixed = {"photos": xs, "raws": raws,
                          "teacher": decode(teacher, raws) if teacher is not None else None,
-                         "one_step": [[one_step_raw(r, level) for r in raws] for level in range(levels)] if codec is not None else None}
+                         "one_step": [[one_step_raw(r, torch.full((r.shape[0],), level, device=r.device)) for r in raws]
+                                      for level in range(levels)] if codec is not None else None}
                 if codec is not None and teacher is not None:  # what TAEF2's own decoder makes of them
                     fixed["teacher_one_step"] = [decode(teacher, outputs) for outputs in fixed["one_step"]]
             xs = fixed["photos"]
