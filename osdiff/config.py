@@ -72,7 +72,7 @@ class TilingConfig:
     image size, so files stay deterministic; images whose latent fits in one tile are coded whole."""
 
     tile: int = 128  # 1024 image pixels
-    overlap: int = 16  # blended linearly (128 image pixels)
+    overlap: int = 8  # at least; blended linearly (64 image pixels)
     align: int = 8  # tile starts are multiples of this (the UNet's downsampling)
 
     def __post_init__(self) -> None:

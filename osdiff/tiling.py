@@ -14,25 +14,30 @@ import torch
 from torch import Tensor
 
 
-def tile_starts(size: int, tile: int, overlap: int, align: int) -> list[int]:
-    """Start offsets along one axis: every `tile - overlap`, the last tile ending at `size`
-    (its start rounded down to `align`, so it may be up to `align - 1` longer)."""
+def axis_tiles(size: int, tile: int, overlap: int, align: int) -> list[tuple[int, int]]:
+    """(start, end) of the tiles along one axis: as few as cover `size` with at most `tile`
+    each and at least `overlap` between neighbours, all of one length (the last may be up to
+    `align - 1` longer), spread evenly so the overlaps are no wider than they must be. Starts
+    are multiples of `align`."""
     if size <= tile:
-        return [0]
-    step = tile - overlap
-    starts = list(range(0, size - tile, step))
-    last = (size - tile) // align * align
-    if last > starts[-1]:
-        starts.append(last)
-    return starts
+        return [(0, size)]
+    count = -(-(size - overlap) // (tile - overlap))
+    while True:
+        length = -(-(size + (count - 1) * overlap) // (count * align)) * align
+        while length <= tile:
+            starts = [(i * (size - length) // (count - 1)) // align * align for i in range(count)]
+            ends = [s + length for s in starts[:-1]] + [size]
+            if all(ends[i] - starts[i + 1] >= overlap for i in range(count - 1)):
+                return list(zip(starts, ends))
+            length += align  # rounding the starts down ate into an overlap
+        count += 1
 
 
 def _axis_tiles(size: int, tile: int, overlap: int, align: int) -> list[tuple[int, int, int, int]]:
     """(start, end, overlap with the previous tile, overlap with the next one) along one axis."""
-    starts = tile_starts(size, tile, overlap, align)
-    ends = [s + tile for s in starts[:-1]] + [size]
-    return [(starts[i], ends[i], ends[i - 1] - starts[i] if i > 0 else 0, ends[i] - starts[i + 1] if i + 1 < len(starts) else 0)
-            for i in range(len(starts))]
+    spans = axis_tiles(size, tile, overlap, align)
+    return [(s, e, spans[i - 1][1] - s if i > 0 else 0, e - spans[i + 1][0] if i + 1 < len(spans) else 0)
+            for i, (s, e) in enumerate(spans)]
 
 
 def _ramp(length: int, lead: int, trail: int) -> Tensor:
