@@ -20,6 +20,7 @@ import torch
 from .errors import OSDiffError
 from .imageio import pad_right_bottom
 from .models.autoencoder import LATENT_DOWNSCALE, decode_latent, encode_latent
+from .pipeline import to_channels_last
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -192,7 +193,7 @@ def _measure(codec, size, steps, device, dtype, repeat, warmup, model_label, ran
     comp = codec.compressor
     gains = comp.coding_gains(level)
     y = comp.g_a(latent)
-    result.encode["autoencoder_encode"] = time_it(lambda: encode_latent(codec.vae, x))
+    result.encode["autoencoder_encode"] = time_it(lambda: encode_latent(codec.vae, to_channels_last(x)))
     result.encode["analysis"] = time_it(lambda: comp.g_a(latent))
     result.encode["entropy_encode"] = time_it(lambda: comp.latent_codec.compress(y, *gains))
     result.encode["total"] = time_it(lambda: codec.compress(image))
@@ -208,12 +209,13 @@ def _measure(codec, size, steps, device, dtype, repeat, warmup, model_label, ran
     context = codec.conditioning(1).to(hint.dtype)
     t = int(codec.config.timestep)
     x_t = codec.start_latent(hint)
+    x_t, hint_cl = to_channels_last(x_t), to_channels_last(hint)  # as decode_hint feeds the networks
     result.decode["entropy_decode"] = time_it(lambda: comp.latent_codec.decompress(nested, shapes, gains[2], gains[3]))
     result.decode["synthesis"] = time_it(lambda: comp.g_s(y_hat))
     result.decode["unet_step"] = time_it(lambda: codec.unet(
-        x_t, t, encoder_hidden_states=context, controlnet_cond=hint,
+        x_t, t, encoder_hidden_states=context, controlnet_cond=hint_cl,
         conditioning_scale=codec.config.control_scale).sample)
-    result.decode["autoencoder_decode"] = time_it(lambda: decode_latent(codec.vae, hint))
+    result.decode["autoencoder_decode"] = time_it(lambda: decode_latent(codec.vae, hint_cl))
     u = result.decode["unet_step"].median_s
     rest = sum(result.decode[k].median_s for k in ("entropy_decode", "synthesis", "autoencoder_decode"))
 

@@ -137,7 +137,7 @@ class OSDiffPipeline(ImageCodecPipeline):
     def encode_image(self, image: Tensor) -> Tensor:
         """Padded image (1,3,H,W) in [-1,1] -> latent (1,4,H/8,W/8); large images in tiles."""
         t = self.tiling
-        return run_tiled(lambda x: encode_latent(self.vae, _channels_last(x)), [image], Fraction(1, LATENT_DOWNSCALE),
+        return run_tiled(lambda x: encode_latent(self.vae, to_channels_last(x)), [image], Fraction(1, LATENT_DOWNSCALE),
                          t.tile * LATENT_DOWNSCALE, t.overlap * LATENT_DOWNSCALE, t.align * LATENT_DOWNSCALE)
 
     def decode_hint(self, hint: Tensor, steps: int = 1) -> Tensor:
@@ -147,8 +147,8 @@ class OSDiffPipeline(ImageCodecPipeline):
         t = self.tiling
 
         def decode(x_t: Tensor, hint_tile: Tensor) -> Tensor:
-            latent = self.denoise(_channels_last(hint_tile), steps=steps, x_t=_channels_last(x_t))
-            return decode_latent(self.vae, _channels_last(latent.to(self.vae.dtype))).float()
+            latent = self.denoise(to_channels_last(hint_tile), steps=steps, x_t=to_channels_last(x_t))
+            return decode_latent(self.vae, to_channels_last(latent.to(self.vae.dtype))).float()
 
         return run_tiled(decode, [self.start_latent(hint), hint], LATENT_DOWNSCALE, t.tile, t.overlap, t.align)
 
@@ -187,6 +187,6 @@ class OSDiffPipeline(ImageCodecPipeline):
         return x.to(device=self.device, dtype=self.vae.dtype)
 
 
-def _channels_last(x: Tensor) -> Tensor:
+def to_channels_last(x: Tensor) -> Tensor:
     """(B,C,H,W) in channels-last memory order, as the networks' weights are (same values)."""
     return x.contiguous(memory_format=torch.channels_last)
