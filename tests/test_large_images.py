@@ -111,5 +111,9 @@ def test_twelve_megapixels_in_bounded_memory():
     run = subprocess.run([sys.executable, "-c", LARGE], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     peak_mib = float(run.stdout.split("peak RSS ")[1].split(" MiB")[0])
+    loaded_mib = float(run.stdout.split("after loading ")[1].split(" MiB")[0])
     print(run.stdout)
-    assert peak_mib < 3000  # v2 (TAEF2 encoder: 64 channels at full resolution per tile): 2.7 GiB measured
+    # what coding adds above the loaded model and the image (the loaded size itself varies by
+    # environment: 959 MiB here, 1197 MiB in a clean-clone CI run): v2 with channels-last
+    # networks (TAEF2 encoder: 64 channels at full resolution per tile) adds 1.80-1.86 GiB
+    assert peak_mib - loaded_mib < 2048
