@@ -1,7 +1,8 @@
 """Make a model folder from a running codec or decoder stage's checkpoint, to evaluate it
 mid-training: the parts the checkpoint holds (compressor and controlled UNet of a codec stage,
 the vae of a decoder stage), every other part from the model folder the run started from (its
-init_from). A checkpoint with more quality levels than that model
+init_from), and the run's decoding settings (timestep, start, noise seed, control scale) when it
+trained the UNet. A checkpoint with more quality levels than that model
 (configs/tiny-v2-cpu-levels.yaml) gets them as new lowest levels, as the run did.
 
     python scripts/export_checkpoint.py ../runs/gpu1/model ../runs/cpu2/control/stages/0-codec/ckpt.pt ../runs/cpu2/eval-model
@@ -30,5 +31,9 @@ if "compressor" in modules:
 for name in ("unet", "vae"):
     if name in modules:
         getattr(pipe, name).load_state_dict(modules[name])
+if "unet" in modules:  # the UNet learned for the run's decoding procedure (e.g. its timestep), not the base's
+    decoding = state["config"]["decoding"]
+    pipe.register_to_config(timestep=decoding["timestep"], decoding_start=decoding["start"],
+                            noise_seed=decoding["noise_seed"], control_scale=decoding["control_scale"])
 pipe.save_pretrained(out)
 print(f"wrote {out} (step {state['step']})")

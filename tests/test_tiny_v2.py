@@ -277,14 +277,19 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     image, data = model(np.zeros((64, 64, 3), np.uint8), quality=2)
     assert image.size == (64, 64) and len(data) > 0
 
-    # a mid-training checkpoint exported as a model folder holds the checkpoint's compressor
-    subprocess.run([sys.executable, "scripts/export_checkpoint.py", str(out / "model"),
+    # a mid-training checkpoint exported as a model folder holds the checkpoint's compressor,
+    # and decodes at the run's timestep even when the base model (its init_from) used another
+    base = osdiff.load(out / "model")
+    base.register_to_config(timestep=cfg.decoding.timestep + 7)
+    base.save_pretrained(tmp_path / "base")
+    subprocess.run([sys.executable, "scripts/export_checkpoint.py", str(tmp_path / "base"),
                     str(out / "stages" / "2-codec" / "ckpt.pt"), str(tmp_path / "exported")],
                    cwd=ROOT, check=True, capture_output=True)
     exported = osdiff.load(tmp_path / "exported")
     ckpt = torch.load(out / "stages" / "2-codec" / "ckpt.pt", map_location="cpu", weights_only=False)
     name, value = next(iter(ckpt["modules"]["compressor"].items()))
     assert torch.equal(exported.compressor.state_dict()[name].float(), value.float())
+    assert exported.config.timestep == cfg.decoding.timestep
 
     # the decoder then learns to decode that codec's one-step outputs (compressor and UNet fixed)
     tuned = tmp_path / "tuned"
