@@ -123,10 +123,21 @@ class Trainer:
 
     def _log(self, row: dict, kind: str = "log") -> None:
         path = self.out / f"{kind}-{row['stage']}.csv"  # row["stage"] is "<index>-<name>"
-        new = not path.is_file()
+        header = []
+        if path.is_file():
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), [])
+        if header and not set(row) <= set(header):  # a resumed run logs a new column: widen the file
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            header += [k for k in row if k not in header]
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=header, restval="")
+                writer.writeheader()
+                writer.writerows(rows)
         with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
+            writer = csv.DictWriter(f, fieldnames=header or list(row), restval="")
+            if not header:
                 writer.writeheader()
             writer.writerow(row)
 
@@ -761,7 +772,9 @@ class Trainer:
                 out[f"psnr_q{q + 1}"] = _psnr(x_hat, x)
                 out[f"haarpsi_q{q + 1}"] = piq.haarpsi(x_hat, x, data_range=1.0).item()
                 # ablation: the hint decoded directly by the latent decoder, no UNet step
-                out[f"psnr_hint_q{q + 1}"] = _psnr((decode_latent(vae, coded["hint"]) + 1) / 2, x)
+                x_hint = ((decode_latent(vae, coded["hint"]) + 1) / 2).clamp(0, 1)
+                out[f"psnr_hint_q{q + 1}"] = _psnr(x_hint, x)
+                out[f"haarpsi_hint_q{q + 1}"] = piq.haarpsi(x_hint, x, data_range=1.0).item()
             return out
 
         modules = {"compressor": compressor, "unet": unet, "discriminator": discriminator}
