@@ -97,8 +97,7 @@ def build_tiny(
         conditioning=ConditioningEmbedding(num_tokens=arch.conditioning_tokens, dim=arch.cross_attention_dim),
         scheduler=sd_noise_scheduler(),
         model_name=name,
-        timestep=decoding.timestep, noise_seed=decoding.noise_seed, control_scale=decoding.control_scale,
-        decoding_start=decoding.start,
+        **decoding.pipeline_config(),
     )
 
 
@@ -131,8 +130,7 @@ def from_stable_diffusion(
         conditioning=ConditioningEmbedding.from_text_encoder(folder),
         scheduler=scheduler,
         model_name=name,
-        timestep=decoding.timestep, noise_seed=decoding.noise_seed, control_scale=decoding.control_scale,
-        decoding_start=decoding.start,
+        **decoding.pipeline_config(),
     )
 
 

@@ -47,6 +47,11 @@ class DecodingConfig:
         if self.start not in ("hint", "noise"):
             raise ValueError(f"decoding start must be 'hint' or 'noise', got {self.start!r}")
 
+    def pipeline_config(self) -> dict:
+        """These settings as OSDiffPipeline's config keys (constructor or register_to_config)."""
+        return dict(timestep=self.timestep, noise_seed=self.noise_seed, control_scale=self.control_scale,
+                    decoding_start=self.start)
+
 
 @dataclass(frozen=True)
 class ComputeConfig:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from osdiff.config import DecodingConfig
 from osdiff.pipeline import OSDiffPipeline
 
 if len(sys.argv) != 4:
@@ -32,8 +33,6 @@ for name in ("unet", "vae"):
     if name in modules:
         getattr(pipe, name).load_state_dict(modules[name])
 if "unet" in modules:  # the UNet learned for the run's decoding procedure (e.g. its timestep), not the base's
-    decoding = state["config"]["decoding"]
-    pipe.register_to_config(timestep=decoding["timestep"], decoding_start=decoding["start"],
-                            noise_seed=decoding["noise_seed"], control_scale=decoding["control_scale"])
+    pipe.register_to_config(**DecodingConfig(**state["config"]["decoding"]).pipeline_config())
 pipe.save_pretrained(out)
 print(f"wrote {out} (step {state['step']})")

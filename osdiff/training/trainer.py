@@ -786,8 +786,7 @@ class Trainer:
         pipe = OSDiffPipeline(
             vae=vae, compressor=self.accelerator.unwrap_model(compressor), unet=self.accelerator.unwrap_model(unet),
             conditioning=conditioning, scheduler=scheduler, model_name=cfg.model_name,
-            timestep=cfg.decoding.timestep, noise_seed=cfg.decoding.noise_seed, control_scale=cfg.decoding.control_scale,
-            decoding_start=cfg.decoding.start, **{k: v for k, v in coding.items() if v is not None},
+            **cfg.decoding.pipeline_config(), **{k: v for k, v in coding.items() if v is not None},
         )
         pipe.to("cpu")
         pipe.compressor.update(force=True)
