@@ -101,6 +101,13 @@ class LossConfig:
     lpips_linear: str | None = None  # LPIPS v0.1 linear layers (local path)
     pixel_l1: float = 1.0  # autoencoder stage
     adversarial: float = 0.01
+    # codec stage, on the decoded one-step output: + detail * local_detail_loss (log ratio of
+    # local gradient energy to the photo's, in detail_window-pixel windows), and
+    # + pixel_adversarial * the non-saturating loss of a HiFiC-style conditional patch
+    # discriminator judging decoded pixels given the hint (the latent-space one is `adversarial`)
+    detail: float = 0.0
+    detail_window: int = 16
+    pixel_adversarial: float = 0.0
     adversarial_start: int = 200  # codec steps before the adversarial term switches on
     latent_l2: float = 1e-3  # autoencoder stage: keeps the latent near unit scale
     # decoder stage: loss = L1 + decoder_features * taesd-features + decoder_gradient * L1 of the

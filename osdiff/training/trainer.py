@@ -45,7 +45,7 @@ from .config import StageConfig, TrainConfig
 from .data import CropSampler, center_crops, find_images, load_images, whole_photo
 from .latents import LatentCropSampler, cached_latents
 from .discriminator import ConditionalPatchDiscriminator, UNetFeatureDiscriminator, frozen_generator_loss
-from .losses import PerceptualLoss, bits_per_pixel, decoder_channel_weights, discriminator_adversarial
+from .losses import PerceptualLoss, bits_per_pixel, decoder_channel_weights, discriminator_adversarial, local_detail_loss
 
 
 def lr_at(step: int, stage: StageConfig, base: float) -> float:
@@ -662,10 +662,17 @@ class Trainer:
         compressor, unet, discriminator, opt, opt_d = self._prepare(compressor, unet, discriminator, opt, opt_d)
         if opt_aux is not None:
             opt_aux = self._prepare(opt_aux)
+        pixel_discriminator = None
+        if losses.pixel_adversarial > 0:  # judges decoded pixels given the hint they came from
+            torch.manual_seed(cfg.seed + 9)
+            pixel_discriminator = ConditionalPatchDiscriminator(comp_arch.latent_channels).to(self.device)
+            opt_pd = torch.optim.AdamW(pixel_discriminator.parameters(), lr=stage.lr_discriminator, betas=(0.5, 0.999))
+            pixel_discriminator, opt_pd = self._prepare(pixel_discriminator, opt_pd)
         encoder = vae.encoder if isinstance(vae, TAESDAutoencoder) else None
-        # perceptual weight 0: the official loss, all in latent space (no pixel decoding in training)
-        pixel_loss = losses.perceptual > 0
-        perceptual = PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear, encoder).to(self.device) if pixel_loss else None
+        # no pixel terms: the official loss, all in latent space (no pixel decoding in training)
+        pixel_loss = losses.perceptual > 0 or losses.detail > 0 or pixel_discriminator is not None
+        perceptual = (PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear, encoder).to(self.device)
+                      if losses.perceptual > 0 else None)
         if encoder is not None:  # TAEF2: raw latents (cached or not), normalised here
             pairs = self._latent_sampler(index, stage, encoder)
             to_latent = lambda raw: (raw - vae.mean) / vae.std
@@ -726,10 +733,18 @@ class Trainer:
                 latent_mse = ((z_hat - z).pow(2) * channel_weights).mean(dim=(1, 2, 3))
                 hint_mse = ((hint - z).pow(2) * channel_weights).mean(dim=(1, 2, 3))
                 distortion = losses.latent_mse * latent_mse + losses.hint_mse * hint_mse
+                pixel_logs = {}
                 if pixel_loss:
                     x_hat = (decode_latent(vae, z_hat) + 1) / 2
-                    perc = perceptual(x_hat, x)
-                    distortion = distortion + losses.perceptual * perc
+                    pixel_logs["psnr"] = _psnr_tensor(x_hat, x)
+                    if perceptual is not None:
+                        perc = perceptual(x_hat, x)
+                        distortion = distortion + losses.perceptual * perc
+                        pixel_logs["perceptual"] = perc.detach().mean()
+                    if losses.detail > 0:
+                        detail = local_detail_loss(x_hat, x, losses.detail_window)
+                        distortion = distortion + losses.detail * detail
+                        pixel_logs["detail"] = detail.detach().mean()
                 loss = (level_weights[level] * (bpp + lambdas[level] * distortion)).mean()
                 adv = torch.zeros((), device=self.device)
                 if use_adv:
@@ -737,6 +752,10 @@ class Trainer:
                     fake = add_noise(z_hat, d_noise, a)
                     adv = frozen_generator_loss(discriminator, fake, d_t, ctx)
                     loss = loss + losses.adversarial * adv
+                if pixel_discriminator is not None:
+                    pixel_adv = frozen_generator_loss(pixel_discriminator, x_hat, hint.detach())
+                    loss = loss + losses.pixel_adversarial * pixel_adv
+                    pixel_logs["pixel_adv_g"] = pixel_adv.detach()
                 self._update(loss, main_params, opt, stage.grad_clip)
                 aux = self._aux_step(compressor, opt_aux) if opt_aux is not None else torch.zeros(())
 
@@ -749,9 +768,15 @@ class Trainer:
                 self.accelerator.backward(d_loss)
                 opt_d.step()
                 opt_d.zero_grad()
+            if pixel_discriminator is not None:
+                condition = hint.detach()
+                pd_loss = discriminator_adversarial(pixel_discriminator(x, condition), pixel_discriminator(x_hat.detach(), condition))
+                self.accelerator.backward(pd_loss)
+                opt_pd.step()
+                opt_pd.zero_grad()
+                pixel_logs["pixel_adv_d"] = pd_loss.detach()
             bpp = bpp.detach()  # per level: a mean over the samples at that level (nan when none)
             per_level = {f"bpp_q{q + 1}": (bpp * (level == q)).sum() / (level == q).sum() for q in range(len(lambdas))}
-            pixel_logs = {"perceptual": perc.detach().mean(), "psnr": _psnr_tensor(x_hat, x)} if pixel_loss else {}
             return {"loss": loss.detach(), "bpp": bpp.mean(), **per_level, "latent_mse": latent_mse.detach().mean(),
                     "hint_mse": hint_mse.detach().mean(), "adv_g": adv.detach(), "adv_d": d_loss.detach(),
                     "aux": aux.detach(), **pixel_logs}
@@ -771,16 +796,21 @@ class Trainer:
                 x_hat = ((decode_latent(vae, z_hat) + 1) / 2).clamp(0, 1)
                 out[f"psnr_q{q + 1}"] = _psnr(x_hat, x)
                 out[f"haarpsi_q{q + 1}"] = piq.haarpsi(x_hat, x, data_range=1.0).item()
+                out[f"detail_q{q + 1}"] = detail_retention(x_hat, x)
                 # ablation: the hint decoded directly by the latent decoder, no UNet step
                 x_hint = ((decode_latent(vae, coded["hint"]) + 1) / 2).clamp(0, 1)
                 out[f"psnr_hint_q{q + 1}"] = _psnr(x_hint, x)
                 out[f"haarpsi_hint_q{q + 1}"] = piq.haarpsi(x_hint, x, data_range=1.0).item()
+                out[f"detail_hint_q{q + 1}"] = detail_retention(x_hint, x)
             return out
 
         modules = {"compressor": compressor, "unet": unet, "discriminator": discriminator}
         optimizers = {"main": (opt, stage.lr), "disc": (opt_d, stage.lr_discriminator)}
         if opt_aux is not None:
             optimizers["aux"] = (opt_aux, stage.lr_aux)
+        if pixel_discriminator is not None:
+            modules["pixel_discriminator"] = pixel_discriminator
+            optimizers["pixel_disc"] = (opt_pd, stage.lr_discriminator)
         if not self._loop(index, stage, modules, optimizers, step_fn, max_steps, deadline, val_fn):
             return False
         pipe = OSDiffPipeline(
