@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("inputs", nargs="+", metavar="IN", help=".osd files or folders of them")
     d.add_argument("-o", "--output", metavar="OUT", help="output file (one input) or folder")
     d.add_argument("-m", "--model", default=None, help="model name or folder (default: the model named in the file)")
-    d.add_argument("--steps", type=int, default=1, help="denoising steps (1 = one-step decoding; >1 uses DDIM)")
+    d.add_argument("--steps", type=int, default=1, help="denoising steps (1 = one-step decoding; >1 uses DDIM; "
+                   "0 = no UNet, the compressed latent decoded directly: faster, smoother)")
     d.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
     d.add_argument("--fast", action="store_true", help=FAST_HELP)
 
@@ -271,8 +272,8 @@ def cmd_decompress(args) -> int:
     outputs = _outputs(files, args.output, ".png", len(files) > 1)
     for dst in outputs:
         check_writable(dst, args.force)
-    if args.steps < 1 or args.steps > 1000:
-        raise OSDiffError("--steps must be from 1 to 1000")
+    if args.steps < 0 or args.steps > 1000:
+        raise OSDiffError("--steps must be from 0 to 1000")
     codecs: dict[str, object] = {}
 
     def work(src: Path, dst: Path) -> None:

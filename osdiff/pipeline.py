@@ -143,11 +143,16 @@ class OSDiffPipeline(ImageCodecPipeline):
     def decode_hint(self, hint: Tensor, steps: int = 1) -> Tensor:
         """Hint latent (1,4,h,w) -> image (1,3,8h,8w) in [-1,1] (float32): the UNet step(s) and the
         latent decoder, in overlapping tiles for large latents. The noise is drawn for the whole
-        latent first, so a tile sees the same noise as it would untiled."""
+        latent first, so a tile sees the same noise as it would untiled. `steps` 0: no UNet, the
+        hint itself decoded (the method's ablation: faster and closer to the photo pixel by pixel,
+        without the texture the step adds)."""
         t = self.tiling
 
         def decode(x_t: Tensor, hint_tile: Tensor) -> Tensor:
-            latent = self.denoise(to_channels_last(hint_tile), steps=steps, x_t=to_channels_last(x_t))
+            if steps == 0:
+                latent = hint_tile
+            else:
+                latent = self.denoise(to_channels_last(hint_tile), steps=steps, x_t=to_channels_last(x_t))
             return decode_latent(self.vae, to_channels_last(latent.to(self.vae.dtype))).float()
 
         return run_tiled(decode, [self.start_latent(hint), hint], LATENT_DOWNSCALE, t.tile, t.overlap, t.align)

@@ -87,7 +87,8 @@ def test_no_overwrite_without_force(images, tmp_path, capsys, tiny_codec_folder)
     (["decompress", "{notimg}"], "wrong magic"),
     (["decompress", "{corrupt}"], "CRC32"),
     (["info", "{corrupt}"], "CRC32"),
-    (["decompress", "{good}", "--steps", "0"], "--steps"),
+    (["decompress", "{good}", "--steps", "-1"], "--steps"),
+    (["decompress", "{good}", "--steps", "1001"], "--steps"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_one_line_error_no_output(argv, message, images, tmp_path, capsys, monkeypatch, tiny_codec_folder):

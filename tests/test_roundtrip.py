@@ -8,6 +8,7 @@ from PIL import Image
 
 import osdiff
 from osdiff.entropy.bitstream import parse
+from osdiff.models.autoencoder import decode_latent
 
 
 def _decoded_bytes(codec, data):
@@ -94,6 +95,15 @@ def test_one_step_calls_unet_once_and_ddim_n_times(tiny_codec, photo, monkeypatc
     many = tiny_codec.decompress_tensor(data, steps=5).image
     assert len(calls) == 5
     assert one.shape == many.shape
+    calls.clear()
+    hint_only = tiny_codec.decompress_tensor(data, steps=0).image  # the ablation: no UNet
+    assert len(calls) == 0 and hint_only.shape == one.shape and not torch.equal(hint_only, one)
+    header, strings = tiny_codec.read_header(data)
+    with torch.inference_mode(), tiny_codec.coding_context():
+        hint = tiny_codec.compressor.decompress(strings, (header.height // 8 + header.pad_h // 8, header.width // 8 + header.pad_w // 8),
+                                                header.quality - 1)
+        direct = ((decode_latent(tiny_codec.vae, hint) + 1) / 2)[:, :, : header.height, : header.width].clamp(0, 1)
+    assert torch.allclose(hint_only, direct, atol=1 / 255)
 
 
 def test_ddim_timesteps():
