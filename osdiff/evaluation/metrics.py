@@ -30,12 +30,18 @@ def psnr(x: Tensor, ref: Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
+def luma_gradients(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Images (B,3,H,W) -> horizontal (B,1,H,W-1) and vertical (B,1,H-1,W) differences of
+    their luma (Rec. 601 weights)."""
+    luma = (0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2])[:, None]
+    return luma[..., :, 1:] - luma[..., :, :-1], luma[..., 1:, :] - luma[..., :-1, :]
+
+
 def detail_retention(x: Tensor, ref: Tensor) -> float:
     """High-frequency energy of `x` relative to `ref`: mean squared luma gradient ratio.
     1.0 keeps the original's detail; below 1 is over-smoothed; above 1 adds texture/noise."""
     def energy(t: Tensor) -> float:
-        luma = (0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2])
-        gx, gy = luma[:, :, 1:] - luma[:, :, :-1], luma[:, 1:, :] - luma[:, :-1, :]
+        gx, gy = luma_gradients(t)
         return float(gx.pow(2).mean() + gy.pow(2).mean())
 
     base = energy(ref)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import OSDiffError
+from ..evaluation.metrics import luma_gradients
 
 
 def bits_per_pixel(likelihoods: dict[str, Tensor], num_pixels: int) -> Tensor:
@@ -33,10 +34,8 @@ def local_detail_loss(x_hat: Tensor, x: Tensor, window: int = 16, floor: float =
     every window keeps the photo's detail; smoothing and added noise cost alike. The local form
     of evaluation's detail retention, which is the global ratio."""
     def energy(t: Tensor) -> Tensor:
-        luma = (0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2])[:, None]
-        gx = F.pad(luma[..., :, 1:] - luma[..., :, :-1], (0, 1))
-        gy = F.pad(luma[..., 1:, :] - luma[..., :-1, :], (0, 0, 0, 1))
-        return F.avg_pool2d(gx.pow(2) + gy.pow(2), window) + floor
+        gx, gy = luma_gradients(t)
+        return F.avg_pool2d(F.pad(gx, (0, 1)).pow(2) + F.pad(gy, (0, 0, 0, 1)).pow(2), window) + floor
 
     return (energy(x_hat.clamp(0, 1)).log() - energy(x).log()).abs().mean(dim=(1, 2, 3))
 
