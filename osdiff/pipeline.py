@@ -148,12 +148,14 @@ class OSDiffPipeline(ImageCodecPipeline):
         without the texture the step adds)."""
         t = self.tiling
 
-        def decode(x_t: Tensor, hint_tile: Tensor) -> Tensor:
-            if steps == 0:
-                latent = hint_tile
-            else:
-                latent = self.denoise(to_channels_last(hint_tile), steps=steps, x_t=to_channels_last(x_t))
+        def to_image(latent: Tensor) -> Tensor:
             return decode_latent(self.vae, to_channels_last(latent.to(self.vae.dtype))).float()
+
+        if steps == 0:  # no noise to draw
+            return run_tiled(to_image, [hint], LATENT_DOWNSCALE, t.tile, t.overlap, t.align)
+
+        def decode(x_t: Tensor, hint_tile: Tensor) -> Tensor:
+            return to_image(self.denoise(to_channels_last(hint_tile), steps=steps, x_t=to_channels_last(x_t)))
 
         return run_tiled(decode, [self.start_latent(hint), hint], LATENT_DOWNSCALE, t.tile, t.overlap, t.align)
 

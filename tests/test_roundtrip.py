@@ -100,7 +100,7 @@ def test_one_step_calls_unet_once_and_ddim_n_times(tiny_codec, photo, monkeypatc
     assert len(calls) == 0 and hint_only.shape == one.shape and not torch.equal(hint_only, one)
     header, strings = tiny_codec.read_header(data)
     with torch.inference_mode(), tiny_codec.coding_context():
-        hint = tiny_codec.compressor.decompress(strings, (header.height // 8 + header.pad_h // 8, header.width // 8 + header.pad_w // 8),
+        hint = tiny_codec.compressor.decompress(strings, ((header.height + header.pad_h) // 8, (header.width + header.pad_w) // 8),
                                                 header.quality - 1)
         direct = ((decode_latent(tiny_codec.vae, hint) + 1) / 2)[:, :, : header.height, : header.width].clamp(0, 1)
     assert torch.allclose(hint_only, direct, atol=1 / 255)
