@@ -255,6 +255,14 @@ class Trainer:
         opt.step()
         opt.zero_grad()
 
+    def _patch_discriminator(self, latent_channels: int, stage: StageConfig):
+        """A freshly seeded ConditionalPatchDiscriminator (pixels given a latent of
+        `latent_channels`) and its AdamW, both prepared."""
+        torch.manual_seed(self.config.seed + 9)
+        discriminator = ConditionalPatchDiscriminator(latent_channels).to(self.device)
+        opt = torch.optim.AdamW(discriminator.parameters(), lr=stage.lr_discriminator, betas=(0.5, 0.999))
+        return self._prepare(discriminator, opt)
+
     def _aux_step(self, model, opt_aux) -> torch.Tensor:
         """One step of compressai's auxiliary loss (the entropy bottlenecks' quantiles)."""
         aux = self.accelerator.unwrap_model(model).aux_loss()
@@ -354,10 +362,7 @@ class Trainer:
         modules, optimizers = {"vae": student}, {"vae": (opt, stage.lr)}
         discriminator = None
         if losses.decoder_adversarial:  # judges (image, normalised latent it was decoded from)
-            torch.manual_seed(cfg.seed + 9)
-            discriminator = ConditionalPatchDiscriminator(model.config.latent_channels).to(self.device)
-            opt_d = torch.optim.AdamW(discriminator.parameters(), lr=stage.lr_discriminator, betas=(0.5, 0.999))
-            discriminator, opt_d = self._prepare(discriminator, opt_d)
+            discriminator, opt_d = self._patch_discriminator(model.config.latent_channels, stage)
             modules["discriminator"], optimizers["disc"] = discriminator, (opt_d, stage.lr_discriminator)
         features = PerceptualLoss("taesd-features", encoder=model.encoder).to(self.device) if losses.decoder_features else None
         pairs = self._latent_sampler(index, stage, model.encoder, codec.compressor.latent_multiple if codec is not None else 1)
@@ -664,10 +669,7 @@ class Trainer:
             opt_aux = self._prepare(opt_aux)
         pixel_discriminator = None
         if losses.pixel_adversarial > 0:  # judges decoded pixels given the hint they came from
-            torch.manual_seed(cfg.seed + 9)
-            pixel_discriminator = ConditionalPatchDiscriminator(comp_arch.latent_channels).to(self.device)
-            opt_pd = torch.optim.AdamW(pixel_discriminator.parameters(), lr=stage.lr_discriminator, betas=(0.5, 0.999))
-            pixel_discriminator, opt_pd = self._prepare(pixel_discriminator, opt_pd)
+            pixel_discriminator, opt_pd = self._patch_discriminator(comp_arch.latent_channels, stage)
         encoder = vae.encoder if isinstance(vae, TAESDAutoencoder) else None
         # no pixel terms: the official loss, all in latent space (no pixel decoding in training)
         pixel_loss = losses.perceptual > 0 or losses.detail > 0 or pixel_discriminator is not None
