@@ -468,12 +468,12 @@ def cmd_eval(args) -> int:
                        anchor=args.anchor, crops=not args.no_crops, inception=args.inception, crop_bpp=args.crop_bpp)
     from .evaluation.tables import bd_against_each, bd_table, versus_table
 
-    print(bd_table(summary, metrics.names))
+    print(bd_table(summary, summary["metrics"]))
     for codec in (c for c in codecs if c.learned):
         print()
         print(versus_table(summary, codec.name, [c.name for c in codecs if not c.learned]))
         print()
-        print(bd_against_each(summary, codec.name, metrics.names))
+        print(bd_against_each(summary, codec.name, summary["metrics"]))
     print(f"\nreport: {Path(args.out) / 'report.html'}")
     return 0
 

@@ -177,8 +177,57 @@ def test_fid_plumbing_with_stand_in_features(tmp_path, monkeypatch):
     jpeg.settings = [5, 90]
     summary = evaluate(data, [jpeg], tmp_path / "out", MetricSuite(), crops=False, inception="unused")
     pts = {p["setting"]: p for p in summary["curves"]["jpeg"]}
-    assert pts["90"]["fid_patches"] == 8 and math.isfinite(pts["90"]["fid"]) and math.isfinite(pts["5"]["kid"])
+    assert pts["90"]["patches_inception"] == 8 and math.isfinite(pts["90"]["fid"]) and math.isfinite(pts["5"]["kid"])
     assert "fid" not in summary["unavailable_metrics"]
+    assert {"fid", "kid", "kid_taef2"} <= set(summary["metrics"])
+
+
+def test_texture_kid_sees_blur_and_noise():
+    """kid_taef2's features (the shipped TAEF2 encoder): a photo's patches against themselves
+    score lower than against the same patches blurred or noised."""
+    from PIL import ImageFilter
+
+    from osdiff.evaluation.patch_sets import TAEF2TextureStatistics, standardised_kid, texture_patches
+    from osdiff.imageio import tensor_to_pil, to_tensor
+
+    image = _photo(3, 320, 384)
+    assert texture_patches(image).shape == (30, 3, 64, 64)
+    features = TAEF2TextureStatistics()
+    real = features(image)
+    assert real.shape == (30, 384) and features(image[..., :50, :]).shape[0] == 0
+    blurred = to_tensor(tensor_to_pil(image).filter(ImageFilter.GaussianBlur(2)))
+    noisy = (image + 0.1 * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    same = standardised_kid(real, features((image * 255).round() / 255))
+    assert same < 0.5 * standardised_kid(real, features(blurred))
+    assert same < 0.5 * standardised_kid(real, features(noisy))
+
+
+def test_texture_kid_in_eval_and_refilled_on_resume(tmp_path):
+    """kid_taef2 is computed per (codec, setting), written to aggregate.csv with a BD-rate, and
+    rows evaluated before it existed get their features on the next run (no duplicated rows)."""
+    import shutil
+
+    from osdiff.evaluation.runner import evaluate
+    from osdiff.imageio import tensor_to_pil
+
+    data = tmp_path / "d"
+    data.mkdir()
+    for i in range(2):
+        tensor_to_pil(_photo(i, 192, 128)).save(data / f"{i}.png")
+    jpeg, webp = classical_codec("jpeg"), classical_codec("webp")
+    jpeg.settings, webp.settings = [5, 60, 95], [5, 60, 95]
+    out = tmp_path / "out"
+    summary = evaluate(data, [jpeg, webp], out, MetricSuite(), anchor="jpeg", crops=False)
+    pts = {p["setting"]: p for p in summary["curves"]["jpeg"]}
+    assert pts["5"]["patches_taef2"] == 12 and pts["5"]["kid_taef2"] > pts["95"]["kid_taef2"]
+    assert "kid_taef2" in summary["bd_rate_percent"]["webp"]
+    assert "kid_taef2" in (out / "aggregate.csv").read_text().splitlines()[0]
+    assert "kid_taef2" in (out / "report.html").read_text()
+    rows = (out / "per_image.csv").read_text()
+    shutil.rmtree(out / "features")
+    again = evaluate(data, [jpeg, webp], out, MetricSuite(), anchor="jpeg", crops=False)
+    assert (out / "per_image.csv").read_text() == rows
+    assert again["curves"]["jpeg"][0]["kid_taef2"] == pytest.approx(summary["curves"]["jpeg"][0]["kid_taef2"])
 
 
 def test_parse_qualities():

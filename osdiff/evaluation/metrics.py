@@ -4,8 +4,10 @@ Weight-free: PSNR, MS-SSIM, HaarPSI, MS-GMSD, VSI, FSIM, VIF, detail retention a
 LPIPS and DISTS need ImageNet backbone weights that cannot be fetched here: they are read
 from local paths (options, OSDIFF_LPIPS_BACKBONE / OSDIFF_LPIPS_LINEAR /
 OSDIFF_DISTS_BACKBONE / OSDIFF_DISTS_WEIGHTS, or torchvision checkpoints in the torch hub
-cache). FID/KID (osdiff.evaluation.fid) need Inception weights the same way. A metric without
-its weights is reported as unavailable with the reason, never replaced by something else.
+cache). FID/KID (osdiff.evaluation.fid) need Inception weights the same way; the realism
+proxy kid_taef2 (osdiff.evaluation.patch_sets) uses the TAEF2 encoder shipped with
+osdiff-tiny. A metric without its weights is reported as unavailable with the reason, never
+replaced by something else.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from torch import Tensor
 HIGHER_IS_BETTER = {
     "psnr": True, "ms_ssim": True, "haarpsi": True, "ms_gmsd": False, "vsi": True, "fsim": True,
     "vif": True, "detail_retention": True, "colour_shift": False, "lpips": False, "dists": False,
+    # distribution metrics (osdiff.evaluation.patch_sets), per (codec, setting)
+    "fid": False, "kid": False, "kid_taef2": False,
 }
 
 

@@ -22,6 +22,7 @@ from ..verbosity import progress
 from .bdrate import curve_bd_rate
 from .codecs import Codec
 from .metrics import HIGHER_IS_BETTER, MetricSuite
+from .patch_sets import patch_set_metrics, score_sets
 
 KEY = ("image", "codec", "setting")
 
@@ -49,14 +50,10 @@ def evaluate(data_dir: Path, codecs: list[Codec], out_dir: Path, metrics: Metric
              limit: int | None = None, anchor: str = "jpeg", crops: bool = True, inception: str | None = None,
              crop_bpp: float | None = None) -> dict:
     """Run (or resume) the evaluation; returns the summary written to summary.json.
-    With Inception weights, patch features are kept in features/ and FID/KID computed per
-    (codec, setting)."""
-    from .fid import InceptionFeatures, inception_weights
-
-    weights = inception_weights(inception)
-    features = InceptionFeatures(weights) if weights else None
-    if features is None:
-        metrics.unavailable["fid"] = metrics.unavailable["kid"] = "needs Inception weights (--inception or OSDIFF_INCEPTION_WEIGHTS)"
+    Per-image metrics go to per_image.csv; the distribution metrics (osdiff.evaluation.patch_sets:
+    kid_taef2, and FID/KID with Inception weights) keep patch features in features/ and are
+    computed per (codec, setting)."""
+    set_metrics = patch_set_metrics(inception, metrics.unavailable)
     feat_dir = out_dir / "features"
     out_dir.mkdir(parents=True, exist_ok=True)
     images = find_images(data_dir, limit)
@@ -64,40 +61,43 @@ def evaluate(data_dir: Path, codecs: list[Codec], out_dir: Path, metrics: Metric
     rows = _read_rows(csv_path)
     done = {tuple(str(r[k]) for k in KEY) for r in rows}
     fields = ["image", "codec", "setting", "bytes", "bpp", *metrics.names]
-    todo = [(img, c, s) for img in images for c in codecs for s in c.settings
-            if (img.name, c.name, str(s)) not in done]
+
+    def features_missing(img: Path, codec: Codec, setting) -> bool:
+        return any(not m.fake_file(feat_dir, img, codec.name, setting).is_file() for m in set_metrics)
+
+    # new rows, and rows evaluated before a distribution metric existed (coded again for its features only)
+    todo = [(img, c, s, (img.name, c.name, str(s)) not in done) for img in images for c in codecs for s in c.settings
+            if (img.name, c.name, str(s)) not in done or features_missing(img, c, s)]
     new_file = not csv_path.is_file()
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new_file:
             writer.writeheader()
         cache: dict[Path, tuple[Image.Image, torch.Tensor]] = {}
-        for img_path, codec, setting in progress(todo, desc="eval", unit="code", mininterval=2):
+        for img_path, codec, setting, new_row in progress(todo, desc="eval", unit="code", mininterval=2):
             if img_path not in cache:
                 cache.clear()
                 pil = open_image(img_path)
                 cache[img_path] = (pil, to_tensor(pil))
             pil, ref = cache[img_path]
             data, decoded = codec.encode(pil, setting)
-            row = {"image": img_path.name, "codec": codec.name, "setting": str(setting), "bytes": len(data),
-                   "bpp": len(data) * 8 / (pil.width * pil.height), **metrics(to_tensor(decoded), ref)}
-            if features is not None:
-                feat_dir.mkdir(exist_ok=True)
-                real_file = feat_dir / f"real__{img_path.stem}.npy"
-                if not real_file.is_file():
-                    np.save(real_file, features(ref))
-                np.save(feat_dir / f"{codec.name}__{setting}__{img_path.stem}.npy", features(to_tensor(decoded)))
-            writer.writerow(row)
-            f.flush()
-            rows.append(row)
-    summary = summarize(rows, [c.name for c in codecs], metrics, anchor)
-    if features is not None:
-        _add_fid(summary, feat_dir, images)
+            decoded = to_tensor(decoded)
+            for m in set_metrics:
+                m.save(feat_dir, img_path, codec.name, setting, ref, decoded)
+            if new_row:
+                row = {"image": img_path.name, "codec": codec.name, "setting": str(setting), "bytes": len(data),
+                       "bpp": len(data) * 8 / (pil.width * pil.height), **metrics(decoded, ref)}
+                writer.writerow(row)
+                f.flush()
+                rows.append(row)
+    points = [(c.name, str(s)) for c in codecs for s in c.settings]
+    set_scores = score_sets(set_metrics, feat_dir, images, points) if set_metrics else {}
+    summary = summarize(rows, [c.name for c in codecs], metrics.names, anchor, metrics.unavailable, set_scores)
     write_bytes_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default).encode(), force=True)
-    _write_aggregate_csv(out_dir / "aggregate.csv", summary["curves"], metrics.names)
-    plots = plot_curves(summary["curves"], metrics.names, out_dir)
+    _write_aggregate_csv(out_dir / "aggregate.csv", summary["curves"], summary["metrics"])
+    plots = plot_curves(summary["curves"], summary["metrics"], out_dir)
     crop_sets = side_by_side_crops(images, codecs, out_dir, rows, crop_bpp) if crops else []
-    write_report(out_dir, summary, plots, crop_sets, metrics)
+    write_report(out_dir, summary, plots, crop_sets)
     return summary
 
 
@@ -107,8 +107,14 @@ def _json_default(o):
     raise TypeError(type(o).__name__)
 
 
-def summarize(rows: list[dict], codec_names: list[str], metrics: MetricSuite, anchor: str) -> dict:
-    """Mean bpp and mean metric per (codec, setting), and BD-rate against `anchor`."""
+def summarize(rows: list[dict], codec_names: list[str], names: list[str], anchor: str,
+              unavailable: dict[str, str] | None = None,
+              set_scores: dict[tuple[str, str], dict[str, float]] | None = None) -> dict:
+    """Mean bpp and mean of each per-image metric in `names` per (codec, setting), the
+    distribution metrics of `set_scores` (per (codec, setting)) beside them, and BD-rate of
+    every metric against `anchor`. `summary["metrics"]` lists the metric names in order."""
+    set_scores = set_scores or {}
+    set_names = list(dict.fromkeys(n for v in set_scores.values() for n in v if not n.startswith("patches_")))
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
         if r["codec"] in codec_names:
@@ -116,12 +122,15 @@ def summarize(rows: list[dict], codec_names: list[str], metrics: MetricSuite, an
     curves: dict[str, list[dict]] = defaultdict(list)
     for (codec, setting), rs in groups.items():
         point = {"setting": setting, "images": len(rs), "bpp": float(np.mean([r["bpp"] for r in rs]))}
-        for m in metrics.names:
+        for m in names:
             vals = [r[m] for r in rs if isinstance(r[m], float) and math.isfinite(r[m])]
             point[m] = float(np.mean(vals)) if vals else math.nan
+        point.update({n: math.nan for n in set_names})
+        point.update(set_scores.get((codec, setting), {}))
         curves[codec].append(point)
     for codec in curves:
         curves[codec].sort(key=lambda p: p["bpp"])
+    all_names = names + set_names
     bd: dict[str, dict[str, float | None]] = {}
     if anchor in curves:
         a = curves[anchor]
@@ -129,26 +138,11 @@ def summarize(rows: list[dict], codec_names: list[str], metrics: MetricSuite, an
             if codec == anchor:
                 continue
             bd[codec] = {
-                m: curve_bd_rate(a, pts, m, HIGHER_IS_BETTER[m]) for m in metrics.names
+                m: curve_bd_rate(a, pts, m, HIGHER_IS_BETTER[m]) for m in all_names
             }
-    return {"anchor": anchor, "curves": dict(curves), "bd_rate_percent": bd, "unavailable_metrics": metrics.unavailable,
+    return {"anchor": anchor, "metrics": all_names, "curves": dict(curves), "bd_rate_percent": bd,
+            "unavailable_metrics": dict(unavailable or {}),
             "note": "BD-rate: negative = fewer bits than the anchor at equal quality; null = quality ranges do not overlap"}
-
-
-def _add_fid(summary: dict, feat_dir: Path, images: list[Path]) -> None:
-    from .fid import fid, kid
-
-    real = [np.load(feat_dir / f"real__{p.stem}.npy") for p in images if (feat_dir / f"real__{p.stem}.npy").is_file()]
-    real = np.concatenate(real) if real else np.zeros((0, 1))
-    for codec, pts in summary["curves"].items():
-        for p in pts:
-            files = [feat_dir / f"{codec}__{p['setting']}__{img.stem}.npy" for img in images]
-            fake = [np.load(f) for f in files if f.is_file()]
-            fake = np.concatenate(fake) if fake else np.zeros((0, 1))
-            ok = len(real) > 2 and len(fake) > 2
-            p["fid"] = fid(real, fake) if ok else math.nan
-            p["kid"] = kid(real, fake) if ok else math.nan
-            p["fid_patches"] = int(len(fake))
 
 
 def _write_aggregate_csv(path: Path, curves: dict, names: list[str]) -> None:
@@ -226,10 +220,10 @@ def side_by_side_crops(images: list[Path], codecs: list[Codec], out_dir: Path, r
     return sets
 
 
-def write_report(out_dir: Path, summary: dict, plots: list[str], crop_sets: list[dict], metrics: MetricSuite) -> None:
+def write_report(out_dir: Path, summary: dict, plots: list[str], crop_sets: list[dict]) -> None:
     from html import escape
 
-    names = metrics.names
+    names = summary["metrics"]
     parts = ["<!doctype html><meta charset='utf-8'><title>osdiff evaluation</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img.plot{width:420px}"
@@ -237,6 +231,11 @@ def write_report(out_dir: Path, summary: dict, plots: list[str], crop_sets: list
              "<h1>osdiff evaluation</h1>",
              f"<p>Rate is the real file size (bytes x 8 / pixels). BD-rate anchor: <b>{escape(summary['anchor'])}</b>. "
              f"{escape(summary['note'])}.</p>"]
+    if "kid_taef2" in names:
+        parts.append("<p><b>kid_taef2</b> (lower is better) is a realism proxy, not a fidelity score: the kernel "
+                     "distance between the texture statistics of the decoded images' 64-px patches and the "
+                     "originals', in the frozen TAEF2 encoder shipped with osdiff-tiny. Blur and added noise "
+                     "both raise it; plausible texture that differs from the photo's does not. It is not FID.</p>")
     if summary["unavailable_metrics"]:
         parts.append("<p>Unavailable metrics: " + "; ".join(f"<b>{escape(k)}</b> ({escape(v)})" for k, v in summary["unavailable_metrics"].items()) + "</p>")
     parts.append("<h2>BD-rate (%) against " + escape(summary["anchor"]) + "</h2><table><tr><th>codec</th>" + "".join(f"<th>{m}</th>" for m in names) + "</tr>")
