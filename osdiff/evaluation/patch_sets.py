@@ -105,8 +105,10 @@ def shipped_taef2_encoder() -> nn.Sequential:
 
 def standardised_kid(real: np.ndarray, fake: np.ndarray) -> float:
     """KID after scaling every feature to zero mean, unit variance over the `real` set (so the
-    polynomial kernel weighs all layers alike)."""
-    mean, std = real.mean(0), real.std(0) + 1e-8
+    polynomial kernel weighs all layers alike); a feature (nearly) constant over `real` is
+    scaled by 1/1000 of the mean deviation instead, so it cannot dominate."""
+    mean, std = real.mean(0), real.std(0)
+    std = np.maximum(std, 1e-3 * std.mean() + 1e-12)
     return kid((real - mean) / std, (fake - mean) / std)
 
 
