@@ -153,9 +153,9 @@ def test_match_size_codes_osdiff_to_the_classical_codecs_file(page, photo_file):
     size = "id => fetch(document.getElementById(id).href).then(r => r.arrayBuffer()).then(b => b.byteLength)"
     osd_bytes, jpeg_bytes = page.evaluate(size, "download-osd"), page.evaluate(size, "download-jpeg")
     assert osd_bytes <= jpeg_bytes or "too large" in cells[0][1]
-    reached = float(page.input_value("#quality"))  # the slider shows the quality reached
+    reached = float(page.input_value("#quality"))  # the slider shows the quality reached (levels 1-5)
     shown = float(cells[0][1].split()[0])  # the table rounds to 3 decimals, halves up (JS Math.round)
-    assert 1 <= reached <= 4 and abs(shown - reached) <= 0.0005 + 1e-9, (reached, cells[0][1])
+    assert 1 <= reached <= 5 and abs(shown - reached) <= 0.0005 + 1e-9, (reached, cells[0][1])
     with page.expect_request(lambda r: "/api/compare" in r.url and "quality=" in r.url):
         page.select_option("#match", "")  # back to a quality: the photo is coded again
     page.wait_for_function("() => !document.getElementById('quality').disabled")  # until that ends
