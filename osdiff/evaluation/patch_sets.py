@@ -6,8 +6,8 @@ does not.
 
 - `fid`, `kid`: Inception-v3 pool features of 256-px patches (osdiff.evaluation.fid); the
   weights come from a local path, else both are reported unavailable.
-- `kid_taef2`: KID of texture statistics in the frozen TAEF2 encoder that ships with
-  osdiff-tiny (MIT licence), so it runs everywhere: per 64-px patch, the mean and standard
+- `kid_taef2`: KID of texture statistics in the frozen TAEF2 encoder that ships in the package
+  (osdiff/weights/taef2, MIT licence; osdiff-tiny's encoder), so it runs everywhere: per 64-px patch, the mean and standard
   deviation of each of the 64 channels after the encoder's residual blocks at 1, 1/2 and 1/4
   resolution (384 values, like a Gram-matrix texture descriptor), standardised by the
   originals' patches. A proxy, not FID: that network learned to reconstruct, not to recognise,
@@ -70,12 +70,11 @@ def texture_patches(image: Tensor, patch: int = TEXTURE_PATCH) -> Tensor:
 
 class TAEF2TextureStatistics:
     """Per-patch channel means and standard deviations of a TAESD-family encoder's activations
-    (`encoder`: the nn.Sequential taking images in [0,1]; default: the TAEF2 encoder shipped
-    with osdiff-tiny)."""
+    (`encoder`: the nn.Sequential taking images in [0,1]; default: the packaged TAEF2 encoder)."""
 
     def __init__(self, encoder: nn.Sequential | None = None, chunk: int = 32) -> None:
         if encoder is None:
-            encoder = shipped_taef2_encoder()
+            encoder = packaged_taef2_encoder()
         self.layers = encoder[: max(TEXTURE_TAPS) + 1].float().eval().requires_grad_(False)
         self.chunk = chunk
 
@@ -94,13 +93,13 @@ class TAEF2TextureStatistics:
         return torch.cat(out).numpy() if out else np.zeros((0, 1), np.float64)
 
 
-def shipped_taef2_encoder() -> nn.Sequential:
-    """The frozen TAEF2 encoder from the packaged osdiff-tiny model, in float32."""
-    from .. import hub
+def packaged_taef2_encoder() -> nn.Sequential:
+    """The TAEF2 encoder of the package's own copy of TAEF2 (osdiff/weights/taef2, the one
+    training distils from; osdiff-tiny's frozen encoder has the same weights), in float32."""
+    from ..hub import WEIGHTS_DIR
     from ..models.taesd import TAESDAutoencoder
 
-    vae = TAESDAutoencoder.from_pretrained(hub.resolve("osdiff-tiny") / "vae", local_files_only=True)
-    return vae.encoder.float()
+    return TAESDAutoencoder.from_pretrained(WEIGHTS_DIR / "taef2" / "vae", local_files_only=True).encoder.float()
 
 
 def standardised_kid(real: np.ndarray, fake: np.ndarray) -> float:
@@ -126,7 +125,7 @@ def patch_set_metrics(inception: str | None, unavailable: dict[str, str]) -> lis
     try:
         texture = TAEF2TextureStatistics()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        unavailable["kid_taef2"] = f"cannot load the TAEF2 encoder of osdiff-tiny ({exc.__class__.__name__})"
+        unavailable["kid_taef2"] = f"cannot load the packaged TAEF2 encoder ({exc.__class__.__name__})"
     else:
         found.append(PatchSetMetric("taef2", ("kid_taef2",), texture, lambda r, f: {"kid_taef2": standardised_kid(r, f)}))
     return found

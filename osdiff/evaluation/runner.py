@@ -92,7 +92,8 @@ def evaluate(data_dir: Path, codecs: list[Codec], out_dir: Path, metrics: Metric
                 rows.append(row)
     points = [(c.name, str(s)) for c in codecs for s in c.settings]
     set_scores = score_sets(set_metrics, feat_dir, images, points) if set_metrics else {}
-    summary = summarize(rows, [c.name for c in codecs], metrics.names, anchor, metrics.unavailable, set_scores)
+    summary = summarize(rows, [c.name for c in codecs], metrics.names, anchor, metrics.unavailable, set_scores,
+                        [n for m in set_metrics for n in m.names])
     write_bytes_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default).encode(), force=True)
     _write_aggregate_csv(out_dir / "aggregate.csv", summary["curves"], summary["metrics"])
     plots = plot_curves(summary["curves"], summary["metrics"], out_dir)
@@ -109,12 +110,13 @@ def _json_default(o):
 
 def summarize(rows: list[dict], codec_names: list[str], names: list[str], anchor: str,
               unavailable: dict[str, str] | None = None,
-              set_scores: dict[tuple[str, str], dict[str, float]] | None = None) -> dict:
+              set_scores: dict[tuple[str, str], dict[str, float]] | None = None,
+              set_names: list[str] | None = None) -> dict:
     """Mean bpp and mean of each per-image metric in `names` per (codec, setting), the
-    distribution metrics of `set_scores` (per (codec, setting)) beside them, and BD-rate of
-    every metric against `anchor`. `summary["metrics"]` lists the metric names in order."""
-    set_scores = set_scores or {}
-    set_names = list(dict.fromkeys(n for v in set_scores.values() for n in v if not n.startswith("patches_")))
+    distribution metrics `set_names` from `set_scores` (per (codec, setting), with their patch
+    counts) beside them, and BD-rate of every metric against `anchor`. `summary["metrics"]`
+    lists the metric names in order."""
+    set_scores, set_names = set_scores or {}, set_names or []
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
         if r["codec"] in codec_names:
