@@ -22,28 +22,76 @@ def check_writable(path: Path, force: bool) -> None:
         raise OSDiffError(f"{path}: is a directory")
 
 
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold SIGINT/SIGTERM until the block ends (main thread only), so an interrupt cannot land
-    between creating the temporary file and remembering it, or between linking the output into
-    place and removing the temporary file."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+class _InterruptsHeld:
+    """While active (main thread only), SIGINT/SIGTERM are held: one that comes is recorded and
+    handed, when the block ends, to the handler it would have met. `allowed()` lets them
+    through for a stretch (a long write stays interruptible).
+
+    Python-level handlers, not a signal mask: the kernel may deliver a process signal to any
+    thread (torch keeps worker threads), and Python then runs the handler in the main thread
+    whatever that thread's mask says."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.active = threading.current_thread() is threading.main_thread()
+        self.previous: dict[int, object] = {}
+        self.held: list[int] = []
+
+    def _hold(self, signum: int, frame) -> None:
+        self.held.append(signum)
+
+    def __enter__(self) -> "_InterruptsHeld":
+        if self.active:
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._hold)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+        self._deliver()
+
+    def _restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _deliver(self) -> None:
+        """Act on a held signal as its handler (a callable, SIG_DFL or SIG_IGN) would have."""
+        if not self.held:
+            return
+        signum = self.held.pop(0)
+        self.held.clear()
+        handler = self.previous[signum]
+        if callable(handler):
+            handler(signum, None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(signum)
+
+    @contextlib.contextmanager
+    def allowed(self):
+        if not self.active:
+            yield
+            return
+        try:
+            self._restore()
+            self._deliver()  # one held so far acts now
+            yield
+        finally:
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._hold)
 
 
 def write_atomic(path: Path, write: Callable[[Path], None], force: bool = False) -> None:
-    """Call `write(tmp_path)` then move the result to `path` in one step."""
+    """Call `write(tmp_path)` then move the result to `path` in one step.
+
+    Interrupts are held everywhere except inside `write`, so one cannot land between creating
+    the temporary file and remembering it, or before it is removed; an interrupt held meanwhile
+    fires when everything is cleaned up."""
     path = Path(path)
     check_writable(path, force)
     tmp: Path | None = None
-    try:
-        with _signals_deferred():  # a signal held here fires at the end of this block, inside the try
+    with _InterruptsHeld() as interrupts:
+        try:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -51,17 +99,17 @@ def write_atomic(path: Path, write: Callable[[Path], None], force: bool = False)
                 raise OSDiffError(f"{path}: cannot write ({exc.strerror})") from None
             os.close(fd)
             tmp = Path(tmp_name)
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        with _signals_deferred():
+            with interrupts.allowed():
+                write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
             _commit(tmp, path, force)
-    except OSError as exc:
-        raise OSDiffError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if tmp is not None:
-            with _signals_deferred(), contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        except OSError as exc:
+            raise OSDiffError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
 
 
 def _commit(tmp: Path, path: Path, force: bool) -> None:

@@ -144,6 +144,54 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _interrupt_via_other_thread() -> None:
+    """Send SIGINT the way the kernel may deliver a process signal: to a thread other than the
+    main one (torch keeps worker threads); Python then runs the handler in the main thread."""
+    import signal
+    import threading
+    import time
+
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    signal.pthread_kill(worker.ident, signal.SIGINT)
+    stop.set()
+    worker.join()
+    time.sleep(0.05)  # the main thread's handler runs at its next check, here
+
+
+def test_interrupt_while_committing_is_held_until_cleaned_up(tmp_path, monkeypatch):
+    """An interrupt that comes after the image is written waits until the output is in place and
+    the temporary file removed, then stops the program."""
+    from osdiff import fileio
+
+    commit = fileio._commit
+
+    def commit_interrupted(tmp, path, force):
+        _interrupt_via_other_thread()
+        commit(tmp, path, force)
+
+    monkeypatch.setattr(fileio, "_commit", commit_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fileio.write_bytes_atomic(tmp_path / "out.bin", b"whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    assert (tmp_path / "out.bin").read_bytes() == b"whole"
+
+
+def test_interrupt_while_writing_stops_and_leaves_nothing(tmp_path):
+    """A long write stays interruptible, and what it wrote so far is removed."""
+    from osdiff.fileio import write_atomic
+
+    def slow_write(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        _interrupt_via_other_thread()
+        raise AssertionError("the interrupt should have stopped the write")
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(tmp_path / "out.bin", slow_write)
+    assert list(tmp_path.iterdir()) == []
+
+
 def _kill_while_writing(cmd: list[str], folder: Path, sig: int) -> None:
     """Start `cmd`, wait until its temporary output file appears in `folder`, send `sig`."""
     import signal  # noqa: F401  (sig is a signal number)
