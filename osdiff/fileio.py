@@ -44,7 +44,8 @@ class _InterruptsHeld:
     def __enter__(self) -> "_InterruptsHeld":
         if self.active:
             for signum in self.SIGNALS:
-                self.previous[signum] = signal.signal(signum, self._hold)
+                if signal.getsignal(signum) is not None:  # None: a handler from C, which Python cannot put back
+                    self.previous[signum] = signal.signal(signum, self._hold)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -77,7 +78,7 @@ class _InterruptsHeld:
             self._deliver()  # one held so far acts now
             yield
         finally:
-            for signum in self.SIGNALS:
+            for signum in self.previous:
                 signal.signal(signum, self._hold)
 
 
