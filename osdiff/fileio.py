@@ -34,15 +34,14 @@ class _InterruptsHeld:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.active = threading.current_thread() is threading.main_thread()
-        self.previous: dict[int, object] = {}
+        self.previous: dict[int, object] = {}  # the handlers replaced; empty when not active
         self.held: list[int] = []
 
     def _hold(self, signum: int, frame) -> None:
         self.held.append(signum)
 
     def __enter__(self) -> "_InterruptsHeld":
-        if self.active:
+        if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 if signal.getsignal(signum) is not None:  # None: a handler from C, which Python cannot put back
                     self.previous[signum] = signal.signal(signum, self._hold)
@@ -70,9 +69,6 @@ class _InterruptsHeld:
 
     @contextlib.contextmanager
     def allowed(self):
-        if not self.active:
-            yield
-            return
         try:
             self._restore()
             self._deliver()  # one held so far acts now
