@@ -10,8 +10,9 @@ does not.
   (osdiff/weights/taef2, MIT licence; osdiff-tiny's encoder), so it runs everywhere: per 64-px
   patch, the mean and standard deviation of each of the 64 channels after the encoder's
   residual blocks at 1, 1/2 and 1/4 resolution (384 values, like a Gram-matrix texture
-  descriptor), standardised by the originals' patches. A proxy, not FID: that network learned to reconstruct, not to recognise,
-  and osdiff-tiny's decoder was distilled from the same autoencoder.
+  descriptor), standardised by the originals' patches. A proxy, not FID: that network learned
+  to reconstruct, not to recognise, and osdiff-tiny's decoder was distilled from the same
+  autoencoder.
 
 Features are kept per image in `features/<kind>/` of the results folder, so an interrupted
 evaluation resumes, and rows evaluated before a metric existed get their features filled in.
