@@ -9,13 +9,15 @@ LOG := $(VENV)/install.log
 
 # One line of output; pip's messages go to $(LOG), printed only if a step fails.
 # torch first, pinned: compressai imports torchvision, which must match torch exactly.
+# Then the metrics' ImageNet backbones (requirements/backbones.txt), without their dependencies.
 # setuptools >= 77 reads pyproject.toml's SPDX licence form (and builds the wheel in the tests).
-$(VENV)/.installed: pyproject.toml requirements/torch.txt
+$(VENV)/.installed: pyproject.toml requirements/torch.txt requirements/backbones.txt
 	@echo "installing into $(VENV) (log: $(LOG))"
 	@mkdir -p $(VENV) && $(PYTHON) -m venv $(VENV) >$(LOG) 2>&1 \
 	  && $(PIP) install -q --upgrade pip "setuptools>=77" >>$(LOG) 2>&1 \
 	  && $(PIP) install -q -r requirements/torch.txt >>$(LOG) 2>&1 \
 	  && $(PIP) install -q -c requirements/torch.txt -e ".[test]" >>$(LOG) 2>&1 \
+	  && $(PIP) install -q --no-deps -r requirements/backbones.txt >>$(LOG) 2>&1 \
 	  || { cat $(LOG) >&2; echo "make install: failed (log: $(LOG))" >&2; exit 1; }
 	@touch $@
 

@@ -75,23 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--fast", action="store_true", help=FAST_HELP)
 
     e = sub.add_parser("eval", help="rate-distortion evaluation against classical codecs, with an HTML report")
-    e.add_argument("data_dir", help="folder of images")
+    e.add_argument("data_dir", nargs="+", help="folder(s) of images; with several, rows are named folder/file")
     e.add_argument("--codecs", default="osdiff-tiny,jpeg,webp,avif,jxl",
                    help="comma-separated: jpeg, webp, avif, jxl, a learned model's name (osdiff-tiny, hific-tiny, ...) "
-                        "or NAME=FOLDER for a model folder (e.g. elic-tiny=../runs/elic-tiny/model)")
+                        "or NAME=FOLDER for a model folder (e.g. elic-tiny=../runs/elic-tiny/model); a learned codec may end in "
+                        "a decoding option, e.g. osdiff-tiny:steps=0 (the hint latent decoded without the UNet)")
     e.add_argument("--model", default=None, help="model folder for the osdiff-* codec (default: the shipped model of that name)")
     e.add_argument("--out", required=True, help="results folder (resumes if it holds an earlier run)")
     e.add_argument("--qualities", default=None, help="comma-separated qualities (e.g. 1,1.5,2,2.5,3) for every learned codec with "
                    "gain vectors, for dense RD curves (default: its whole levels); codecs without gains keep their levels")
     e.add_argument("--anchor", default="jpeg", help="BD-rate anchor codec")
-    e.add_argument("--limit", type=int, default=None, help="only the first N images")
+    e.add_argument("--limit", type=int, default=None, help="only the first N images of each folder")
     e.add_argument("--crop-bpp", type=float, default=None,
                    help="side-by-side crops with each codec at the setting closest to this bpp (default: the first learned codec's middle level)")
-    e.add_argument("--lpips-backbone", default=None, help="torchvision AlexNet ImageNet weights (local file)")
-    e.add_argument("--lpips-linear", default=None, help="LPIPS v0.1 linear weights (local file)")
-    e.add_argument("--dists-backbone", default=None, help="torchvision VGG16 ImageNet weights (local file)")
-    e.add_argument("--dists-weights", default=None, help="DISTS alpha/beta weights.pt (local file)")
-    e.add_argument("--inception", default=None, help="Inception-v3 weights for FID/KID (local file)")
+    e.add_argument("--lpips-net", choices=("alex", "vgg"), default="alex",
+                   help="LPIPS backbone: alex (the field's metric, column lpips; default) or vgg (column lpips_vgg)")
+    e.add_argument("--metrics", default=None,
+                   help="comma-separated metrics to measure (default: all): lpips, dists, psnr, ms_ssim, haarpsi, ms_gmsd, "
+                        "vsi, fsim, vif, detail_retention, colour_shift, kid_taef2 (FID and KID are always measured); "
+                        "a later run with more fills them in")
+    e.add_argument("--reference", choices=("kodak", "tecnick", "clic2020"), default=None,
+                   help="draw the published points of this dataset (DiffEIC's table) on the plots and add BD-rates "
+                        "against them (other images, machines and protocol: for placing, not for ranking)")
     e.add_argument("--no-crops", action="store_true", help="skip the side-by-side crops")
 
     t = sub.add_parser("train", help="train a codec from a YAML/TOML config (resumes automatically)")
@@ -463,12 +468,20 @@ def cmd_eval(args) -> int:
         codecs = [with_qualities(c, qualities) for c in codecs]
         if not any(c.continuous for c in codecs):
             raise OSDiffError("--qualities: none of the codecs has gain vectors (continuous quality)")
-    metrics = MetricSuite(args.lpips_backbone, args.lpips_linear, args.dists_backbone, args.dists_weights)
-    summary = evaluate(Path(args.data_dir), codecs, Path(args.out), metrics, limit=args.limit,
-                       anchor=args.anchor, crops=not args.no_crops, inception=args.inception, crop_bpp=args.crop_bpp)
-    from .evaluation.tables import bd_against_each, bd_table, versus_table
+    only = None if args.metrics is None else frozenset(m.strip() for m in args.metrics.split(",") if m.strip())
+    if only is not None and args.lpips_net == "vgg" and "lpips" in only:
+        only = (only - {"lpips"}) | {"lpips_vgg"}
+    metrics = MetricSuite(args.lpips_net, only)
+    summary = evaluate([Path(d) for d in args.data_dir], codecs, Path(args.out), metrics, limit=args.limit,
+                       anchor=args.anchor, crops=not args.no_crops, crop_bpp=args.crop_bpp, reference=args.reference)
+    from .evaluation.tables import bd_against_each, bd_table, headline_table, published_table, versus_table
 
+    print(headline_table(summary))
+    print()
     print(bd_table(summary, summary["metrics"]))
+    if summary.get("published"):
+        print()
+        print(published_table(summary))
     for codec in (c for c in codecs if c.learned):
         print()
         print(versus_table(summary, codec.name, [c.name for c in codecs if not c.learned]))

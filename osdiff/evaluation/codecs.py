@@ -75,17 +75,19 @@ def classical_codec(name: str) -> Codec:
 CLASSICAL = ("jpeg", "webp", "avif", "jxl")
 
 
-def learned_codec(name: str, model=None, verbose: bool = False) -> Codec:
+def learned_codec(name: str, model=None, verbose: bool = False, steps: int | None = None) -> Codec:
     """A learned codec (osdiff or a baseline such as elic-tiny); `model` is a shipped name, a
     folder or a loaded pipeline (default: the shipped model called `name`); `verbose` as in
-    `osdiff.load`."""
+    `osdiff.load`; `steps`: the decoding option `osdiff decompress --steps` (None: the default;
+    0 decodes the hint latent without the UNet)."""
     from ..codec_pipeline import ImageCodecPipeline
     from ..hub import load
 
     pipe = model if isinstance(model, ImageCodecPipeline) else load(model or name, verbose=verbose)
     levels = pipe.num_quality_levels
+    decode = pipe.decompress if steps is None else (lambda data: pipe.decompress(data, steps=steps))
     return Codec(name, list(range(1, levels + 1)), lambda image, quality: pipe.compress(image, quality=quality),
-                 pipe.decompress, (1, levels), "application/x-osdiff", ".osd", learned=True,
+                 decode, (1, levels), "application/x-osdiff", ".osd", learned=True,
                  continuous=pipe.continuous_quality)
 
 
@@ -119,10 +121,19 @@ def with_qualities(codec: Codec, qualities: list[int | float]) -> Codec:
 
 def make_codec(spec: str, model: str | None = None, verbose: bool = False) -> Codec:
     """`spec`: a classical codec (jpeg, webp, avif, jxl), a learned model's name (shipped, or
-    loaded from `model`), or NAME=FOLDER for a learned model in FOLDER shown as NAME."""
-    name, _, folder = spec.partition("=")
-    if folder:
-        return learned_codec(name, folder, verbose)
+    loaded from `model`), or NAME=FOLDER for a learned model in FOLDER shown as NAME; a learned
+    one may end in a decoding option, `:steps=N` (e.g. osdiff-tiny:steps=0), kept in its name."""
+    base, steps = spec, None
+    if ":" in spec:
+        base, option = spec.rsplit(":", 1)
+        key, _, value = option.partition("=")
+        if key != "steps" or not value.isdigit():
+            raise OSDiffError(f"{spec!r}: the decoding option must be ':steps=N' (N = 0, 1, 2, ...)")
+        steps = int(value)
+    name, _, folder = base.partition("=")
+    label = name if steps is None else f"{name}:steps={steps}"
     if name in CLASSICAL:
+        if steps is not None:
+            raise OSDiffError(f"{spec!r}: ':steps' is an option of learned codecs")
         return classical_codec(name)
-    return learned_codec(name, model, verbose)
+    return learned_codec(label, folder or model or name, verbose, steps)

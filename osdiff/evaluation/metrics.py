@@ -1,62 +1,41 @@
-"""Image quality metrics on (1,3,H,W) tensors in [0,1], from piq where it has them.
+"""Per-image quality metrics on (1,3,H,W) tensors in [0,1].
 
-Weight-free: PSNR, MS-SSIM, HaarPSI, MS-GMSD, VSI, FSIM, VIF, detail retention and colour shift.
-LPIPS and DISTS need ImageNet backbone weights that cannot be fetched here: they are read
-from local paths (options, OSDIFF_LPIPS_BACKBONE / OSDIFF_LPIPS_LINEAR /
-OSDIFF_DISTS_BACKBONE / OSDIFF_DISTS_WEIGHTS, or torchvision checkpoints in the torch hub
-cache). FID/KID (osdiff.evaluation.fid) need Inception weights the same way; the realism
-proxy kid_taef2 (osdiff.evaluation.patch_sets) uses the TAEF2 encoder shipped with
-osdiff-tiny. A metric without its weights is reported as unavailable with the reason, never
-replaced by something else.
+The field's perceptual metrics lead: LPIPS (AlexNet v0.1; VGG by option) and DISTS, with
+their ImageNet backbones found locally (osdiff.quality.backbones; `make install` provides them);
+then PSNR and MS-SSIM for fidelity; then the other piq metrics (HaarPSI, MS-GMSD, VSI, FSIM,
+VIF) and two diagnostics (detail retention, colour shift). FID/KID and the in-house proxy
+kid_taef2 are distribution metrics (osdiff.evaluation.patch_sets). A metric whose weights are
+missing is reported unavailable with how to get them, never replaced by something else.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import OSDiffError
+from ..quality.pixel import colour_shift, detail_retention, luma_gradients, psnr  # noqa: F401 (re-exported)
+
 HIGHER_IS_BETTER = {
+    "lpips": False, "lpips_vgg": False, "dists": False,
     "psnr": True, "ms_ssim": True, "haarpsi": True, "ms_gmsd": False, "vsi": True, "fsim": True,
-    "vif": True, "detail_retention": True, "colour_shift": False, "lpips": False, "dists": False,
+    "vif": True, "detail_retention": True, "colour_shift": False,
     # distribution metrics (osdiff.evaluation.patch_sets), per (codec, setting)
     "fid": False, "kid": False, "kid_taef2": False,
 }
+# the order of columns, tables and plots: the field's metrics first, in-house ones last
+HEADLINE = ("lpips", "lpips_vgg", "dists", "fid", "kid", "psnr", "ms_ssim")
+SECONDARY = ("haarpsi", "ms_gmsd", "vsi", "fsim", "vif", "detail_retention", "colour_shift", "kid_taef2")
+PIQ = ("ms_ssim", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif")
 
 
-def psnr(x: Tensor, ref: Tensor) -> float:
-    """dB on 8-bit-rounded images; identical images give +inf."""
-    a, b = (x * 255).round(), (ref * 255).round()
-    mse = F.mse_loss(a, b).item()
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
-def luma_gradients(t: Tensor) -> tuple[Tensor, Tensor]:
-    """Images (B,3,H,W) -> horizontal (B,1,H,W-1) and vertical (B,1,H-1,W) differences of
-    their luma (Rec. 601 weights)."""
-    luma = (0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2])[:, None]
-    return luma[..., :, 1:] - luma[..., :, :-1], luma[..., 1:, :] - luma[..., :-1, :]
-
-
-def detail_retention(x: Tensor, ref: Tensor) -> float:
-    """High-frequency energy of `x` relative to `ref`: mean squared luma gradient ratio.
-    1.0 keeps the original's detail; below 1 is over-smoothed; above 1 adds texture/noise."""
-    def energy(t: Tensor) -> float:
-        gx, gy = luma_gradients(t)
-        return float(gx.pow(2).mean() + gy.pow(2).mean())
-
-    base = energy(ref)
-    return energy(x) / base if base > 0 else 1.0
-
-
-def colour_shift(x: Tensor, ref: Tensor) -> float:
-    """Colour cast in 8-bit levels: the largest difference, over R, G and B, between the mean of
-    that channel in `x` and in `ref` (0 = the same average colour)."""
-    diff = (x.float().mean(dim=(0, 2, 3)) - ref.float().mean(dim=(0, 2, 3))).abs()
-    return float(diff.max()) * 255.0
+def headline_order(names: list[str]) -> list[str]:
+    """`names` with the headline metrics first, then the secondary ones, then anything else."""
+    rank = {n: i for i, n in enumerate(HEADLINE + SECONDARY)}
+    return sorted(names, key=lambda n: rank.get(n, len(rank)))
 
 
 def _piq(name: str):
@@ -74,49 +53,71 @@ def _piq(name: str):
 
 @dataclass
 class MetricSuite:
-    """Computes every available metric; `unavailable` says which are not, and why."""
+    """Computes every available per-image metric; `unavailable` says which are not, and why.
+    `lpips_net`: 'alex' (column `lpips`, the field's metric) or 'vgg' (column `lpips_vgg`);
+    `only`: just these metrics (None: all; FID/KID are always measured, kid_taef2 when named)."""
 
-    lpips_backbone: str | None = None  # torchvision AlexNet ImageNet state dict
-    lpips_linear: str | None = None  # LPIPS v0.1 alex.pth
-    dists_backbone: str | None = None  # torchvision VGG16 ImageNet state dict
-    dists_weights: str | None = None  # DISTS alpha/beta (weights.pt)
+    lpips_net: str = "alex"
+    only: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
-        env = os.environ.get
-        self.lpips_backbone = self.lpips_backbone or env("OSDIFF_LPIPS_BACKBONE") or _hub_file("alexnet-owt-7be5be79.pth")
-        self.lpips_linear = self.lpips_linear or env("OSDIFF_LPIPS_LINEAR")
-        self.dists_backbone = self.dists_backbone or env("OSDIFF_DISTS_BACKBONE") or _hub_file("vgg16-397923af.pth")
-        self.dists_weights = self.dists_weights or env("OSDIFF_DISTS_WEIGHTS")
+        if self.lpips_net not in ("alex", "vgg"):
+            raise OSDiffError(f"LPIPS network {self.lpips_net!r}: choose alex or vgg")
+        self.lpips_name = "lpips" if self.lpips_net == "alex" else "lpips_vgg"
         self.unavailable: dict[str, str] = {}
-        self._lpips = self._dists = None
-        if self.lpips_backbone and self.lpips_linear:
-            from ..training.losses import LPIPS
+        self._lpips = self._dists = self._ref = None
+        self._ref_features: dict[str, list[Tensor]] = {}
+        everything = {self.lpips_name, "dists", "psnr", *PIQ, "detail_retention", "colour_shift", "fid", "kid", "kid_taef2"}
+        if self.only is not None and not set(self.only) <= everything:
+            raise OSDiffError(f"unknown metric(s) {', '.join(sorted(set(self.only) - everything))}; "
+                              f"per-image metrics: {', '.join(headline_order(sorted(everything)))}")
+        from ..quality.dists import pretrained_dists
+        from ..quality.lpips import pretrained_lpips
 
-            self._lpips = LPIPS(self.lpips_backbone, self.lpips_linear)
-        else:
-            self.unavailable["lpips"] = "needs AlexNet ImageNet weights (--lpips-backbone) and LPIPS linear weights (--lpips-linear)"
-        if self.dists_backbone and self.dists_weights:
-            from .dists import DISTS
+        self._lpips = self._load(self.lpips_name, lambda: pretrained_lpips(self.lpips_net))
+        self._dists = self._load("dists", pretrained_dists)
+        self._cheap = [n for n in ("psnr", *PIQ, "detail_retention", "colour_shift") if self.wanted(n)]
 
-            self._dists = DISTS(self.dists_backbone, self.dists_weights)
-        else:
-            self.unavailable["dists"] = "needs VGG16 ImageNet weights (--dists-backbone) and DISTS alpha/beta (--dists-weights)"
+    def wanted(self, name: str) -> bool:
+        """Whether metric `name` is to be measured (`only`)."""
+        return self.only is None or name in self.only
+
+    def _load(self, name: str, loader):
+        """The network of metric `name`, or None when left out or its weights are missing (then
+        `unavailable` says how to get them)."""
+        from ..quality.backbones import BackboneMissing
+
+        if not self.wanted(name):
+            return None
+        try:
+            return loader()
+        except BackboneMissing as exc:
+            self.unavailable[name] = str(exc)
+            return None
 
     @property
     def names(self) -> list[str]:
-        names = ["psnr", "ms_ssim", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif", "detail_retention", "colour_shift"]
-        return names + (["lpips"] if self._lpips is not None else []) + (["dists"] if self._dists is not None else [])
+        learned = ([self.lpips_name] if self._lpips is not None else []) + (["dists"] if self._dists is not None else [])
+        return headline_order(learned + self._cheap)
 
     @torch.no_grad()
     def __call__(self, x: Tensor, ref: Tensor) -> dict[str, float]:
+        """Every metric of `x` against `ref`; the reference's LPIPS and DISTS features are kept
+        while the same `ref` tensor comes back (an evaluation scores each photo many times)."""
+        if self._ref is not ref:
+            self._ref, self._ref_features = ref, {}
+        cached = self._ref_features
         x, ref = x.float().clamp(0, 1), ref.float().clamp(0, 1)
-        out = {"psnr": psnr(x, ref), "detail_retention": detail_retention(x, ref), "colour_shift": colour_shift(x, ref)}
-        for name in ("ms_ssim", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif"):
-            out[name] = piq_metric(name, x, ref)
+        pixel = {"psnr": psnr, "detail_retention": detail_retention, "colour_shift": colour_shift}
+        out = {n: pixel[n](x, ref) if n in pixel else piq_metric(n, x, ref) for n in self._cheap}
         if self._lpips is not None:
-            out["lpips"] = float(self._lpips(x, ref).mean())
+            if "lpips" not in cached:
+                cached["lpips"] = self._lpips.features(ref)
+            out[self.lpips_name] = float(self._lpips(x, ref, cached["lpips"]).mean())
         if self._dists is not None:
-            out["dists"] = float(self._dists(x, ref).mean())
+            if "dists" not in cached:
+                cached["dists"] = self._dists.features(ref)
+            out["dists"] = float(self._dists(x, ref, cached["dists"]).mean())
         return out
 
 
@@ -131,12 +132,6 @@ def piq_metric(name: str, x: Tensor, ref: Tensor) -> float:
         return float(_piq(name)(x, ref))
     except (ValueError, RuntimeError, AssertionError):
         return math.nan
-
-
-def _hub_file(name: str) -> str | None:
-    """A torchvision checkpoint already in the usual torch hub cache, if any."""
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
-    return path if os.path.isfile(path) else None
 
 
 def _pad_small(t: Tensor, side: int = 161) -> Tensor:

@@ -4,9 +4,11 @@ per-image metrics they do not ask whether a reconstruction matches its photo, on
 patches look like photo patches, so blur and invented noise both cost and plausible texture
 does not.
 
-- `fid`, `kid`: Inception-v3 pool features of 256-px patches (osdiff.evaluation.fid); the
-  weights come from a local path, else both are reported unavailable.
-- `kid_taef2`: KID of texture statistics in the frozen TAEF2 encoder that ships in the package
+- `fid`, `kid`: the field's, from Inception-v3 pool features of 256-px patches on the plain
+  grid and the grid shifted by 128 px (osdiff.quality.inception), with the patch count and
+  KID's spread over subsets (`kid_spread`) beside them; FID on fewer than 1,000 patches is
+  indicative only.
+- `kid_taef2`: an in-house proxy, measured in the model's own feature space: KID of texture statistics in the frozen TAEF2 encoder that ships in the package
   (osdiff/weights/taef2, MIT licence; osdiff-tiny's encoder), so it runs everywhere: per 64-px
   patch, the mean and standard deviation of each of the 64 channels after the encoder's
   residual blocks at 1, 1/2 and 1/4 resolution (384 values, like a Gram-matrix texture
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .fid import kid
+from ..quality.inception import kid
 
 TEXTURE_PATCH = 64  # pixels
 TEXTURE_TAPS = (1, 5, 9)  # TAEF2 encoder layers: residual blocks at 1, 1/2, 1/4 resolution
@@ -37,7 +39,8 @@ TEXTURE_TAPS = (1, 5, 9)  # TAEF2 encoder layers: residual blocks at 1, 1/2, 1/4
 @dataclass
 class PatchSetMetric:
     """One family of distribution metrics: `features` maps an image (1,3,H,W) in [0,1] to
-    (patches, D) features; `scores(real, fake)` gives {name: value} for two feature sets."""
+    (patches, D) features; `scores(real, fake)` gives {name: value} for two feature sets (the
+    metrics in `names`, and any side values such as kid_spread)."""
 
     kind: str  # folder under features/
     names: tuple[str, ...]
@@ -47,13 +50,14 @@ class PatchSetMetric:
     def folder(self, feat_dir: Path) -> Path:
         return feat_dir / self.kind
 
-    def real_file(self, feat_dir: Path, image: Path) -> Path:
-        return self.folder(feat_dir) / f"real__{image.stem}.npy"
+    def real_file(self, feat_dir: Path, image: str) -> Path:
+        """`image`: the image's id (its file name without suffix, folder__name with several folders)."""
+        return self.folder(feat_dir) / f"real__{image}.npy"
 
-    def fake_file(self, feat_dir: Path, image: Path, codec: str, setting) -> Path:
-        return self.folder(feat_dir) / f"{codec}__{setting}__{image.stem}.npy"
+    def fake_file(self, feat_dir: Path, image: str, codec: str, setting) -> Path:
+        return self.folder(feat_dir) / f"{codec}__{setting}__{image}.npy"
 
-    def save(self, feat_dir: Path, image: Path, codec: str, setting, ref: Tensor, decoded: Tensor) -> None:
+    def save(self, feat_dir: Path, image: str, codec: str, setting, ref: Tensor, decoded: Tensor) -> None:
         """Keep the features of `decoded` (and of the original `ref`, once per image)."""
         self.folder(feat_dir).mkdir(parents=True, exist_ok=True)
         if not self.real_file(feat_dir, image).is_file():
@@ -112,17 +116,24 @@ def standardised_kid(real: np.ndarray, fake: np.ndarray) -> float:
     return kid((real - mean) / std, (fake - mean) / std)
 
 
-def patch_set_metrics(inception: str | None, unavailable: dict[str, str]) -> list[PatchSetMetric]:
-    """The distribution metrics that can run here; the others are entered in `unavailable`."""
-    from .fid import InceptionFeatures, fid, inception_weights
+def patch_set_metrics(unavailable: dict[str, str], proxy: bool = True) -> list[PatchSetMetric]:
+    """The distribution metrics that can run here (FID/KID, and kid_taef2 if `proxy`); those
+    that cannot are entered in `unavailable`."""
+    from ..quality.backbones import BackboneMissing
+    from ..quality.inception import InceptionFeatures, fid, kid_spread
 
     found = []
-    weights = inception_weights(inception)
-    if weights:
-        found.append(PatchSetMetric("inception", ("fid", "kid"), InceptionFeatures(weights),
-                                    lambda r, f: {"fid": fid(r, f), "kid": kid(r, f)}))
+    try:
+        inception = InceptionFeatures()
+    except BackboneMissing as exc:
+        unavailable["fid"] = unavailable["kid"] = str(exc)
     else:
-        unavailable["fid"] = unavailable["kid"] = "needs Inception weights (--inception or OSDIFF_INCEPTION_WEIGHTS)"
+        # "inception_hific": the plain grid and the grid shifted by 128 px (earlier results
+        # folders kept plain-grid features under "inception"; they are not mixed in)
+        found.append(PatchSetMetric("inception_hific", ("fid", "kid"), inception,
+                                    lambda r, f: {"fid": fid(r, f), "kid": kid(r, f), "kid_spread": kid_spread(r, f)}))
+    if not proxy:
+        return found
     try:
         texture = TAEF2TextureStatistics()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -132,10 +143,10 @@ def patch_set_metrics(inception: str | None, unavailable: dict[str, str]) -> lis
     return found
 
 
-def score_sets(metrics: list[PatchSetMetric], feat_dir: Path, images: list[Path],
+def score_sets(metrics: list[PatchSetMetric], feat_dir: Path, images: list[str],
                points: list[tuple[str, str]]) -> dict[tuple[str, str], dict[str, float]]:
-    """{(codec, setting): {name: value, "patches_<kind>": count}} over `images`; nan where either
-    set has fewer than 3 patches."""
+    """{(codec, setting): {name: value, side values, "patches_<kind>": count}} over `images`;
+    nan where either set has fewer than 3 patches."""
     scores: dict[tuple[str, str], dict[str, float]] = {p: {} for p in points}
     for m in metrics:
         real = _stack([m.real_file(feat_dir, img) for img in images])
@@ -144,6 +155,7 @@ def score_sets(metrics: list[PatchSetMetric], feat_dir: Path, images: list[Path]
             ok = len(real) > 2 and len(fake) > 2
             values = m.scores(real, fake) if ok else {}
             scores[(codec, setting)].update({n: values.get(n, math.nan) for n in m.names})
+            scores[(codec, setting)].update({k: v for k, v in values.items() if k not in m.names})
             scores[(codec, setting)][f"patches_{m.kind}"] = len(fake)
     return scores
 
@@ -152,3 +164,9 @@ def _stack(files: list[Path]) -> np.ndarray:
     arrays = [np.load(f) for f in files if f.is_file()]
     arrays = [a for a in arrays if len(a)]
     return np.concatenate(arrays) if arrays else np.zeros((0, 1))
+
+
+def patch_count(point: dict) -> int:
+    """Inception patches behind a summary point's FID/KID (0 when not measured)."""
+    n = point.get("patches_inception_hific", 0)
+    return int(n) if isinstance(n, (int, float)) and math.isfinite(n) else 0

@@ -1,6 +1,8 @@
-"""`osdiff eval`: every codec at every setting on every image, metrics, aggregates,
-BD-rates, plots and an offline HTML report. Finished (image, codec, setting) rows are kept in
-per_image.csv and skipped on the next run, so an interrupted evaluation resumes."""
+"""`osdiff eval`: every codec at every setting on every image of one or more folders, metrics,
+aggregates, BD-rates, plots and an offline HTML report. Finished (image, codec, setting) rows
+are kept in per_image.csv and skipped on the next run, so an interrupted evaluation resumes;
+rows made before a metric existed get its value (the setting is coded again) and the CSV is
+rewritten with the new columns."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +10,7 @@ import json
 import math
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,82 +24,130 @@ from ..imageio import find_images as list_images
 from ..verbosity import progress
 from .bdrate import curve_bd_rate
 from .codecs import Codec
-from .metrics import HIGHER_IS_BETTER, MetricSuite
+from .metrics import HIGHER_IS_BETTER, MetricSuite, headline_order
 from .patch_sets import patch_set_metrics, score_sets
 
 KEY = ("image", "codec", "setting")
 
 
-def find_images(folder: Path, limit: int | None = None) -> list[Path]:
-    if not folder.is_dir():
-        raise OSDiffError(f"{folder}: not a folder")
-    files = list_images(folder, PHOTO_SUFFIXES)
-    if not files:
-        raise OSDiffError(f"{folder}: no images")
-    return files[:limit] if limit else files
+@dataclass(frozen=True)
+class EvalImage:
+    """An image under evaluation: `key` names it in per_image.csv (its file name; with several
+    folders, folder/file name), `id` in file names (features, crops)."""
+
+    path: Path
+    key: str
+
+    @property
+    def id(self) -> str:
+        return self.key.rsplit(".", 1)[0].replace("/", "__")
 
 
-def _read_rows(path: Path) -> list[dict]:
+def find_images(folders: Path | list[Path], limit: int | None = None) -> list[EvalImage]:
+    """The photos of each folder (the first `limit` of each), keyed by file name, or by
+    folder/file name when there are several folders."""
+    folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+    images = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise OSDiffError(f"{folder}: not a folder")
+        files = list_images(folder, PHOTO_SUFFIXES)
+        if not files:
+            raise OSDiffError(f"{folder}: no images")
+        for f in files[:limit] if limit else files:
+            key = f.relative_to(folder).as_posix()
+            images.append(EvalImage(f, key if len(folders) == 1 else f"{folder.name}/{key}"))
+    if len({i.key for i in images}) < len(images):
+        raise OSDiffError("two of the folders have the same name: give folders with different names")
+    return images
+
+
+def _number(v: str | None) -> float | None:
+    return float(v) if v not in ("", None) else None
+
+
+def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """(rows, the CSV's columns); values other than the key are floats, None where empty (a
+    metric the row was made without)."""
     if not path.is_file():
-        return []
+        return [], []
     with open(path, newline="") as f:
-        return [
-            {k: (v if k in ("image", "codec", "setting") else float(v)) for k, v in row.items()}
-            for row in csv.DictReader(f)
-        ]
+        reader = csv.DictReader(f)
+        rows = [{k: (v if k in KEY else _number(v)) for k, v in row.items()} for row in reader]
+        return rows, list(reader.fieldnames or [])
 
 
-def evaluate(data_dir: Path, codecs: list[Codec], out_dir: Path, metrics: MetricSuite,
-             limit: int | None = None, anchor: str = "jpeg", crops: bool = True, inception: str | None = None,
-             crop_bpp: float | None = None) -> dict:
+def _write_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def evaluate(data_dirs: Path | list[Path], codecs: list[Codec], out_dir: Path, metrics: MetricSuite,
+             limit: int | None = None, anchor: str = "jpeg", crops: bool = True,
+             crop_bpp: float | None = None, reference: str | None = None) -> dict:
     """Run (or resume) the evaluation; returns the summary written to summary.json.
-    Per-image metrics go to per_image.csv; the distribution metrics (osdiff.evaluation.patch_sets:
-    kid_taef2, and FID/KID with Inception weights) keep patch features in features/ and are
-    computed per (codec, setting)."""
-    set_metrics = patch_set_metrics(inception, metrics.unavailable)
+    Per-image metrics go to per_image.csv; the distribution metrics (FID/KID, kid_taef2) keep
+    patch features in features/ and are computed per (codec, setting). `reference`: a published
+    dataset (osdiff.evaluation.published) drawn on the plots, with BD-rates against it."""
+    from .report import plot_curves, side_by_side_crops, write_report
+
+    set_metrics = patch_set_metrics(metrics.unavailable, proxy=metrics.wanted("kid_taef2"))
     feat_dir = out_dir / "features"
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = find_images(data_dir, limit)
+    images = find_images(data_dirs, limit)
     csv_path = out_dir / "per_image.csv"
-    rows = _read_rows(csv_path)
-    done = {tuple(str(r[k]) for k in KEY) for r in rows}
+    rows, columns = _read_rows(csv_path)
     fields = ["image", "codec", "setting", "bytes", "bpp", *metrics.names]
+    fields += [c for c in columns if c not in fields]  # keep what an earlier run measured
+    if columns != fields:
+        _write_rows(csv_path, rows, fields)
+    by_key = {tuple(str(r[k]) for k in KEY): r for r in rows}
 
-    def features_missing(img: Path, codec: Codec, setting) -> bool:
-        return any(not m.fake_file(feat_dir, img, codec.name, setting).is_file() for m in set_metrics)
+    def missing(row: dict | None) -> bool:
+        return row is None or any(row.get(m) is None for m in metrics.names)
 
-    # new rows, and rows evaluated before a distribution metric existed (coded again for its features only)
-    todo = [(img, c, s, (img.name, c.name, str(s)) not in done) for img in images for c in codecs for s in c.settings
-            if (img.name, c.name, str(s)) not in done or features_missing(img, c, s)]
-    new_file = not csv_path.is_file()
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        if new_file:
-            writer.writeheader()
-        cache: dict[Path, tuple[Image.Image, torch.Tensor]] = {}
-        for img_path, codec, setting, new_row in progress(todo, desc="eval", unit="code", mininterval=2):
-            if img_path not in cache:
-                cache.clear()
-                pil = open_image(img_path)
-                cache[img_path] = (pil, to_tensor(pil))
-            pil, ref = cache[img_path]
-            data, decoded = codec.encode(pil, setting)
-            decoded = to_tensor(decoded)
-            for m in set_metrics:
-                m.save(feat_dir, img_path, codec.name, setting, ref, decoded)
-            if new_row:
-                row = {"image": img_path.name, "codec": codec.name, "setting": str(setting), "bytes": len(data),
-                       "bpp": len(data) * 8 / (pil.width * pil.height), **metrics(decoded, ref)}
-                writer.writerow(row)
-                f.flush()
-                rows.append(row)
+    def features_missing(img: EvalImage, codec: Codec, setting) -> bool:
+        return any(not m.fake_file(feat_dir, img.id, codec.name, setting).is_file() for m in set_metrics)
+
+    todo = [(img, c, s) for img in images for c in codecs for s in c.settings
+            if missing(by_key.get((img.key, c.name, str(s)))) or features_missing(img, c, s)]
+    cache: dict[Path, tuple[Image.Image, torch.Tensor]] = {}
+    for img, codec, setting in progress(todo, desc="eval", unit="code", mininterval=2):
+        if img.path not in cache:
+            cache.clear()
+            pil = open_image(img.path)
+            cache[img.path] = (pil, to_tensor(pil))
+        pil, ref = cache[img.path]
+        data, decoded = codec.encode(pil, setting)
+        decoded = to_tensor(decoded)
+        for m in set_metrics:
+            m.save(feat_dir, img.id, codec.name, setting, ref, decoded)
+        row = by_key.get((img.key, codec.name, str(setting)))
+        if row is None:
+            row = {"image": img.key, "codec": codec.name, "setting": str(setting), "bytes": len(data),
+                   "bpp": len(data) * 8 / (pil.width * pil.height), **metrics(decoded, ref)}
+            with open(csv_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", restval="").writerow(row)
+            rows.append(row)
+            by_key[(img.key, codec.name, str(setting))] = row
+        elif missing(row):  # a row from before a metric existed: fill it in, rewrite the CSV
+            row.update(metrics(decoded, ref))
+            _write_rows(csv_path, rows, fields)
     points = [(c.name, str(s)) for c in codecs for s in c.settings]
-    set_scores = score_sets(set_metrics, feat_dir, images, points) if set_metrics else {}
-    summary = summarize(rows, [c.name for c in codecs], metrics.names, anchor, metrics.unavailable, set_scores,
-                        [n for m in set_metrics for n in m.names])
+    set_scores = score_sets(set_metrics, feat_dir, [i.id for i in images], points) if set_metrics else {}
+    keys = {i.key for i in images}
+    summary = summarize([r for r in rows if r["image"] in keys], [c.name for c in codecs], metrics.names, anchor,
+                        metrics.unavailable, set_scores, [n for m in set_metrics for n in m.names])
+    summary["images"] = len(images)
+    if reference:
+        add_published(summary, reference, [c.name for c in codecs if c.learned])
     write_bytes_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, default=_json_default).encode(), force=True)
     _write_aggregate_csv(out_dir / "aggregate.csv", summary["curves"], summary["metrics"])
-    plots = plot_curves(summary["curves"], summary["metrics"], out_dir)
+    plots = plot_curves(summary["curves"], summary["metrics"], out_dir, summary.get("published"))
     crop_sets = side_by_side_crops(images, codecs, out_dir, rows, crop_bpp) if crops else []
     write_report(out_dir, summary, plots, crop_sets)
     return summary
@@ -114,8 +165,8 @@ def summarize(rows: list[dict], codec_names: list[str], names: list[str], anchor
               set_names: list[str] | None = None) -> dict:
     """Mean bpp and mean of each per-image metric in `names` per (codec, setting), the
     distribution metrics `set_names` from `set_scores` (per (codec, setting), with their patch
-    counts) beside them, and BD-rate of every metric against `anchor`. `summary["metrics"]`
-    lists the metric names in order."""
+    counts and KID's spread) beside them, and BD-rate of every metric against `anchor`.
+    `summary["metrics"]` lists the metric names, the field's first."""
     set_scores, set_names = set_scores or {}, set_names or []
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
@@ -125,136 +176,51 @@ def summarize(rows: list[dict], codec_names: list[str], names: list[str], anchor
     for (codec, setting), rs in groups.items():
         point = {"setting": setting, "images": len(rs), "bpp": float(np.mean([r["bpp"] for r in rs]))}
         for m in names:
-            vals = [r[m] for r in rs if isinstance(r[m], float) and math.isfinite(r[m])]
+            vals = [r[m] for r in rs if isinstance(r.get(m), float) and math.isfinite(r[m])]
             point[m] = float(np.mean(vals)) if vals else math.nan
         point.update({n: math.nan for n in set_names})
         point.update(set_scores.get((codec, setting), {}))
         curves[codec].append(point)
     for codec in curves:
         curves[codec].sort(key=lambda p: p["bpp"])
-    all_names = names + set_names
+    all_names = headline_order(names + set_names)
     bd: dict[str, dict[str, float | None]] = {}
     if anchor in curves:
         a = curves[anchor]
         for codec, pts in curves.items():
-            if codec == anchor:
-                continue
-            bd[codec] = {
-                m: curve_bd_rate(a, pts, m, HIGHER_IS_BETTER[m]) for m in all_names
-            }
+            if codec != anchor:
+                bd[codec] = {m: curve_bd_rate(a, pts, m, HIGHER_IS_BETTER[m]) for m in all_names}
     return {"anchor": anchor, "metrics": all_names, "curves": dict(curves), "bd_rate_percent": bd,
             "unavailable_metrics": dict(unavailable or {}),
             "note": "BD-rate: negative = fewer bits than the anchor at equal quality; null = quality ranges do not overlap"}
 
 
+def add_published(summary: dict, dataset: str, learned: list[str]) -> None:
+    """Add the published curves of `dataset` (summary["published"]) and each learned codec's
+    BD-rate against each published method (summary["bd_rate_vs_published"]), per metric both have."""
+    from .published import CITATION, load_published
+
+    published = load_published(dataset)
+    table: dict[str, dict[str, dict[str, float | None]]] = {}
+    for codec in learned:
+        if codec not in summary["curves"]:
+            continue
+        table[codec] = {method: {m: curve_bd_rate(pts, summary["curves"][codec], m, HIGHER_IS_BETTER[m])
+                                 for m in summary["metrics"] if m in pts[0] and m in HIGHER_IS_BETTER}
+                        for method, pts in published.items()}
+    summary["published"] = {"dataset": dataset, "citation": CITATION, "curves": published,
+                            "note": "published numbers: other images, other machines, their protocol"}
+    summary["bd_rate_vs_published"] = table
+
+
 def _write_aggregate_csv(path: Path, curves: dict, names: list[str]) -> None:
+    extra = sorted({k for pts in curves.values() for p in pts for k in p if k.startswith("patches_") or k == "kid_spread"})
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["codec", "setting", "images", "bpp", *names])
+        w.writerow(["codec", "setting", "images", "bpp", *names, *extra])
         for codec, pts in curves.items():
             for p in pts:
-                w.writerow([codec, p["setting"], p["images"], f"{p['bpp']:.5f}", *(f"{p[m]:.5f}" for m in names)])
+                w.writerow([codec, p["setting"], p["images"], f"{p['bpp']:.5f}", *(f"{p[m]:.5f}" for m in names),
+                            *(f"{p.get(k, math.nan):.6g}" for k in extra)])
     os.replace(tmp, path)
-
-
-def plot_curves(curves: dict, names: list[str], out_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    (out_dir / "plots").mkdir(exist_ok=True)
-    files = []
-    for m in names:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for codec, pts in curves.items():
-            xs = [p["bpp"] for p in pts]
-            ys = [p[m] for p in pts]
-            ax.plot(xs, ys, marker="o", ms=3, label=codec, lw=2.2 if codec.startswith("osdiff") else 1.2)
-        ax.set_xlabel("bits per pixel")
-        ax.set_ylabel(m + ("" if HIGHER_IS_BETTER[m] else " (lower is better)"))
-        ax.set_xlim(0, min(1.0, max(p["bpp"] for pts in curves.values() for p in pts) * 1.05))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        name = f"plots/rd_{m}.png"
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        files.append(name)
-    return files
-
-
-def side_by_side_crops(images: list[Path], codecs: list[Codec], out_dir: Path, rows: list[dict],
-                       target_bpp: float | None = None, n_images: int = 3, crop: int = 192) -> list[dict]:
-    """For a few images: original and each codec at the setting whose bpp (from the evaluation
-    `rows`) is closest to `target_bpp` (default: the first learned codec's middle setting), as
-    2x-zoomed crops from the image centre. Only the chosen setting is coded again, to get its pixels."""
-    crops_dir = out_dir / "crops"
-    crops_dir.mkdir(exist_ok=True)
-    learned = next((c for c in codecs if c.learned), None)
-    sets = []
-    for img_path in images[:n_images]:
-        pil = open_image(img_path)
-        cx, cy = pil.width // 2, pil.height // 2
-        box = (max(0, cx - crop // 2), max(0, cy - crop // 2), min(pil.width, cx + crop // 2), min(pil.height, cy + crop // 2))
-        bpp = {(r["codec"], str(r["setting"])): float(r["bpp"]) for r in rows if r["image"] == img_path.name}
-        target = target_bpp
-        if target is None and learned is not None:
-            target = bpp.get((learned.name, str(learned.settings[len(learned.settings) // 2])))
-        entries = [("original", None, pil)]
-        for codec in codecs:
-            known = [s for s in codec.settings if (codec.name, str(s)) in bpp]
-            if not known:
-                continue
-            if target is None:
-                setting = known[len(known) // 2]
-            else:
-                setting = min(known, key=lambda s: abs(bpp[(codec.name, str(s))] - target))
-            data, decoded = codec.encode(pil, setting)
-            entries.append((codec.name, (setting, len(data) * 8 / (pil.width * pil.height)), decoded))
-        tiles = []
-        for label, info, im in entries:
-            name = f"crops/{img_path.stem}_{label}.png"
-            im.crop(box).resize(((box[2] - box[0]) * 2, (box[3] - box[1]) * 2), Image.NEAREST).save(out_dir / name)
-            tiles.append({"label": label, "file": name, "setting": info[0] if info else None, "bpp": info[1] if info else None})
-        sets.append({"image": img_path.name, "target_bpp": target, "tiles": tiles})
-    return sets
-
-
-def write_report(out_dir: Path, summary: dict, plots: list[str], crop_sets: list[dict]) -> None:
-    from html import escape
-
-    names = summary["metrics"]
-    parts = ["<!doctype html><meta charset='utf-8'><title>osdiff evaluation</title>",
-             "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img.plot{width:420px}"
-             ".tiles{display:flex;flex-wrap:wrap;gap:6px}.tiles figure{margin:0}figcaption{font-size:12px}</style>",
-             "<h1>osdiff evaluation</h1>",
-             f"<p>Rate is the real file size (bytes x 8 / pixels). BD-rate anchor: <b>{escape(summary['anchor'])}</b>. "
-             f"{escape(summary['note'])}.</p>"]
-    if "kid_taef2" in names:
-        parts.append("<p><b>kid_taef2</b> (lower is better) is a realism proxy, not a fidelity score: the kernel "
-                     "distance between the texture statistics of the decoded images' 64-px patches and the "
-                     "originals', in the frozen TAEF2 encoder shipped with osdiff-tiny. Blur and added noise "
-                     "both raise it; plausible texture that differs from the photo's does not. It is not FID.</p>")
-    if summary["unavailable_metrics"]:
-        parts.append("<p>Unavailable metrics: " + "; ".join(f"<b>{escape(k)}</b> ({escape(v)})" for k, v in summary["unavailable_metrics"].items()) + "</p>")
-    parts.append("<h2>BD-rate (%) against " + escape(summary["anchor"]) + "</h2><table><tr><th>codec</th>" + "".join(f"<th>{m}</th>" for m in names) + "</tr>")
-    for codec, vals in summary["bd_rate_percent"].items():
-        parts.append(f"<tr><td>{escape(codec)}</td>" + "".join(f"<td>{'n/a' if vals[m] is None else f'{vals[m]:+.1f}'}</td>" for m in names) + "</tr>")
-    parts.append("</table><h2>Mean over images, per setting</h2><table><tr><th>codec</th><th>setting</th><th>bpp</th>" + "".join(f"<th>{m}</th>" for m in names) + "</tr>")
-    for codec, pts in summary["curves"].items():
-        for p in pts:
-            parts.append(f"<tr><td>{escape(codec)}</td><td>{escape(str(p['setting']))}</td><td>{p['bpp']:.4f}</td>" + "".join(f"<td>{p[m]:.4f}</td>" for m in names) + "</tr>")
-    parts.append("</table><h2>Rate-distortion curves</h2><div>" + "".join(f"<img class='plot' src='{p}' alt='{p}'>" for p in plots) + "</div>")
-    if crop_sets:
-        parts.append("<h2>Side by side (2x zoom, centre crops, each codec at the setting whose bpp is closest to the target)</h2>")
-        for s in crop_sets:
-            target = "" if s["target_bpp"] is None else f" (target {s['target_bpp']:.3f} bpp)"
-            parts.append(f"<h3>{escape(s['image'])}{target}</h3><div class='tiles'>")
-            for t in s["tiles"]:
-                cap = t["label"] if t["bpp"] is None else f"{t['label']} q={t['setting']} {t['bpp']:.3f} bpp"
-                parts.append(f"<figure><img src='{t['file']}' alt='{escape(cap)}'><figcaption>{escape(cap)}</figcaption></figure>")
-            parts.append("</div>")
-    write_bytes_atomic(out_dir / "report.html", "\n".join(parts).encode(), force=True)

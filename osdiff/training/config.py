@@ -94,11 +94,11 @@ class LossConfig:
     # unit of error in that channel (measured once at the stage's start, mean 1). TAEF2's 32
     # channels differ ~300x in that respect, so unweighted MSE spends bits where they barely show.
     latent_weighting: str = "none"
-    # ms-ssim | haarpsi | lpips (needs the two weight paths) | taesd-features (distance of the
-    # frozen TAEF2 encoder's activations, LatentLPIPS-style; autoencoder "taef2" only)
+    # ms-ssim | haarpsi | lpips (LPIPS v0.1 on lpips_net, weights found locally:
+    # osdiff.quality.backbones) | taesd-features (distance of the frozen TAEF2 encoder's
+    # activations, LatentLPIPS-style; autoencoder "taef2" only)
     perceptual_kind: str = "ms-ssim"
-    lpips_backbone: str | None = None  # torchvision alexnet/vgg16 state dict (local path)
-    lpips_linear: str | None = None  # LPIPS v0.1 linear layers (local path)
+    lpips_net: str = "vgg"  # vgg (the usual training loss) or alex (the usual metric)
     pixel_l1: float = 1.0  # autoencoder stage
     adversarial: float = 0.01
     # codec stage, on the decoded one-step output: + detail * local_detail_loss (log ratio of

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import OSDiffError
-from ..evaluation.metrics import luma_gradients
+from ..quality.lpips import LPIPS
+from ..quality.pixel import luma_gradients
 
 
 def bits_per_pixel(likelihoods: dict[str, Tensor], num_pixels: int) -> Tensor:
@@ -41,17 +42,15 @@ def local_detail_loss(x_hat: Tensor, x: Tensor, window: int = 16, floor: float =
 
 
 class PerceptualLoss(nn.Module):
-    """1 - similarity for weight-free metrics (piq MS-SSIM, HaarPSI), or LPIPS from local
-    weight files (torchvision backbone + LPIPS v0.1 linear layers). Lower is better."""
+    """1 - similarity for weight-free metrics (piq MS-SSIM, HaarPSI), or LPIPS v0.1 on
+    `lpips_net` ('vgg', the usual training loss, or 'alex'), its weights found locally
+    (osdiff.quality.backbones). Lower is better."""
 
-    def __init__(self, kind: str = "ms-ssim", lpips_backbone: str | None = None, lpips_linear: str | None = None,
-                 encoder: nn.Module | None = None) -> None:
+    def __init__(self, kind: str = "ms-ssim", lpips_net: str = "vgg", encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.kind = kind
         if kind == "lpips":
-            if not (lpips_backbone and lpips_linear):
-                raise OSDiffError("perceptual_kind 'lpips' needs lpips_backbone and lpips_linear weight paths")
-            self.lpips = LPIPS(lpips_backbone, lpips_linear)
+            self.lpips = LPIPS(lpips_net)
         elif kind == "taesd-features":
             if encoder is None:
                 raise OSDiffError("perceptual_kind 'taesd-features' needs the TAEF2 autoencoder (tiny.autoencoder: taef2)")
@@ -104,53 +103,6 @@ class EncoderFeatureDistance(nn.Module):
         with torch.no_grad():
             ref = self._features(x)
         return sum((a - b).pow(2).sum(1).mean(dim=(1, 2)) for a, b in zip(self._features(x_hat), ref)) / len(ref)
-
-
-class LPIPS(nn.Module):
-    """LPIPS (Zhang et al. 2018) on a torchvision AlexNet or VGG16 whose ImageNet weights the
-    user supplies as a local file; no download. `linear` holds lin0..linK weights."""
-
-    SHIFT = (-0.030, -0.088, -0.188)
-    SCALE = (0.458, 0.448, 0.450)
-
-    def __init__(self, backbone_path: str, linear_path: str) -> None:
-        super().__init__()
-        import torchvision
-
-        lin = torch.load(linear_path, map_location="cpu", weights_only=True)
-        channels = [lin[f"lin{i}.model.1.weight"].shape[1] for i in range(len(lin))]
-        if channels[0] == 64 and channels[1] == 192:
-            net, taps = torchvision.models.alexnet(weights=None).features, [1, 4, 7, 9, 11]
-        elif channels[:2] == [64, 128]:
-            net, taps = torchvision.models.vgg16(weights=None).features, [3, 8, 15, 22, 29]
-        else:
-            raise OSDiffError(f"{linear_path}: unsupported LPIPS linear layers {channels}")
-        state = torch.load(backbone_path, map_location="cpu", weights_only=True)
-        state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier")}
-        net.load_state_dict(state)
-        self.net, self.taps = net.eval().requires_grad_(False), taps
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in channels)
-        for i, conv in enumerate(self.lins):
-            conv.weight.data.copy_(lin[f"lin{i}.model.1.weight"])
-        self.requires_grad_(False)
-        self.register_buffer("shift", torch.tensor(self.SHIFT)[None, :, None, None])
-        self.register_buffer("scale", torch.tensor(self.SCALE)[None, :, None, None])
-
-    def features(self, x: Tensor) -> list[Tensor]:
-        h, out = (x * 2 - 1 - self.shift) / self.scale, []
-        for i, layer in enumerate(self.net):
-            h = layer(h)
-            if i in self.taps:
-                out.append(h / (h.norm(dim=1, keepdim=True) + 1e-10))
-            if len(out) == len(self.taps):
-                break
-        return out
-
-    def forward(self, x_hat: Tensor, x: Tensor) -> Tensor:
-        """(B,) distances, images in [0,1]."""
-        return sum(
-            lin((a - b) ** 2).mean(dim=(1, 2, 3)) for lin, a, b in zip(self.lins, self.features(x_hat), self.features(x))
-        )
 
 
 @torch.no_grad()

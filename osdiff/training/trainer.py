@@ -34,7 +34,7 @@ from ..build import SD_COMPRESSOR, add_control, compressor_from, sd_noise_schedu
 from ..codec_pipeline import CODING_SETTINGS_SINCE_V2_1
 from ..denoise import add_noise, decoding_alpha_bar, decoding_x0_eps
 from ..errors import OSDiffError
-from ..evaluation.metrics import colour_shift, detail_retention
+from ..quality.pixel import colour_shift, detail_retention
 from ..models.autoencoder import TinyAutoencoder, decode_latent, encode_latent
 from ..models.baselines import LearnedImageCodec
 from ..models.taesd import TRUNK_LAYERS, TAESDAutoencoder
@@ -281,7 +281,7 @@ class Trainer:
             vae.load_state_dict(TinyAutoencoder.from_pretrained(earlier).state_dict())
         opt = torch.optim.AdamW(vae.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
         vae, opt = self._prepare(vae, opt)
-        perceptual = PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear).to(self.device)
+        perceptual = PerceptualLoss(losses.perceptual_kind, losses.lpips_net).to(self.device)
         sampler = CropSampler(self._images_cached(), stage.crop, stage.batch_size, self.config.seed, index)
 
         def step_fn(step: int) -> dict:
@@ -673,7 +673,7 @@ class Trainer:
         encoder = vae.encoder if isinstance(vae, TAESDAutoencoder) else None
         # no pixel terms: the official loss, all in latent space (no pixel decoding in training)
         pixel_loss = losses.perceptual > 0 or losses.detail > 0 or pixel_discriminator is not None
-        perceptual = (PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear, encoder).to(self.device)
+        perceptual = (PerceptualLoss(losses.perceptual_kind, losses.lpips_net, encoder).to(self.device)
                       if losses.perceptual > 0 else None)
         if encoder is not None:  # TAEF2: raw latents (cached or not), normalised here
             pairs = self._latent_sampler(index, stage, encoder)
@@ -798,6 +798,7 @@ class Trainer:
                 x_hat = ((decode_latent(vae, z_hat) + 1) / 2).clamp(0, 1)
                 out[f"psnr_q{q + 1}"] = _psnr(x_hat, x)
                 out[f"haarpsi_q{q + 1}"] = piq.haarpsi(x_hat, x, data_range=1.0).item()
+                out.update({f"{k}_q{q + 1}": net(x_hat, x).mean().item() for k, net in _held_out(x.device).items()})
                 out[f"detail_q{q + 1}"] = detail_retention(x_hat, x)
                 # ablation: the hint decoded directly by the latent decoder, no UNet step
                 x_hint = ((decode_latent(vae, coded["hint"]) + 1) / 2).clamp(0, 1)
@@ -857,7 +858,7 @@ class Trainer:
             discriminators, opt_d = self._prepare(discriminators, opt_d)
             modules["discriminators"] = discriminators
             optimizers["disc"] = (opt_d, stage.lr_discriminator)
-        perceptual = (PerceptualLoss(losses.perceptual_kind, losses.lpips_backbone, losses.lpips_linear).to(self.device)
+        perceptual = (PerceptualLoss(losses.perceptual_kind, losses.lpips_net).to(self.device)
                       if losses.perceptual > 0 else None)
         sampler = CropSampler(self._images_cached(), stage.crop, stage.batch_size, cfg.seed, index)
         rates = self.accelerator.unwrap_model(codec).rates
@@ -977,13 +978,34 @@ def _psnr_tensor(x_hat, x) -> torch.Tensor:
 
 
 def _image_metrics(preds: list, targets: list) -> dict:
-    """Mean PSNR (dB), HaarPSI, detail retention and colour shift (8-bit levels) over the images
-    of lists of batches (any sizes, in [0,1])."""
+    """Mean LPIPS-Alex and DISTS (the held-out metrics runs are chosen by; absent when their
+    backbones are not on the machine), PSNR (dB), HaarPSI, detail retention and colour shift
+    (8-bit levels) over the images of lists of batches (any sizes, in [0,1])."""
     pairs = _image_pairs(preds, targets)
-    return {"psnr": _mean_over(pairs, _psnr),
+    out = {name: _mean_over(pairs, lambda p, t, net=net: net(p, t).item()) for name, net in _held_out(pairs[0][0].device).items()}
+    return {**out, "psnr": _mean_over(pairs, _psnr),
             "haarpsi": _mean_over(pairs, lambda p, t: piq.haarpsi(p, t, data_range=1.0).item()),
             "detail": _mean_over(pairs, detail_retention),
             "colour_shift": _mean_over(pairs, colour_shift)}
+
+
+_HELD_OUT: dict[str, nn.Module] = {}
+
+
+def _held_out(device) -> dict[str, nn.Module]:
+    """LPIPS-Alex and DISTS for validation logs, never in a loss; loaded once ({} when their
+    backbones are missing)."""
+    if "loaded" not in _HELD_OUT:
+        from ..quality.backbones import BackboneMissing
+        from ..quality.dists import pretrained_dists
+        from ..quality.lpips import pretrained_lpips
+
+        try:
+            _HELD_OUT.update(lpips=pretrained_lpips("alex"), dists=pretrained_dists())
+        except BackboneMissing:
+            pass
+        _HELD_OUT["loaded"] = nn.Identity()
+    return {k: v.to(device) for k, v in _HELD_OUT.items() if k != "loaded"}
 
 
 def _mean_psnr(preds: list, targets: list) -> float:

@@ -1,0 +1,39 @@
+"""Pixel-level measures of images (1,3,H,W) or (B,3,H,W) in [0,1]."""
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def psnr(x: Tensor, ref: Tensor) -> float:
+    """dB on 8-bit-rounded images; identical images give +inf."""
+    a, b = (x * 255).round(), (ref * 255).round()
+    mse = F.mse_loss(a, b).item()
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def luma_gradients(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Images (B,3,H,W) -> horizontal (B,1,H,W-1) and vertical (B,1,H-1,W) differences of
+    their luma (Rec. 601 weights)."""
+    luma = (0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2])[:, None]
+    return luma[..., :, 1:] - luma[..., :, :-1], luma[..., 1:, :] - luma[..., :-1, :]
+
+
+def detail_retention(x: Tensor, ref: Tensor) -> float:
+    """High-frequency energy of `x` relative to `ref`: mean squared luma gradient ratio.
+    1.0 keeps the original's detail; below 1 is over-smoothed; above 1 adds texture/noise."""
+    def energy(t: Tensor) -> float:
+        gx, gy = luma_gradients(t)
+        return float(gx.pow(2).mean() + gy.pow(2).mean())
+
+    base = energy(ref)
+    return energy(x) / base if base > 0 else 1.0
+
+
+def colour_shift(x: Tensor, ref: Tensor) -> float:
+    """Colour cast in 8-bit levels: the largest difference, over R, G and B, between the mean of
+    that channel in `x` and in `ref` (0 = the same average colour)."""
+    diff = (x.float().mean(dim=(0, 2, 3)) - ref.float().mean(dim=(0, 2, 3))).abs()
+    return float(diff.max()) * 255.0

