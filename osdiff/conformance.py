@@ -7,10 +7,11 @@ so an installed wheel can check itself) with `<name>.json` beside it:
                   model of the codec decodes (quantised y and z, before dequantisation), int64
                   little-endian, in decoding order. They must be identical on every machine and
                   device: the entropy parameters are computed in exact fixed point.
-  pixels_sha256   SHA-256 of the decoded image's raw pixels (H,W,3 uint8), valid on the CPU
-                  model, torch version and compute mode in `recorded_on`: there they must match.
+  pixels_sha256   SHA-256 of the decoded image's raw pixels (H,W,3 uint8), valid where the
+                  kernels in `recorded_on` run (`environment`: ATen capability, oneDNN ISA, BLAS
+                  and vendor, torch build, mode): there they must match.
   psnr_db         PSNR of the decoded image against its generated source (`source_image`);
-                  elsewhere (other CPUs, --fast, a GPU) it must stay within PSNR_TOLERANCE_DB.
+                  elsewhere (other kernels, --fast, a GPU) it must stay within PSNR_TOLERANCE_DB.
 
 `check` decodes a vector with the symbols recorded and says which of the three held; the
 images come from `source_image`, integer arithmetic only, so no photo is needed.

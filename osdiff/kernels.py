@@ -23,7 +23,7 @@ PIN = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 PINNED_CAPABILITY = "AVX2"  # what torch.backends.cpu.get_cpu_capability() says once pinned
 CHOICE = "OSDIFF_KERNELS"
 _set_by_osdiff: dict[str, str] = {}
-_wanted: list[bool] = []  # [True] once pin("avx2") was asked for
+_asked = {"pin": False}  # True once pin("avx2") was asked for (and not undone)
 
 
 def cpu_flags() -> set[str]:
@@ -60,7 +60,7 @@ def pin(choice: str | None = None) -> None:
     choice = (choice or os.environ.get(CHOICE) or "native").lower()
     if choice not in ("avx2", "native"):
         raise OSDiffError(f"{CHOICE}={choice!r}: expected avx2 or native")
-    _wanted[:] = [choice == "avx2"]
+    _asked["pin"] = choice == "avx2"
     if choice == "native" or not can_pin():
         return
     for name, value in PIN.items():
@@ -69,12 +69,12 @@ def pin(choice: str | None = None) -> None:
             os.environ[name] = value
     if "torch" in sys.modules and _set_by_osdiff and capability() != PINNED_CAPABILITY:
         unpin()  # torch already chose its kernels: keep oneDNN's choice consistent with ATen's
-        _wanted[:] = [True]
+        _asked["pin"] = True
 
 
 def unpin() -> None:
     """Undo what `pin()` set (before torch's first op, torch then picks the CPU's widest ISA)."""
-    _wanted.clear()
+    _asked["pin"] = False
     for name, before in _set_by_osdiff.items():
         if before:
             os.environ[name] = before
@@ -97,7 +97,7 @@ def state() -> str:
         return f"{here} (pinned)"
     if not can_pin():
         return f"{here} (no pin: not an x86 CPU with AVX2)"
-    if _wanted:
+    if _asked["pin"]:
         return f"{here} (pin not applied: torch chose its kernels before the pin)"
     return f"{here} (not pinned)"
 

@@ -157,3 +157,11 @@ def test_a_missing_vector_folder_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "osdiff.cli", "conformance", "--vectors", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "no conformance vectors" in proc.stderr
+
+
+def test_a_bad_kernel_choice_is_one_warning_line():
+    path = vector_files("osdiff-tiny")[0]
+    proc = subprocess.run([sys.executable, "-m", "osdiff.cli", "info", str(path)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OSDIFF_KERNELS": "avx3"})
+    assert proc.returncode == 0 and proc.stderr.strip().count("\n") == 0
+    assert "OSDIFF_KERNELS='avx3': expected avx2 or native" in proc.stderr
