@@ -5,7 +5,7 @@ up to `ONEDNN_MAX_CPU_ISA`, each once, at its first use (not at `import torch`);
 the CPU's widest ISA (AVX512 here, AVX2 elsewhere), and the float results differ. `pin("avx2")`
 sets both to AVX2 on an x86 CPU with AVX2 (read from /proc/cpuinfo, so Linux only), so the
 deterministic mode decodes the same pixels as on an AVX2-only CPU. It costs decode time on an
-AVX512 CPU (+35 % median for a 512x768 decode here: docs/bitstream.md), so it is not the default:
+AVX512 CPU (+35 % median, +23 % min, for a 512x768 decode here: docs/bitstream.md), so it is not the default:
 `OSDIFF_KERNELS=avx2` applies it at `import osdiff`, and `osdiff conformance` applies it itself.
 A program whose torch ran an op before the pin keeps torch's choice; `state()` then says the pin
 was not applied, and conformance judges pixels by PSNR.
