@@ -110,7 +110,8 @@ def test_torch_before_osdiff_is_reported_not_failed():
 
 
 def test_kernel_differences_name_what_differs():
-    here = {"device": "cpu", "processor": "Intel Xeon", "cpu_capability": "AVX512", "onednn_isa": "NATIVE", "mode": "deterministic"}
+    here = {"device": "cpu", "processor": "Intel Xeon", "cpu_capability": "AVX512", "onednn_isa": "NATIVE",
+            "mode": "deterministic"}
     recorded = {**here, "processor": "AMD EPYC", "cpu_capability": "AVX2", "onednn_isa": "AVX2"}
     assert kernel_differences(here, recorded) == ["cpu_capability AVX512 vs AVX2", "onednn_isa NATIVE vs AVX2"]
     assert kernel_differences(recorded | {"processor": "other"}, recorded) == []
