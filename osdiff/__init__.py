@@ -8,14 +8,24 @@
     image = codec.decompress(data)                  # PIL.Image
 
 Heavy modules (torch, diffusers, compressai) are imported on first use of a name below, so
-`osdiff info` and `--help` start fast.
+`osdiff info` and `--help` start fast. With OSDIFF_KERNELS=avx2, importing osdiff pins torch's
+CPU kernels to AVX2 on x86 CPUs that have it, so decoded pixels do not depend on the CPU
+(osdiff.kernels).
 """
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
 
+import warnings
+
+from . import kernels as _kernels
 from .errors import OSDiffError, OSDiffWarning, TargetUnreachable
+
+try:
+    _kernels.pin()  # $OSDIFF_KERNELS, before torch's first op fixes the kernels for the process
+except OSDiffError as _exc:
+    warnings.warn(f"{_exc}; torch's own kernels are used", OSDiffWarning, stacklevel=2)
 
 __version__ = "0.1.0"
 

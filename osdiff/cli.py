@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--device", default="cpu", help="cpu or cuda (decode on a GPU)")
     k.add_argument("--fast", action="store_true", help=FAST_HELP)
     k.add_argument("--vectors", default=None, help="a folder laid out like osdiff/conformance_vectors (default: the shipped ones)")
+    k.add_argument("--native-kernels", action="store_true", help="the CPU's own kernels, as decompress uses by default, instead of "
+                   "the AVX2 pin (osdiff.kernels): pixels are then compared exactly only where they are the recorded ones")
 
     co = sub.add_parser("convert-official", help="the paper's released checkpoints (SD 2.1 + lambda_*.ckpt) -> an osdiff model folder")
     co.add_argument("--sd", required=True, help="v2-1_512-ema-pruned.ckpt (ldm single file) or a local SD 2.1 diffusers folder")
@@ -336,6 +338,12 @@ def cmd_info(args) -> int:
 
 def cmd_conformance(args) -> int:
     """One line per vector and a summary; a symbol mismatch or decode error fails (exit 1)."""
+    from . import kernels
+
+    if args.native_kernels or args.fast:
+        kernels.unpin()  # OSDIFF_KERNELS=avx2 set it at import
+    else:
+        kernels.pin("avx2")  # before torch's first op
     import torch
 
     from .conformance import VECTOR_ROOT, check_vector, vector_files
@@ -357,7 +365,8 @@ def cmd_conformance(args) -> int:
         result = check_vector(codecs[model], path)
         failures += not result.passed
         print(result.line(), flush=True)
-    print(f"conformance: {len(files)} vectors, {len(files) - failures} pass, {failures} fail")
+    where = f"CPU kernels {kernels.state()}" if args.device == "cpu" else args.device
+    print(f"conformance: {len(files)} vectors, {len(files) - failures} pass, {failures} fail ({where})")
     return failures
 
 
