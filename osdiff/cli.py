@@ -487,7 +487,9 @@ def cmd_eval(args) -> int:
 
     print(headline_table(summary))
     print()
-    print(bd_table(summary, summary["metrics"]))
+    from .evaluation.metrics import rd_metrics
+
+    print(bd_table(summary, rd_metrics(summary["metrics"])))
     if summary.get("published"):
         print()
         print(published_table(summary))
@@ -495,7 +497,7 @@ def cmd_eval(args) -> int:
         print()
         print(versus_table(summary, codec.name, [c.name for c in codecs if not c.learned]))
         print()
-        print(bd_against_each(summary, codec.name, summary["metrics"]))
+        print(bd_against_each(summary, codec.name, rd_metrics(summary["metrics"])))
     print(f"\nreport: {Path(args.out) / 'report.html'}")
     return 0
 

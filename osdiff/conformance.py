@@ -106,13 +106,9 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
 
 def cpu_name() -> str:
     """The CPU model as the kernel names it (Linux), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from .kernels import cpuinfo
+
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def environment(pipe, device: torch.device) -> dict:

@@ -26,26 +26,25 @@ _set_by_osdiff: dict[str, str] = {}
 _asked = {"pin": False}  # True once pin("avx2") was asked for (and not undone)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux names them (empty elsewhere)."""
+def cpuinfo(field: str) -> str | None:
+    """The first value of `field` ('flags', 'vendor_id', 'model name') in /proc/cpuinfo (Linux), else None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux names them (empty elsewhere)."""
+    return set((cpuinfo("flags") or "").split())
 
 
 def cpu_vendor() -> str:
     """GenuineIntel, AuthenticAMD, ... (MKL chooses its code path by vendor and ISA)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
+    return cpuinfo("vendor_id") or platform.machine()
 
 
 def can_pin() -> bool:

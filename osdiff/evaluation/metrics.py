@@ -29,6 +29,8 @@ HIGHER_IS_BETTER = {
 # the order of columns, tables and plots: the field's metrics first, in-house ones last
 HEADLINE = ("lpips", "lpips_vgg", "dists", "fid", "kid", "psnr", "ms_ssim")
 SECONDARY = ("haarpsi", "ms_gmsd", "vsi", "fsim", "vif", "detail_retention", "colour_shift", "kid_taef2")
+# diagnostics with an ideal value (1 and 0), not a quality scale: no BD-rate for them
+DIAGNOSTIC = ("detail_retention", "colour_shift")
 PIQ = ("ms_ssim", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif")
 
 
@@ -36,6 +38,11 @@ def headline_order(names: list[str]) -> list[str]:
     """`names` with the headline metrics first, then the secondary ones, then anything else."""
     rank = {n: i for i, n in enumerate(HEADLINE + SECONDARY)}
     return sorted(names, key=lambda n: rank.get(n, len(rank)))
+
+
+def rd_metrics(names: list[str]) -> list[str]:
+    """The metrics of `names` that BD-rates are computed for (all but the diagnostics)."""
+    return [n for n in names if n not in DIAGNOSTIC]
 
 
 def _piq(name: str):

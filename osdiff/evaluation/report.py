@@ -11,7 +11,7 @@ from PIL import Image
 from ..fileio import write_bytes_atomic
 from ..imageio import open_image
 from .codecs import Codec
-from .metrics import HIGHER_IS_BETTER
+from .metrics import HIGHER_IS_BETTER, rd_metrics
 from .patch_sets import patch_count
 
 PROXY_NOTE = ("kid_taef2 is an in-house proxy measured in the model's own feature space (the TAEF2 "
@@ -119,16 +119,18 @@ def write_report(out_dir: Path, summary: dict, plots: list[str], crop_sets: list
         parts.append(f"<p><b>kid_taef2</b>: {escape(PROXY_NOTE)}</p>")
     if summary["unavailable_metrics"]:
         parts.append("<p>Unavailable metrics: " + "; ".join(f"<b>{escape(k)}</b> ({escape(v)})" for k, v in summary["unavailable_metrics"].items()) + "</p>")
-    parts.append(f"<h2>BD-rate (%) against {escape(summary['anchor'])}</h2><table><tr><th>codec</th>{head}</tr>")
-    parts += _bd_rows(summary["bd_rate_percent"], names)
+    rd = rd_metrics(names)
+    rd_head = "".join(f"<th>{m}</th>" for m in rd)
+    parts.append(f"<h2>BD-rate (%) against {escape(summary['anchor'])}</h2><table><tr><th>codec</th>{rd_head}</tr>")
+    parts += _bd_rows(summary["bd_rate_percent"], rd)
     parts.append("</table>")
     if summary.get("published"):
         pub = summary["published"]
         parts.append(f"<h2>BD-rate (%) against published points ({escape(pub['dataset'])})</h2>"
                      f"<p>{escape(pub['note'])}. {escape(pub['citation'])}.</p>")
         for codec, table in summary["bd_rate_vs_published"].items():
-            parts.append(f"<h3>{escape(codec)} vs</h3><table><tr><th>published</th>{head}</tr>")
-            parts += _bd_rows(table, names)
+            parts.append(f"<h3>{escape(codec)} vs</h3><table><tr><th>published</th>{rd_head}</tr>")
+            parts += _bd_rows(table, rd)
             parts.append("</table>")
     parts.append(f"<h2>Mean over images, per setting</h2><table><tr><th>codec</th><th>setting</th><th>bpp</th>{head}<th>patches</th></tr>")
     for codec, pts in summary["curves"].items():

@@ -24,7 +24,7 @@ from ..imageio import find_images as list_images
 from ..verbosity import progress
 from .bdrate import curve_bd_rate
 from .codecs import Codec
-from .metrics import HIGHER_IS_BETTER, MetricSuite, headline_order
+from .metrics import HIGHER_IS_BETTER, MetricSuite, headline_order, rd_metrics
 from .patch_sets import patch_set_metrics, score_sets
 
 KEY = ("image", "codec", "setting")
@@ -189,7 +189,7 @@ def summarize(rows: list[dict], codec_names: list[str], names: list[str], anchor
         a = curves[anchor]
         for codec, pts in curves.items():
             if codec != anchor:
-                bd[codec] = {m: curve_bd_rate(a, pts, m, HIGHER_IS_BETTER[m]) for m in all_names}
+                bd[codec] = {m: curve_bd_rate(a, pts, m, HIGHER_IS_BETTER[m]) for m in rd_metrics(all_names)}
     return {"anchor": anchor, "metrics": all_names, "curves": dict(curves), "bd_rate_percent": bd,
             "unavailable_metrics": dict(unavailable or {}),
             "note": "BD-rate: negative = fewer bits than the anchor at equal quality; null = quality ranges do not overlap"}
@@ -206,7 +206,7 @@ def add_published(summary: dict, dataset: str, learned: list[str]) -> None:
         if codec not in summary["curves"]:
             continue
         table[codec] = {method: {m: curve_bd_rate(pts, summary["curves"][codec], m, HIGHER_IS_BETTER[m])
-                                 for m in summary["metrics"] if m in pts[0] and m in HIGHER_IS_BETTER}
+                                 for m in rd_metrics(summary["metrics"]) if m in pts[0]}
                         for method, pts in published.items()}
     summary["published"] = {"dataset": dataset, "citation": CITATION, "curves": published,
                             "note": "published numbers: other images, other machines, their protocol"}
