@@ -495,7 +495,9 @@ def cmd_eval(args) -> int:
         print(published_table(summary))
     for codec in (c for c in codecs if c.learned):
         print()
-        print(versus_table(summary, codec.name, [c.name for c in codecs if not c.learned]))
+        measured = [m for m in ("dists", "lpips", "psnr") if m in summary["metrics"]]
+        if measured:
+            print(versus_table(summary, codec.name, [c.name for c in codecs if not c.learned], measured[0]))
         print()
         print(bd_against_each(summary, codec.name, rd_metrics(summary["metrics"])))
     print(f"\nreport: {Path(args.out) / 'report.html'}")

@@ -44,13 +44,14 @@ def versus_table(summary: dict, codec: str, others: list[str], metric: str = "di
     """For each level of `codec`: each other codec's `metric` and PSNR at the same bpp, and
     the bpp it needs to reach `codec`'s `metric` (interpolated on its curve; n/a outside it)."""
     curves = summary["curves"]
-    head = ["level", "bpp", metric, "psnr"]
+    psnr = "psnr" if "psnr" in summary["metrics"] else metric
+    head = ["level", "bpp", metric, psnr]
     for o in others:
         if o in curves:
-            head += [f"{o} {metric} @bpp", f"{o} psnr @bpp", f"{o} bpp @{metric}"]
+            head += [f"{o} {metric} @bpp", f"{o} {psnr} @bpp", f"{o} bpp @{metric}"]
     rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for p in curves[codec]:
-        cells = [str(p["setting"]), f"{p['bpp']:.4f}", _fmt(p[metric], 4), _fmt(p["psnr"], 2)]
+        cells = [str(p["setting"]), f"{p['bpp']:.4f}", _fmt(p[metric], 4), _fmt(p[psnr], 2)]
         for o in others:
             if o not in curves:
                 continue
@@ -58,7 +59,7 @@ def versus_table(summary: dict, codec: str, others: list[str], metric: str = "di
             rates = [q["bpp"] for q in c]
             cells += [
                 _fmt(quality_at_rate(rates, [q[metric] for q in c], p["bpp"]), 4),
-                _fmt(quality_at_rate(rates, [q["psnr"] for q in c], p["bpp"]), 2),
+                _fmt(quality_at_rate(rates, [q[psnr] for q in c], p["bpp"]), 2),
                 _fmt(rate_at_quality(rates, [q[metric] for q in c], p[metric], HIGHER_IS_BETTER[metric]), 4),
             ]
         rows.append("| " + " | ".join(cells) + " |")
