@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LPIPS backbone: alex (the field's metric, column lpips; default) or vgg (column lpips_vgg)")
     e.add_argument("--metrics", default=None,
                    help="comma-separated metrics to measure (default: all): lpips, dists, psnr, ms_ssim, haarpsi, ms_gmsd, "
-                        "vsi, fsim, vif, detail_retention, colour_shift, kid_taef2 (FID and KID are always measured); "
+                        "vsi, fsim, vif, delta_e, delta_e_saturated, spurious_texture, detail_retention, colour_shift, kid_taef2 "
+                        "(FID and KID are always measured); "
                         "a later run with more fills them in")
     e.add_argument("--reference", choices=("kodak", "tecnick", "clic2020"), default=None,
                    help="draw the published points of this dataset (DiffEIC's table) on the plots and add BD-rates "

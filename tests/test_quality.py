@@ -4,6 +4,7 @@ LPIPS on the LPIPS authors' example images, DISTS against the authors' DISTS_pyt
 the converted Inception against the TorchScript it came from."""
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -94,3 +95,38 @@ def test_hific_patch_grid():
     count = lambda h, w: len(grid_patches(torch.zeros(1, 3, h, w)))  # noqa: E731
     assert count(321, 481) == 1 and count(481, 321) == 1 and count(500, 500) == 2
     assert count(512, 768) == 6 + 2 and count(200, 300) == 0
+
+
+def test_delta_e_sees_a_local_hue_shift_not_pixel_noise():
+    from osdiff.quality.artifacts import delta_e, delta_e_saturated
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((1, 3, 64, 64), 0.5)
+    x[..., :32] = torch.tensor([0.8, 0.1, 0.1])[:, None, None]  # a saturated red half
+    noisy = (x + 0.03 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    orange = x.clone()
+    orange[:, 1, :, :32] = 0.4  # red turned orange
+    assert delta_e(x, x) == 0.0 and delta_e_saturated(x, x) == 0.0
+    assert delta_e(noisy, x) < 1.0  # zero-mean noise keeps each window's colour
+    assert delta_e_saturated(orange, x) > 10.0
+    assert delta_e(orange, x) == pytest.approx(delta_e_saturated(orange, x) / 2, rel=1e-6)  # grey half unchanged
+    assert math.isnan(delta_e_saturated(x[..., 32:], x[..., 32:]))  # no saturated window
+
+
+def test_spurious_texture_sees_an_added_hatch_not_blur_or_resynthesis():
+    from osdiff.quality.artifacts import spurious_texture
+
+    def texture(seed: int) -> torch.Tensor:  # the same smooth scene with a random texture of one spectrum
+        g = torch.Generator().manual_seed(seed)
+        ramp = torch.linspace(0.2, 0.8, 128)[None, None, None, :].expand(1, 3, 128, 128)
+        return (ramp + 0.05 * torch.randn(1, 1, 128, 128, generator=g)).clamp(0, 1)
+
+    ref = texture(1)
+    yy, xx = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    hatched = (ref + 0.05 * torch.sin(2 * math.pi * (xx + yy) / 6)).clamp(0, 1)
+    blurred = torch.nn.functional.avg_pool2d(ref, 3, 1, 1, count_include_pad=False)
+    assert spurious_texture(ref, ref) == 0.0
+    assert spurious_texture(blurred, ref) < 0.01
+    resynthesised = spurious_texture(texture(2), ref)
+    assert resynthesised < 0.2
+    assert spurious_texture(hatched, ref) > 2.5 * resynthesised

@@ -3,7 +3,9 @@
 The field's perceptual metrics lead: LPIPS (AlexNet v0.1; VGG by option) and DISTS, with
 their ImageNet backbones found locally (osdiff.quality.backbones; `make install` provides them);
 then PSNR and MS-SSIM for fidelity; then the other piq metrics (HaarPSI, MS-GMSD, VSI, FSIM,
-VIF) and two diagnostics (detail retention, colour shift). FID/KID and the in-house proxy
+VIF); the local colour error and added texture the eye sees (osdiff.quality.artifacts: CIEDE2000
+of 16-px windows, overall and where saturated, and spurious texture); and two diagnostics (detail
+retention, colour shift). FID/KID and the in-house proxy
 kid_taef2 are distribution metrics (osdiff.evaluation.patch_sets). A metric whose weights are
 missing is reported unavailable with how to get them, never replaced by something else.
 """
@@ -17,20 +19,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import OSDiffError
+from ..quality.artifacts import delta_e, delta_e_saturated, spurious_texture
 from ..quality.pixel import colour_shift, detail_retention, luma_gradients, psnr  # noqa: F401 (re-exported)
 
 HIGHER_IS_BETTER = {
     "lpips": False, "lpips_vgg": False, "dists": False,
     "psnr": True, "ms_ssim": True, "haarpsi": True, "ms_gmsd": False, "vsi": True, "fsim": True,
     "vif": True, "detail_retention": True, "colour_shift": False,
+    "delta_e": False, "delta_e_saturated": False, "spurious_texture": False,
     # distribution metrics (osdiff.evaluation.patch_sets), per (codec, setting)
     "fid": False, "kid": False, "kid_taef2": False,
 }
 # the order of columns, tables and plots: the field's metrics first, in-house ones last
 HEADLINE = ("lpips", "lpips_vgg", "dists", "fid", "kid", "psnr", "ms_ssim")
-SECONDARY = ("haarpsi", "ms_gmsd", "vsi", "fsim", "vif", "detail_retention", "colour_shift", "kid_taef2")
-# diagnostics with an ideal value (1 and 0), not a quality scale: no BD-rate for them
-DIAGNOSTIC = ("detail_retention", "colour_shift")
+SECONDARY = ("delta_e", "delta_e_saturated", "spurious_texture", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif", "detail_retention", "colour_shift", "kid_taef2")
+# diagnostics with an ideal value (1 and 0), not a quality scale (a blurred image adds no
+# texture): no BD-rate for them
+DIAGNOSTIC = ("detail_retention", "colour_shift", "spurious_texture")
+# measured on pixels, no network
+PIXEL = {"psnr": psnr, "delta_e": delta_e, "delta_e_saturated": delta_e_saturated,
+         "spurious_texture": spurious_texture, "detail_retention": detail_retention, "colour_shift": colour_shift}
 PIQ = ("ms_ssim", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif")
 
 
@@ -74,7 +82,7 @@ class MetricSuite:
         self.unavailable: dict[str, str] = {}
         self._lpips = self._dists = self._ref = None
         self._ref_features: dict[str, list[Tensor]] = {}
-        everything = {self.lpips_name, "dists", "psnr", *PIQ, "detail_retention", "colour_shift", "fid", "kid", "kid_taef2"}
+        everything = {self.lpips_name, "dists", *PIXEL, *PIQ, "fid", "kid", "kid_taef2"}
         if self.only is not None and not set(self.only) <= everything:
             raise OSDiffError(f"unknown metric(s) {', '.join(sorted(set(self.only) - everything))}; "
                               f"per-image metrics: {', '.join(headline_order(sorted(everything)))}")
@@ -83,7 +91,7 @@ class MetricSuite:
 
         self._lpips = self._load(self.lpips_name, lambda: pretrained_lpips(self.lpips_net))
         self._dists = self._load("dists", pretrained_dists)
-        self._cheap = [n for n in ("psnr", *PIQ, "detail_retention", "colour_shift") if self.wanted(n)]
+        self._cheap = [n for n in (*PIXEL, *PIQ) if self.wanted(n)]
 
     def wanted(self, name: str) -> bool:
         """Whether metric `name` is to be measured (`only`)."""
@@ -115,8 +123,7 @@ class MetricSuite:
             self._ref, self._ref_features = ref, {}
         cached = self._ref_features
         x, ref = x.float().clamp(0, 1), ref.float().clamp(0, 1)
-        pixel = {"psnr": psnr, "detail_retention": detail_retention, "colour_shift": colour_shift}
-        out = {n: pixel[n](x, ref) if n in pixel else piq_metric(n, x, ref) for n in self._cheap}
+        out = {n: PIXEL[n](x, ref) if n in PIXEL else piq_metric(n, x, ref) for n in self._cheap}
         if self._lpips is not None:
             if "lpips" not in cached:
                 cached["lpips"] = self._lpips.features(ref)
