@@ -18,6 +18,7 @@ from .codec_pipeline import ImageCodecPipeline
 from .entropy.bitstream import OSDHeader
 from .errors import OSDiffError
 from .models.baselines import LearnedImageCodec
+from .rate import level_index
 
 
 class BaselinePipeline(ImageCodecPipeline):
@@ -42,14 +43,14 @@ class BaselinePipeline(ImageCodecPipeline):
     def num_strings(self) -> int:
         return self.codec.num_strings()
 
-    def encode_padded(self, image: Tensor, level: int) -> list[bytes]:
-        return self.codec.compress(image.to(device=self.device, dtype=self.codec.dtype), level - 1)
+    def encode_padded(self, image: Tensor, quality: int) -> list[bytes]:
+        return self.codec.compress(image.to(device=self.device, dtype=self.codec.dtype), level_index(quality))
 
     def decode_strings(self, strings: list[bytes], header: OSDHeader, steps: int) -> Tensor:
         if steps != 1:
             raise OSDiffError(f"model {self.config.model_name!r} is not a diffusion codec: it decodes in one pass (steps must be 1)")
         image_hw = (header.height + header.pad_h, header.width + header.pad_w)
         try:
-            return self.codec.decompress(strings, image_hw, header.quality - 1).float()
+            return self.codec.decompress(strings, image_hw, level_index(header.quality)).float()
         except (RuntimeError, ValueError, IndexError) as exc:
             raise OSDiffError(f"corrupted entropy-coded data ({exc})") from None

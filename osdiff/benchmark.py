@@ -21,6 +21,7 @@ from .errors import OSDiffError
 from .imageio import pad_right_bottom
 from .models.autoencoder import LATENT_DOWNSCALE, decode_latent, encode_latent
 from .pipeline import to_channels_last
+from .rate import level_index
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -189,7 +190,7 @@ def _measure(codec, size, steps, device, dtype, repeat, warmup, model_label, ran
     # --- encoding components
     x = (pad_right_bottom(image, header.pad_w, header.pad_h) * 2 - 1).to(dev, DTYPES[dtype])
     latent = encode_latent(codec.vae, x).float()
-    level = header.quality - 1
+    level = level_index(header.quality)
     comp = codec.compressor
     gains = comp.coding_gains(level)
     y = comp.g_a(latent)
@@ -245,8 +246,8 @@ def _measure_official(codec, size, device, dtype, repeat, warmup, model_label, r
     image, data, result = _coded_test_image(codec, size, dev, dtype, model_label, random_weights)
     header, strings = codec.read_header(data)
     x = codec.pad_image(image, header.pad_w, header.pad_h).to(dev)
-    comp = codec.levels.compressors[header.quality - 1]
-    control = codec.levels.controls[header.quality - 1]
+    comp = codec.levels.compressors[level_index(header.quality)]
+    control = codec.levels.controls[level_index(header.quality)]
     latent = codec.encode_latent(x).float()
     float_strings = comp.compress(latent, exact=False)["strings"]
     z_shape = ((header.height + header.pad_h) // 64, (header.width + header.pad_w) // 64)

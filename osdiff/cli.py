@@ -222,7 +222,7 @@ def cmd_compress(args) -> int:
     if "target_bytes" in target and target["target_bytes"] < codec.min_file_bytes():
         raise OSDiffError(f"--size {args.size} is below the smallest file this model can write ({codec.min_file_bytes()} bytes of header)")
     if not target:
-        codec._check_quality(args.quality)
+        codec.check_quality(args.quality)
     over: list[Path] = []
 
     def work(src: Path, dst: Path) -> None:

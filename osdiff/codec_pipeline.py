@@ -28,11 +28,11 @@ from PIL import Image
 from torch import Tensor
 
 from .config import BitstreamLimits, ComputeConfig, RateControlConfig, TilingConfig
-from .entropy.bitstream import HASH_BYTES, QUALITY_STEPS, OSDHeader, header_bytes, pack, parse, quality_from_steps
+from .entropy.bitstream import HASH_BYTES, OSDHeader, header_bytes, pack, parse
 from .errors import OSDiffError, OSDiffWarning, TargetUnreachable
 from .imageio import ImageInput, pad_right_bottom, tensor_to_pil, to_tensor
 from .mean_colour import MEAN_COLOUR_BYTES, match_mean_colour, mean_colour_bytes
-from .rate import EncodeResult, quality_to_steps, search_quality, target_size
+from .rate import EncodeResult, check_quality, search_quality, target_size
 
 
 @contextlib.contextmanager
@@ -109,18 +109,18 @@ class ImageCodecPipeline(DiffusionPipeline):
         """True if any quality in 1/256 steps between levels can be coded (gain vectors)."""
         return False
 
-    def encode_padded(self, image: Tensor, level: int | float) -> list[bytes]:
-        """Padded image (1,3,H,W) in [0,1] (float32) -> entropy-coded strings at quality
-        `level` (1-based; fractional only if `continuous_quality`)."""
+    def encode_padded(self, image: Tensor, quality: int | float) -> list[bytes]:
+        """Padded image (1,3,H,W) in [0,1] (float32) -> entropy-coded strings at the checked
+        `quality` (1-based; fractional only if `continuous_quality`)."""
         raise NotImplementedError
 
     def analyse_padded(self, image: Tensor) -> object:
         """The part of encoding that does not depend on the quality (default: none)."""
         return image
 
-    def encode_analysed(self, analysed: object, level: int | float) -> list[bytes]:
-        """`analyse_padded`'s result -> strings; equal to `encode_padded(image, level)`."""
-        return self.encode_padded(analysed, level)
+    def encode_analysed(self, analysed: object, quality: int | float) -> list[bytes]:
+        """`analyse_padded`'s result -> strings; equal to `encode_padded(image, quality)`."""
+        return self.encode_padded(analysed, quality)
 
     def decode_strings(self, strings: list[bytes], header: OSDHeader, steps: int) -> Tensor:
         """Strings of a checked file -> padded image (1,3,H,W) in [0,1]."""
@@ -174,13 +174,12 @@ class ImageCodecPipeline(DiffusionPipeline):
             self._model_hash = digest.digest()[:HASH_BYTES]
         return self._model_hash
 
-    def _check_quality(self, quality: int | float | None) -> int | float:
-        """The quality to code, as the header will store it: rounded to 1/256 steps, an int for
-        a whole level. OSDiffError outside 1 .. num_quality_levels, or fractional for a model
-        without gain vectors."""
+    def check_quality(self, quality: int | float | None) -> int | float:
+        """The quality to code (None: the model's default), as the header will store it: rounded
+        to 1/256 steps, an int for a whole level. OSDiffError outside 1 .. num_quality_levels, or
+        fractional for a model without gain vectors (osdiff.rate.check_quality)."""
         q = self.config.default_quality if quality is None else quality
-        steps = quality_to_steps(q, self.num_quality_levels, self.continuous_quality)
-        return quality_from_steps(steps)
+        return check_quality(q, self.num_quality_levels, self.continuous_quality)
 
     def min_file_bytes(self) -> int:
         """Smallest possible file of this model (the header with empty strings), in bytes."""
@@ -229,7 +228,7 @@ class ImageCodecPipeline(DiffusionPipeline):
         targeted = target_bpp is not None or target_bytes is not None
         if targeted and quality is not None:
             raise OSDiffError("give a quality or a target size, not both")
-        level = None if targeted else self._check_quality(quality)
+        checked = None if targeted else self.check_quality(quality)
         self._prepare()
         x = to_tensor(image)
         _, _, height, width = x.shape
@@ -250,7 +249,7 @@ class ImageCodecPipeline(DiffusionPipeline):
                 return pack(OSDHeader(self.config.model_name, self.model_hash, q, width, height, pad_w, pad_h), strings)
 
             if target is None:
-                return EncodeResult(encode_at(level), level)
+                return EncodeResult(encode_at(checked), checked)
             result = search_quality(encode_at, self.num_quality_levels, self.continuous_quality, target, self.rate_control)
         if not result.fits:
             message = (f"even the lowest quality gives {len(result.data)} bytes, over the target of {target} bytes")
@@ -269,10 +268,7 @@ class ImageCodecPipeline(DiffusionPipeline):
                 f"file was made by model {header.model_name!r} ({header.model_hash.hex()}), "
                 f"not by the loaded model {self.config.model_name!r} ({self.model_hash.hex()})"
             )
-        if header.quality > self.num_quality_levels:
-            raise OSDiffError(f"quality level {header.quality} does not exist in this model")
-        if not self.continuous_quality and header.quality * QUALITY_STEPS % QUALITY_STEPS:
-            raise OSDiffError(f"quality {header.quality} is between levels; this model codes whole levels only")
+        check_quality(header.quality, self.num_quality_levels, self.continuous_quality, what="the file's quality")
         if (header.pad_w, header.pad_h) != (self.padded_side(header.width) - header.width, self.padded_side(header.height) - header.height):
             raise OSDiffError("corrupted header (padding does not match the model)")
         if len(strings) != self.file_strings():

@@ -6,7 +6,9 @@ decoding runs, and `BitstreamLimits` bounds what the `.osd` parser accepts.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,12 @@ class DecodingConfig:
         """These settings as OSDiffPipeline's config keys (constructor or register_to_config)."""
         return dict(timestep=self.timestep, noise_seed=self.noise_seed, control_scale=self.control_scale,
                     decoding_start=self.start)
+
+    @classmethod
+    def from_pipeline_config(cls, config: Mapping[str, Any]) -> DecodingConfig:
+        """The decoding settings of an OSDiffPipeline's config (inverse of `pipeline_config`)."""
+        return cls(timestep=config["timestep"], noise_seed=config.get("noise_seed", 0),
+                   control_scale=config.get("control_scale", 1.0), start=config.get("decoding_start", "hint"))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from . import kernels
 from .entropy.bitstream import parse
 from .errors import OSDiffError
+from .quality.pixel import psnr_uint8
 
 VECTOR_ROOT = Path(__file__).resolve().parent / "conformance_vectors"
 # Measured here (AMD EPYC, torch 2.14.1): --fast against the deterministic mode with oneDNN off
@@ -100,8 +102,9 @@ def pixels_digest(pixels: np.ndarray) -> str:
 
 
 def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    """osdiff's PSNR (`quality.pixel.psnr_uint8`), 99 dB for identical images (JSON has no inf)."""
+    value = psnr_uint8(a, b)
+    return 99.0 if math.isinf(value) else value
 
 
 def cpu_name() -> str:

@@ -38,6 +38,7 @@ from .imageio import ImageInput
 from .models.conditioning import ConditioningEmbedding
 from .models.official.cddm import CDDMControl, controlled_unet_forward
 from .models.official.lfgcm import OfficialLFGCM
+from .rate import level_index
 
 CODING_MODES = {"exact": b"\x00", "float": b"\x01"}
 OFFICIAL_PAD = 64
@@ -112,11 +113,11 @@ class OfficialOSDiffPipeline(ImageCodecPipeline):
         x = (image * 2 - 1).to(device=self.device, dtype=self.vae.dtype)
         return self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
 
-    def encode_padded(self, image: Tensor, level: int) -> list[bytes]:
+    def encode_padded(self, image: Tensor, quality: int) -> list[bytes]:
         if self.coding_mode not in CODING_MODES:
             raise OSDiffError(f"coding mode must be 'exact' or 'float', got {self.coding_mode!r}")
         latent = self.encode_latent(image)
-        out = self.levels.compressors[level - 1].compress(latent.float(), exact=self.coding_mode == "exact")
+        out = self.levels.compressors[level_index(quality)].compress(latent.float(), exact=self.coding_mode == "exact")
         return [CODING_MODES[self.coding_mode], *out["strings"]]
 
     # ---- decoding -----------------------------------------------------------------------
@@ -128,14 +129,14 @@ class OfficialOSDiffPipeline(ImageCodecPipeline):
             raise OSDiffError("corrupted file (unknown coding mode)")
         z_shape = ((header.height + header.pad_h) // OFFICIAL_PAD, (header.width + header.pad_w) // OFFICIAL_PAD)
         try:
-            hint = self.levels.compressors[header.quality - 1].decompress(strings[1:], z_shape, exact=modes[strings[0]] == "exact")
+            hint = self.levels.compressors[level_index(header.quality)].decompress(strings[1:], z_shape, exact=modes[strings[0]] == "exact")
         except (RuntimeError, ValueError, IndexError) as exc:
             raise OSDiffError(f"corrupted entropy-coded data ({exc})") from None
         return self.decode_hint(hint, header.quality)
 
     def decode_official_stream(self, data: bytes, quality: int, x_t: Tensor | None = None) -> Tensor:
         """A stream file the official `compress` wrote (`write_body`: z shape, strings) ->
-        padded image (1,3,H,W) in [0,1], floor-rounded, decoded with level `quality` from `x_t`
+        padded image (1,3,H,W) in [0,1], floor-rounded, decoded at `quality` (1-based) from `x_t`
         (default: the fixed-seed noise)."""
         try:
             zh, zw, n = struct.unpack_from(">3I", data, 0)
@@ -148,11 +149,11 @@ class OfficialOSDiffPipeline(ImageCodecPipeline):
             raise OSDiffError("not an official OSDiff stream (truncated)") from None
         if n != 2 or pos != len(data) or not (0 < zh <= 4096 and 0 < zw <= 4096):
             raise OSDiffError("not an official OSDiff stream")
-        level = self._check_quality(quality)
+        quality = self.check_quality(quality)
         self._prepare()
         with torch.inference_mode(), self.coding_context():
-            hint = self.levels.compressors[level - 1].decompress(strings, (zh, zw), exact=False)
-            return self.decode_hint(hint, level, x_t)
+            hint = self.levels.compressors[level_index(quality)].decompress(strings, (zh, zw), exact=False)
+            return self.decode_hint(hint, quality, x_t)
 
     def official_x0(self, x_t: Tensor, eps: Tensor) -> Tensor:
         """x0 of the official one-step sampler at t = 999 from x_T and the predicted noise."""
@@ -161,19 +162,19 @@ class OfficialOSDiffPipeline(ImageCodecPipeline):
         x0 = x0_from_eps_ldm(x_t, eps, alpha_bar)
         return torch.tensor(coef, dtype=x0.dtype, device=x0.device) * x0
 
-    def denoise(self, hint: Tensor, level: int, x_t: Tensor | None = None) -> Tensor:
-        """Hint (1,4,h,w) -> clean latent: one CDDM + UNet evaluation at t = 999 from `x_t`
-        (default: pure noise from `noise_seed`)."""
+    def denoise(self, hint: Tensor, quality: int, x_t: Tensor | None = None) -> Tensor:
+        """Hint (1,4,h,w) -> clean latent: one evaluation of `quality`'s CDDM + the UNet at
+        t = 999 from `x_t` (default: pure noise from `noise_seed`)."""
         hint = hint.to(self.unet.dtype)
         x = fixed_noise(tuple(hint.shape), self.config.noise_seed, hint.device, hint.dtype) if x_t is None else x_t.to(hint)
         context = self.conditioning(hint.shape[0]).to(hint.dtype)
         t = torch.full((hint.shape[0],), OFFICIAL_TIMESTEP, dtype=torch.long, device=hint.device)
-        eps = controlled_unet_forward(self.levels.controls[level - 1], self.unet, x, t, context, hint)
+        eps = controlled_unet_forward(self.levels.controls[level_index(quality)], self.unet, x, t, context, hint)
         return self.official_x0(x, eps)
 
-    def decode_hint(self, hint: Tensor, level: int, x_t: Tensor | None = None) -> Tensor:
+    def decode_hint(self, hint: Tensor, quality: int, x_t: Tensor | None = None) -> Tensor:
         """Hint -> image (1,3,8h,8w) in [0,1], floor-rounded to 8 bits as the official code."""
-        latent = self.denoise(hint, level, x_t)
+        latent = self.denoise(hint, quality, x_t)
         x = self.vae.decode((latent / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
         return torch.floor(((x + 1) / 2).clamp(0, 1) * 255) / 255
 
@@ -185,7 +186,7 @@ class OfficialOSDiffPipeline(ImageCodecPipeline):
         header, strings = self.read_header(data)
         z_shape = ((header.height + header.pad_h) // OFFICIAL_PAD, (header.width + header.pad_w) // OFFICIAL_PAD)
         with self.coding_context():
-            hint = self.levels.compressors[header.quality - 1].decompress(strings[1:], z_shape, exact=self.coding_mode == "exact")
+            hint = self.levels.compressors[level_index(header.quality)].decompress(strings[1:], z_shape, exact=self.coding_mode == "exact")
             out = self.decode_hint(hint, header.quality, x_t)
         return out[:, :, : header.height, : header.width].cpu(), data
 

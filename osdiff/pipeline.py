@@ -35,6 +35,7 @@ from .models.autoencoder import LATENT_DOWNSCALE, decode_latent, encode_latent
 from .models.compressor import LatentCompressor
 from .models.conditioning import ConditioningEmbedding
 from .models.control import ControlledUNet  # noqa: F401  (model folders name it; diffusers needs it imported)
+from .rate import level_index
 from .tiling import run_tiled
 
 __all__ = ["OSDiffPipeline", "DecodeResult"]
@@ -114,22 +115,22 @@ class OSDiffPipeline(ImageCodecPipeline):
         return hasattr(self.compressor, "coding_gains")
 
     # ---- encoding -----------------------------------------------------------------------
-    def encode_padded(self, image: Tensor, level: int | float) -> list[bytes]:
-        return self.encode_analysed(self.analyse_padded(image), level)
+    def encode_padded(self, image: Tensor, quality: int | float) -> list[bytes]:
+        return self.encode_analysed(self.analyse_padded(image), quality)
 
     def analyse_padded(self, image: Tensor) -> Tensor:
         """Padded image (1,3,H,W) in [0,1] -> autoencoder latent (the same at every quality)."""
         return self.encode_image(self._to_model(image * 2.0 - 1.0))
 
-    def encode_analysed(self, latent: Tensor, level: int | float) -> list[bytes]:
-        """Latent -> strings at 1-based quality `level`."""
-        return self.compressor.compress(latent.to(self.compressor.dtype), level - 1)["strings"]
+    def encode_analysed(self, latent: Tensor, quality: int | float) -> list[bytes]:
+        """Latent -> strings at the checked 1-based `quality`."""
+        return self.compressor.compress(latent.to(self.compressor.dtype), level_index(quality))["strings"]
 
     # ---- decoding -----------------------------------------------------------------------
     def decode_strings(self, strings: list[bytes], header: OSDHeader, steps: int) -> Tensor:
         latent_hw = ((header.height + header.pad_h) // LATENT_DOWNSCALE, (header.width + header.pad_w) // LATENT_DOWNSCALE)
         try:  # the synthesis transform inside decompress is float work too: within coding_context
-            hint = self.compressor.decompress(strings, latent_hw, header.quality - 1)
+            hint = self.compressor.decompress(strings, latent_hw, level_index(header.quality))
         except (RuntimeError, ValueError, IndexError) as exc:
             raise OSDiffError(f"corrupted entropy-coded data ({exc})") from None
         return (self.decode_hint(hint.to(self.unet.dtype), steps=steps) + 1.0) / 2.0

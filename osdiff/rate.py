@@ -1,9 +1,13 @@
 """Rate control: continuous quality on the 1/256 grid, file-size targets and their search.
 
-A quality q (1 .. the model's highest level) is stored in 1/256 steps; a model with gain
+A quality q (1 .. the model's highest level; `check_quality`) is stored in 1/256 steps; a model with gain
 vectors codes any step (osdiff.entropy.gains), a model without (one network per rate) only
 whole levels. A target size is met by `search_quality`: the highest quality whose real file
 fits, by bisection on the quality over real encodes, guided by the file sizes seen.
+
+Names, everywhere in osdiff: `quality` is the 1-based number users give and files store
+(checked once, by `check_quality`); `level` is the 0-based index the networks take
+(`level_index(quality)`).
 """
 from __future__ import annotations
 
@@ -63,16 +67,24 @@ def target_size(width: int, height: int, target_bpp: float | None = None, target
     return int(float(target_bpp) * width * height / 8)
 
 
-def quality_to_steps(quality, levels: int, continuous: bool) -> int:
-    """A requested quality -> 1/256 steps, rounded to the nearest step; OSDiffError when it is
-    not a number from 1 to `levels`, or fractional for a model with whole levels only."""
+def check_quality(quality, levels: int, continuous: bool, what: str = "quality") -> int | float:
+    """The one check of a quality: the 1-based number users give (1 = fewest bits .. `levels`),
+    returned as a file stores it (rounded to the nearest 1/256 step; an int for a whole level).
+    OSDiffError (its message starting with `what`) when it is not a number from 1 to `levels`,
+    or fractional for a model with whole levels only."""
     if isinstance(quality, bool) or not isinstance(quality, numbers.Real) or not math.isfinite(quality) or not 1 <= quality <= levels:
         kind = "a number" if continuous else "an integer"
-        raise OSDiffError(f"quality must be {kind} from 1 to {levels}, got {quality!r}")
+        raise OSDiffError(f"{what} must be {kind} from 1 to {levels}, got {quality!r}")
     steps = round(float(quality) * QUALITY_STEPS)
     if not continuous and steps % QUALITY_STEPS:
-        raise OSDiffError(f"quality must be an integer from 1 to {levels} for this model (it has no gain vectors to interpolate), got {quality!r}")
-    return steps
+        raise OSDiffError(f"{what} must be an integer from 1 to {levels} for this model (it has no gain vectors to interpolate), got {quality!r}")
+    return quality_from_steps(steps)
+
+
+def level_index(quality: int | float) -> int | float:
+    """A (checked) 1-based quality -> the 0-based level index the networks take (the compressor's
+    gain tables, one network per level): quality 1 is level 0; 2.5 is 1.5, between levels 1 and 2."""
+    return quality - 1
 
 
 def search_quality(encode: Callable[[int | float], bytes], levels: int, continuous: bool, target: int,

@@ -26,11 +26,8 @@ from osdiff.evaluation.metrics import detail_retention  # noqa: E402
 from osdiff.hub import load  # noqa: E402
 from osdiff.imageio import find_images  # noqa: E402
 from osdiff.models.autoencoder import decode_latent, encode_latent  # noqa: E402
+from osdiff.quality.pixel import psnr  # noqa: E402
 from osdiff.training.data import center_crops, load_images  # noqa: E402
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(-10 * np.log10(((a - b) ** 2).mean().item()))
 
 
 @torch.no_grad()

@@ -153,10 +153,10 @@ def write_checkpoints(mods: dict, folder: Path) -> tuple[Path, Path]:
     sd["cond_stage_model.model.logit_scale"] = torch.tensor(4.6, dtype=torch.float16)
     sd["betas"] = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     lam = {f"control_model.{k}": half(v) for k, v in mods["control"].state_dict().items()}
-    from osdiff.convert.official import _TABLE_BUFFERS, map_lfgcm_key
+    from osdiff.convert.official import is_entropy_table_key, map_lfgcm_key
 
     for k, v in mods["lfgcm"].state_dict().items():
-        if _TABLE_BUFFERS.match(k):  # as saved by training: update() never ran
+        if is_entropy_table_key(k):  # as saved by training: update() never ran
             v = v.new_empty((0,))
         elif map_lfgcm_key(f"preprocess_model.{k}") is None:  # never run (SFT, f_c): zeros keep the fixture small
             v = torch.zeros_like(v)

@@ -26,6 +26,7 @@ from osdiff.evaluation.metrics import colour_shift, detail_retention, piq_metric
 from osdiff.hub import WEIGHTS_DIR  # noqa: E402
 from osdiff.models.taesd import TAESDAutoencoder  # noqa: E402
 from osdiff.pipeline import OSDiffPipeline  # noqa: E402
+from osdiff.quality.pixel import psnr  # noqa: E402
 from osdiff.training.data import find_images, load_images, whole_photo  # noqa: E402
 
 
@@ -49,9 +50,8 @@ def main() -> int:
 
     def add(name: str, decoded: torch.Tensor, x: torch.Tensor) -> None:
         y = ((decoded + 1) / 2).clamp(0, 1)
-        psnr = float(-10 * torch.log10(((y - x) ** 2).mean()))
         rows.setdefault(name, []).append(
-            (psnr, piq_metric("haarpsi", y, x), detail_retention(y, x), colour_shift(y, x))
+            (psnr(y, x), piq_metric("haarpsi", y, x), detail_retention(y, x), colour_shift(y, x))
         )
 
     files = find_images([args.images])[: args.limit]

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from osdiff.quality.pixel import psnr_uint8
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "demo-output"
 SHARED = ROOT.parent / "shared" / "data" / "images" / "cbsd68"
@@ -70,10 +72,9 @@ def main() -> int:
     run(osdiff, "compress", original, "-o", coded, "--force")
     run(osdiff, "decompress", coded, "-o", decoded, "--force")
     run(osdiff, "info", coded)
-    a = np.asarray(Image.open(original).convert("RGB"), dtype=np.float64)
-    b = np.asarray(Image.open(decoded), dtype=np.float64)
-    mse = np.mean((a - b) ** 2)
-    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    a = np.asarray(Image.open(original).convert("RGB"))
+    b = np.asarray(Image.open(decoded).convert("RGB"))
+    psnr = psnr_uint8(b, a)
     bpp = coded.stat().st_size * 8 / (a.shape[0] * a.shape[1])
     print(f"\noriginal:   {shown(original)}\ncompressed: {shown(coded)} ({coded.stat().st_size} bytes, {bpp:.4f} bpp)")
     print(f"decoded:    {shown(decoded)}\nPSNR:       {psnr:.2f} dB")

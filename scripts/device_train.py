@@ -14,7 +14,9 @@ Run through scripts/device_train.sh (it installs the carried wheels first). Two 
 $OUT receives: model.tar.part-* (the trained model folder, float16, split below 15 MiB),
 logs.tar (every log/val CSV and the configs used), summary.json, and conformance-cuda.txt (the
 output of `osdiff conformance --device cuda`, run first).
---device cpu is a dry run (a few steps of each stage, small crops) that checks the whole path.
+--device cpu is a dry run (a few steps of each stage, small crops) that checks the whole path;
+without .carry/data (scripts/prepare_device_carry.py makes it) it trains and validates on the
+config's held-out photo folders (../shared/data/images/...).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ".carry/data"
 sys.path.insert(0, str(ROOT))
 
 
@@ -129,7 +132,8 @@ def main() -> int:
     parser.add_argument("--ab-minutes", type=float, default=0.0,
                         help="bootstrap: compare the decoding starts, each codec run this long (0: 'hint' only)")
     parser.add_argument("--mode", choices=("auto", "bootstrap", "continue"), default="auto")
-    parser.add_argument("--data", default=".carry/data", help="train/ and val/ image folders")
+    parser.add_argument("--data", default=DEFAULT_DATA,
+                        help="train/ and val/ image folders (dry run without .carry/data: the config's held-out photos)")
     parser.add_argument("--init-model", default=".carry/init-model", help="a v2 model folder to continue (if it exists)")
     parser.add_argument("--taesd", default=None, help="a folder with taef2_encoder.pth / taef2_decoder.pth (default: the packaged copy)")
     args = parser.parse_args()
@@ -142,6 +146,7 @@ def main() -> int:
     import compressai, diffusers, piq  # noqa: F401,E401
     import osdiff
     from osdiff.config import DecodingConfig
+    from osdiff.hub import DEFAULT_MODEL, resolve
     from osdiff.models.taesd import TAESDAutoencoder
     from osdiff.training.config import load_config
 
@@ -155,17 +160,26 @@ def main() -> int:
                                capture_output=True, text=True)
         (out / "conformance-cuda.txt").write_text(check.stdout + check.stderr)
         print(check.stdout.strip().splitlines()[-1] if check.stdout.strip() else check.stderr[-500:], flush=True)
-    base_model = ROOT / "osdiff" / "weights" / "osdiff-tiny"
+    base_model = resolve(DEFAULT_MODEL)  # the shipped model
     if (ROOT / args.init_model / "model_index.json").is_file():  # a v2 model trained elsewhere
-        base_model = (ROOT / args.init_model).resolve()
-    vae_kind = json.loads((base_model / "model_index.json").read_text())["vae"][1]
-    mode = args.mode if args.mode != "auto" else ("continue" if vae_kind == TAESDAutoencoder.__name__ else "bootstrap")
+        base_model = resolve((ROOT / args.init_model).resolve())
+    base_pipe = osdiff.load(base_model)
+    is_v2 = isinstance(base_pipe.vae, TAESDAutoencoder)
+    mode = args.mode if args.mode != "auto" else ("continue" if is_v2 else "bootstrap")
 
     cfg = load_config(ROOT / "configs" / "tiny-v2.yaml")
     data = (ROOT / args.data).resolve()
+    if (data / "train").is_dir():
+        folders = dict(train_folders=[str(data / "train")], val_folders=[str(data / "val")])
+    elif dry and args.data == DEFAULT_DATA:  # a fresh checkout: the config's held-out photos (only the path is checked)
+        val = [str((ROOT / f).resolve()) for f in cfg.data.val_folders]
+        folders = dict(train_folders=val, val_folders=val)
+    else:
+        print(f"{data / 'train'}: no image folder (scripts/prepare_device_carry.py makes .carry/data)", file=sys.stderr)
+        return 1
     cfg = dataclasses.replace(
         cfg, taesd_weights=str((ROOT / args.taesd).resolve()) if args.taesd else None, checkpoint_minutes=1.0,
-        data=dataclasses.replace(cfg.data, train_folders=[str(data / "train")], val_folders=[str(data / "val")]),
+        data=dataclasses.replace(cfg.data, **folders),
     )
     if dry:  # a few steps of everything, small crops
         cfg = dataclasses.replace(cfg, val_every=2, stages=[
@@ -217,9 +231,7 @@ def main() -> int:
         stage = dataclasses.replace(cfg.stages[2], max_minutes=None if dry else minutes, warmup_steps=1 if dry else 20,
                                     lr=min(cfg.stages[2].lr, 1e-4))
         variant = dataclasses.replace(cfg, output_dir=str(run), stages=[stage], init_from=str(base_model))
-        base_cfg = json.loads((base_model / "model_index.json").read_text())
-        variant = dataclasses.replace(variant, decoding=DecodingConfig(
-            timestep=base_cfg["timestep"], start=base_cfg.get("decoding_start", "hint")))
+        variant = dataclasses.replace(variant, decoding=DecodingConfig.from_pipeline_config(base_pipe.config))
     if not succeeded(train(variant, work, "final", args.device), work, "final"):
         summary["final_failed"] = True  # ship what the earlier stage saved, if anything
     if not (run / "model").is_dir():

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from osdiff.imageio import PHOTO_SUFFIXES, find_images
+from osdiff.quality.pixel import psnr_uint8
 
 
 def run(cmd: list[str]) -> tuple[float, float]:
@@ -54,9 +55,7 @@ def main() -> None:
     osdiff = [sys.executable, "-m", "osdiff.cli"]
     enc_s, enc_mb = run(osdiff + ["compress", str(src), "-o", str(osd), "-q", args.quality])
     dec_s, dec_mb = run(osdiff + ["decompress", str(osd), "-o", str(png)])
-    a = np.asarray(mosaic, dtype=np.float64)
-    b = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64)
-    psnr = 10 * np.log10(255**2 / np.mean((a - b) ** 2))
+    psnr = psnr_uint8(np.asarray(Image.open(png).convert("RGB")), np.asarray(mosaic.convert("RGB")))
     pixels = mosaic.width * mosaic.height
     print(f"{mosaic.width}x{mosaic.height} ({pixels / 1e6:.1f} MP), quality {args.quality}: "
           f"{osd.stat().st_size} bytes, {osd.stat().st_size * 8 / pixels:.4f} bpp, PSNR {psnr:.2f} dB")

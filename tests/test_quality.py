@@ -130,3 +130,22 @@ def test_spurious_texture_sees_an_added_hatch_not_blur_or_resynthesis():
     resynthesised = spurious_texture(texture(2), ref)
     assert resynthesised < 0.2
     assert spurious_texture(hatched, ref) > 2.5 * resynthesised
+
+
+def test_one_psnr_for_tensors_and_8_bit_arrays():
+    """quality.pixel.psnr ([0,1] tensors) and psnr_uint8 (8-bit arrays) are the same measure;
+    conformance's psnr_db is it, with 99 dB for identical images (JSON has no inf)."""
+    from osdiff.conformance import psnr_db
+    from osdiff.quality.pixel import psnr, psnr_uint8
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (17, 23, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-9, 10, a.shape), 0, 255).astype(np.uint8)
+    as_tensor = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    mse = np.mean((a.astype(np.float64) - b) ** 2)
+    assert psnr_uint8(b, a) == pytest.approx(10 * np.log10(255**2 / mse), abs=1e-12)
+    assert psnr(as_tensor(b), as_tensor(a)) == pytest.approx(psnr_uint8(b, a), abs=1e-4)
+    assert psnr_db(b, a) == psnr_uint8(b, a)
+    assert psnr_uint8(a, a) == float("inf") and psnr_db(a, a) == 99.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        psnr_uint8(a, a[:-1])

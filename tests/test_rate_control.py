@@ -309,3 +309,20 @@ def test_integer_quality_files_are_those_of_the_stored_vector_path(tiny_codec, p
             old_file = body + struct.pack(">I", zlib.crc32(body))
             assert tiny_codec.compress(photo, quality=q) == old_file
     assert tiny_codec.decompress(old_file).size == (w, h)  # and such a file still decodes
+
+
+def test_quality_is_checked_in_one_place_and_levels_are_0_based():
+    """osdiff.rate.check_quality: the 1-based quality users give, rounded to the 1/256 steps a
+    file stores; level_index: the 0-based index the networks take."""
+    from osdiff.rate import check_quality, level_index
+
+    assert check_quality(3, 5, continuous=False) == 3 and isinstance(check_quality(3.0, 5, continuous=False), int)
+    assert check_quality(2.5, 5, continuous=True) == 2.5 and check_quality(2.5001, 5, continuous=True) == 2.5
+    for bad in (0, 5.5, float("nan"), True, "3"):
+        with pytest.raises(OSDiffError, match="quality must be a number from 1 to 5"):
+            check_quality(bad, 5, continuous=True)
+    with pytest.raises(OSDiffError, match="must be an integer from 1 to 4 for this model"):
+        check_quality(2.5, 4, continuous=False)
+    with pytest.raises(OSDiffError, match="^the file's quality must be an integer from 1 to 4, got 7"):
+        check_quality(7, 4, continuous=False, what="the file's quality")
+    assert level_index(1) == 0 and level_index(2.5) == 1.5

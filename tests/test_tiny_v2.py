@@ -154,7 +154,7 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
         for f in sorted((SHARED_IMAGES / src).glob("*.png"))[:2]:
             (carry / "data" / sub / f.name).symlink_to(f)
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path)}
+    env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path), "PYTHON": sys.executable}  # this test's interpreter
     proc = subprocess.run(
         ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,

@@ -208,12 +208,18 @@ def map_control_key(key: str) -> str | None:
     return None
 
 
+def is_entropy_table_key(key: str) -> bool:
+    """Whether an LFGCM state-dict key (without `preprocess_model.`) is one of compressai's
+    entropy-coder tables (CDFs, offsets, scale table): rebuilt by `update()`, never converted."""
+    return _TABLE_BUFFERS.match(key) is not None
+
+
 def map_lfgcm_key(key: str) -> str | None:
     """Official `preprocess_model.*` key (LFGCM) -> OfficialLFGCM name; None if never run."""
     if not key.startswith("preprocess_model."):
         return None
     k = key[len("preprocess_model."):]
-    if _UNUSED_LFGCM.match(k) or _TABLE_BUFFERS.match(k):
+    if _UNUSED_LFGCM.match(k) or is_entropy_table_key(k):
         return None
     return re.sub(r"^entropy_bottleneck\._(matrix|bias|factor)(\d+)$", lambda m: f"entropy_bottleneck._{m[1]}{'ices' if m[1] == 'matrix' else 'es'}.{m[2]}", k)
 

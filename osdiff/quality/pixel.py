@@ -1,17 +1,34 @@
-"""Pixel-level measures of images (1,3,H,W) or (B,3,H,W) in [0,1]."""
+"""Pixel-level measures of images (1,3,H,W) or (B,3,H,W) in [0,1].
+
+PSNR has one convention in osdiff: on 8-bit images (peak 255), the mean squared error over
+every value of the batch, +inf for identical images. `psnr` takes [0,1] tensors (rounded to 8
+bits first), `psnr_uint8` 8-bit arrays of any shape."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def psnr_from_mse(mse: float) -> float:
+    """dB for a mean squared error of 8-bit values; 0 gives +inf."""
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def psnr(x: Tensor, ref: Tensor) -> float:
     """dB on 8-bit-rounded images; identical images give +inf."""
     a, b = (x * 255).round(), (ref * 255).round()
-    mse = F.mse_loss(a, b).item()
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return psnr_from_mse(F.mse_loss(a, b).item())
+
+
+def psnr_uint8(x: np.ndarray, ref: np.ndarray) -> float:
+    """`psnr` for 8-bit arrays (H,W,3 or any shape, the same for both), in float64; identical
+    arrays give +inf."""
+    if x.shape != ref.shape:
+        raise ValueError(f"psnr: shapes differ, {x.shape} and {ref.shape}")
+    return psnr_from_mse(float(np.mean((x.astype(np.float64) - ref.astype(np.float64)) ** 2)))
 
 
 def luma_gradients(t: Tensor) -> tuple[Tensor, Tensor]:

@@ -90,10 +90,13 @@ def create_app(pipe: ImageCodecPipeline, limits: ServeLimits = ServeLimits()) ->
         """The quality as the file will store it (1/256 steps; whole levels without gains)."""
         raw = request.query_params.get("quality", str(pipe.config.default_quality))
         try:
-            return pipe._check_quality(float(raw))
-        except (ValueError, OSDiffError):
-            kind = "a number" if pipe.continuous_quality else "an integer"
-            raise ApiError(400, f"quality must be {kind} from 1 to {pipe.num_quality_levels}, got {raw!r}") from None
+            number = float(raw)
+        except ValueError:
+            number = raw  # not a number: check_quality refuses it with its one message
+        try:
+            return pipe.check_quality(number)
+        except OSDiffError as exc:
+            raise ApiError(400, str(exc)) from None
 
     def match_of(request: Request) -> tuple[str, int] | None:
         """`match=CODEC&setting=S`: code osdiff to the size of CODEC's file at setting S."""

@@ -188,14 +188,28 @@ def _build(cls, data: Any, where: str):
         raise OSDiffError(f"config {where}: {exc}") from None
 
 
-def load_config(path: str | Path, **overrides) -> TrainConfig:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a TrainConfig; `overrides` (top-level
-    fields, e.g. the CLI's init_from) replace the file's values before the checks."""
-    path = Path(path)
+def _merge(base: dict, top: dict) -> dict:
+    """`top` over `base`: mappings merge key by key (recursively), anything else (lists too) is replaced."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_config_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The mapping a YAML/TOML config file holds, with `extends: other.yaml` (a path relative to
+    this file) resolved recursively: this file's keys deep-merged over the other's."""
     if not path.is_file():
         raise OSDiffError(f"{path}: no such config file")
-    text = path.read_text()
+    resolved = path.resolve()
+    if resolved in _seen:
+        chain = " -> ".join(p.name for p in (*_seen, resolved))
+        raise OSDiffError(f"{path}: config extends itself ({chain})")
     try:
+        text = path.read_text()
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         else:
@@ -204,6 +218,22 @@ def load_config(path: str | Path, **overrides) -> TrainConfig:
             data = yaml.safe_load(text) or {}
     except Exception as exc:  # parse errors of either format
         raise OSDiffError(f"{path}: cannot parse config ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise OSDiffError(f"{path}: a config must be a mapping of keys to values")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise OSDiffError(f"{path}: extends must be one config file name, got {parent!r}")
+    return _merge(_read_config_file(path.parent / parent, (*_seen, resolved)), data)
+
+
+def load_config(path: str | Path, **overrides) -> TrainConfig:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file (`extends: base.yaml` inherits another) into a
+    TrainConfig; `overrides` (top-level fields, e.g. the CLI's init_from) replace the file's values
+    before the checks."""
+    path = Path(path)
+    data = _read_config_file(path)
     config = dataclasses.replace(_build(TrainConfig, data, path.name), **overrides)
     for stage in config.stages:
         if stage.name not in ("autoencoder", "decoder", "denoiser", "codec", "baseline", "official"):
