@@ -10,7 +10,7 @@ import torch
 
 from osdiff.config import CompressorArchitecture, TinyArchitecture
 from osdiff.errors import OSDiffError
-from osdiff.training.config import DataConfig, LossConfig, StageConfig, TrainConfig, load_config
+from osdiff.training.config import AutoencoderStage, CodecStage, DataConfig, DenoiserStage, LossConfig, StageConfig, TrainConfig, load_config
 from osdiff.training.trainer import Trainer
 
 SMALL = TinyArchitecture(
@@ -37,7 +37,7 @@ def _log(out: Path, stage: str, kind: str = "log") -> list[dict]:
 
 
 def test_autoencoder_stage_reduces_loss(tmp_path, image_folder):
-    cfg = make_config(tmp_path / "run", image_folder, [StageConfig(name="autoencoder", steps=30, batch_size=4, crop=64, lr=3e-3, warmup_steps=1)])
+    cfg = make_config(tmp_path / "run", image_folder, [AutoencoderStage(steps=30, batch_size=4, crop=64, lr=3e-3, warmup_steps=1)])
     Trainer(cfg).run()
     rows = _log(tmp_path / "run", "0-autoencoder")
     first = np.mean([float(r["loss"]) for r in rows[:5]])
@@ -53,8 +53,8 @@ def pretrained_run(tmp_path_factory, image_folder) -> Path:
     """A run whose autoencoder and denoiser stages are done (few steps)."""
     out = tmp_path_factory.mktemp("pre")
     stages = [
-        StageConfig(name="autoencoder", steps=3, batch_size=2, crop=64, warmup_steps=1),
-        StageConfig(name="denoiser", steps=3, batch_size=2, crop=64, warmup_steps=1),
+        AutoencoderStage(steps=3, batch_size=2, crop=64, warmup_steps=1),
+        DenoiserStage(steps=3, batch_size=2, crop=64, warmup_steps=1),
     ]
     Trainer(make_config(out, image_folder, stages)).run()
     return out
@@ -65,9 +65,9 @@ def _codec_config(src: Path, dst: Path, folder: Path, steps: int) -> TrainConfig
 
     shutil.copytree(src, dst)
     stages = [
-        StageConfig(name="autoencoder", steps=3, batch_size=2, crop=64, warmup_steps=1),
-        StageConfig(name="denoiser", steps=3, batch_size=2, crop=64, warmup_steps=1),
-        StageConfig(name="codec", steps=steps, batch_size=2, crop=64, lr=1e-3, warmup_steps=1),
+        AutoencoderStage(steps=3, batch_size=2, crop=64, warmup_steps=1),
+        DenoiserStage(steps=3, batch_size=2, crop=64, warmup_steps=1),
+        CodecStage(steps=steps, batch_size=2, crop=64, lr=1e-3, warmup_steps=1),
     ]
     return make_config(dst, folder, stages, adversarial=0.1)
 
@@ -179,7 +179,7 @@ def test_second_codec_stage_fine_tunes_the_first(tmp_path, pretrained_run, image
     cfg = _codec_config(pretrained_run, tmp_path / "run", image_folder, steps=2)
     Trainer(cfg).run()
     first = osdiff.load(tmp_path / "run" / "model").compressor.state_dict()
-    wider = StageConfig(name="codec", steps=1, batch_size=2, crop=64, lr=1e-9, lr_aux=1e-9, warmup_steps=1, rate_lambdas=[0.1, 1.0, 10.0, 100.0], level_balance=0.5)
+    wider = CodecStage(steps=1, batch_size=2, crop=64, lr=1e-9, lr_aux=1e-9, warmup_steps=1, rate_lambdas=[0.1, 1.0, 10.0, 100.0], level_balance=0.5)
     cfg = replace(cfg, stages=cfg.stages + [wider])
     Trainer(cfg).run()
     second = osdiff.load(tmp_path / "run" / "model").compressor.state_dict()

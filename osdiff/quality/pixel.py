@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -12,6 +13,12 @@ def psnr(x: Tensor, ref: Tensor) -> float:
     a, b = (x * 255).round(), (ref * 255).round()
     mse = F.mse_loss(a, b).item()
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def psnr_tensor(x: Tensor, ref: Tensor) -> Tensor:
+    """`psnr` as a 0-d tensor (no device sync; for training logs), `x` clamped to [0, 1] first."""
+    a, b = (x.detach().clamp(0, 1) * 255).round(), (ref.detach() * 255).round()
+    return 10 * torch.log10(255.0**2 / F.mse_loss(a, b))
 
 
 def luma_gradients(t: Tensor) -> tuple[Tensor, Tensor]:
