@@ -377,8 +377,9 @@ def cmd_train(args) -> int:
     config_path = Path(args.config)
     overrides = {"device": args.device, "init_from": args.init_from, "output_dir": args.output_dir}
     config = load_config(config_path, **{k: v for k, v in overrides.items() if v is not None})
-    model = Trainer(config, config_dir=Path.cwd()).run(max_steps=args.max_steps, max_minutes=args.max_minutes)
-    print(f"finished: {model}" if model else "stopped early; run the same command again to resume")
+    trainer = Trainer(config, config_dir=Path.cwd())
+    model = trainer.run(max_steps=args.max_steps, max_minutes=args.max_minutes)
+    trainer.context.print(f"finished: {model}" if model else "stopped early; run the same command again to resume")
     return 0
 
 

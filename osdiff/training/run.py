@@ -434,8 +434,9 @@ class TrainingRun:
 
 
 class _Fingerprinted:
-    """A sampler that notes a checksum of each batch it gives in its run (checkpoints record
-    every process's last one: they differ when the processes see different images)."""
+    """A sampler that notes a position-weighted checksum of each batch it gives in its run
+    (checkpoints record every process's last one: they differ when the processes see different
+    crops)."""
 
     def __init__(self, sampler, run: TrainingRun) -> None:
         self.sampler, self.run = sampler, run
@@ -443,7 +444,8 @@ class _Fingerprinted:
     def batch(self, step: int, rank: int | None = None):
         out = self.sampler.batch(step, rank)
         first = out[0] if isinstance(out, tuple) else out
-        self.run._last_batch = float(first.detach().double().sum())
+        flat = first.detach().double().flatten()
+        self.run._last_batch = float(flat @ torch.linspace(1, 2, flat.numel(), dtype=torch.float64, device=flat.device))
         return out
 
 
