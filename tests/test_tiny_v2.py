@@ -282,9 +282,9 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     base = osdiff.load(out / "model")
     base.register_to_config(timestep=cfg.decoding.timestep + 7)
     base.save_pretrained(tmp_path / "base")
-    subprocess.run([sys.executable, "scripts/export_checkpoint.py", str(tmp_path / "base"),
-                    str(out / "stages" / "2-codec" / "ckpt.pt"), str(tmp_path / "exported")],
-                   cwd=ROOT, check=True, capture_output=True)
+    from osdiff.training.export import export_run
+
+    assert export_run(out, tmp_path / "exported", base=tmp_path / "base", stage=2) == (tmp_path / "exported", 3)
     exported = osdiff.load(tmp_path / "exported")
     ckpt = torch.load(out / "stages" / "2-codec" / "ckpt.pt", map_location="cpu", weights_only=False)
     name, value = next(iter(ckpt["modules"]["compressor"].items()))

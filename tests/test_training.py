@@ -256,3 +256,36 @@ def test_a_resumed_run_that_logs_a_new_column_widens_its_csv(tmp_path):
     rows = _log(tmp_path, "0-codec", kind="val")
     assert [r["step"] for r in rows] == ["100", "200", "300"]
     assert [r["haarpsi"] for r in rows] == ["", "0.6", ""] and rows[2]["psnr"] == "22.0"
+
+
+def test_export_a_running_and_a_finished_run(tmp_path, tiny_codec_folder, image_folder, capsys):
+    """`osdiff export`: a running codec stage's checkpoint on its init_from model, then the
+    finished model; an existing output or a folder that is not a run gets one line."""
+    import osdiff
+    from osdiff.cli import main
+    from osdiff.config import CompressorArchitecture as Compressor
+
+    arch = TinyArchitecture(unet_block_out_channels=(32, 32), cross_attention_dim=32, unet_attention_head_dim=16,
+                            compressor=Compressor(hidden_channels=32, code_channels=32, groups=(4, 4, 8, 16)))
+    run = tmp_path / "run"
+    cfg = replace(make_config(run, image_folder, [CodecStage(steps=2, batch_size=1, crop=64, warmup_steps=1)]),
+                  tiny=arch, init_from=str(tiny_codec_folder), val_every=0, threads=1)
+    assert Trainer(cfg).run(max_steps=1) is None
+    assert main(["export", str(run), "-o", str(tmp_path / "mid")]) == 0
+    assert "(step 1)" in capsys.readouterr().out
+    ckpt = torch.load(run / "stages" / "0-codec" / "ckpt.pt", map_location="cpu", weights_only=False)
+    mid = osdiff.load(tmp_path / "mid")
+    for name, value in ckpt["modules"]["compressor"].items():
+        assert torch.equal(mid.compressor.state_dict()[name].float(), value.float())
+    image, data = mid(np.zeros((64, 64, 3), np.uint8), quality=2)
+    assert image.size == (64, 64) and len(data) > 0
+
+    assert main(["export", str(run), "-o", str(tmp_path / "mid")]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert main(["export", str(image_folder), "-o", str(tmp_path / "x")]) == 1
+    assert "not a training run folder" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+    assert Trainer(cfg).run() == run / "model"
+    assert main(["export", str(run), "-o", str(tmp_path / "final")]) == 0
+    assert "finished model" in capsys.readouterr().out
+    assert (tmp_path / "final" / "model_index.json").read_text() == (run / "model" / "model_index.json").read_text()
