@@ -27,7 +27,6 @@ gives exactly the result of an uninterrupted run on as many processes.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -37,7 +36,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 
@@ -46,9 +44,8 @@ from ..verbosity import progress
 from .config import StageConfig, TrainConfig
 from .data import CropSampler, center_crops, find_images, load_images, whole_photo
 from .latents import EncodingSampler, LatentCropSampler, cached_latents
-
-_BUCKET = 1 << 25  # gradient elements averaged per collective call
-
+from .files import append_row, atomic_write_text
+from .processes import any_of_processes, average_gradients, broadcast_module, gather_floats, weights_checksum
 
 def lr_at(step: int, stage: StageConfig, base: float) -> float:
     """Linear warm-up, then cosine decay to 10% of `base` at the last step."""
@@ -173,24 +170,7 @@ class TrainingRun:
         """Append `row` to <kind>-<row['stage']>.csv (process 0; a new column widens the file)."""
         if not self.is_main:
             return
-        path = self.out / f"{kind}-{row['stage']}.csv"  # row["stage"] is "<index>-<name>"
-        header = []
-        if path.is_file():
-            with open(path, newline="") as f:
-                header = next(csv.reader(f), [])
-        if header and not set(row) <= set(header):  # a resumed run logs a new column: widen the file
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-            header += [k for k in row if k not in header]
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=header, restval="")
-                writer.writeheader()
-                writer.writerows(rows)
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header or list(row), restval="")
-            if not header:
-                writer.writeheader()
-            writer.writerow(row)
+        append_row(self.out / f"{kind}-{row['stage']}.csv", row)  # row["stage"] is "<index>-<name>"
 
     # ---- data and seeds -----------------------------------------------------------------------
     def images(self) -> list:
@@ -259,8 +239,7 @@ class TrainingRun:
             if isinstance(obj, nn.Module):
                 obj = self.accelerator.prepare_model(obj, evaluation_mode=True)
                 if self.world_size > 1:
-                    for tensor in [*obj.parameters(), *obj.buffers()]:
-                        dist.broadcast(tensor.data, src=0)
+                    broadcast_module(obj)
             else:
                 obj = self.accelerator.prepare(obj)
             out.append(obj)
@@ -281,23 +260,7 @@ class TrainingRun:
         update; a parameter without a gradient on every process keeps none)."""
         if self.world_size == 1 or not self.accelerator.sync_gradients:
             return
-        params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
-        dist.all_reduce(has)
-        params = [p for p, h in zip(params, has.tolist()) if h > 0]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        bucket: list[nn.Parameter] = []
-        for i, p in enumerate(params):
-            bucket.append(p)
-            if i == len(params) - 1 or sum(q.numel() for q in bucket) + params[i + 1].numel() > _BUCKET:
-                flat = torch.cat([q.grad.reshape(-1).float() for q in bucket])
-                dist.all_reduce(flat)
-                flat /= self.world_size
-                for q, g in zip(bucket, flat.split([q.numel() for q in bucket])):
-                    q.grad.copy_(g.view_as(q.grad))
-                bucket = []
+        average_gradients([p for group in opt.param_groups for p in group["params"] if p.requires_grad], self.device)
 
     def clip(self, params, max_norm: float) -> None:
         """Clip the gradient norm of `params` on steps that update."""
@@ -340,7 +303,7 @@ class TrainingRun:
             start = state["step"]
 
         def save(step: int) -> None:
-            ranks = {"weights": self._gather(_checksum(modules.values())), "last_batch": self._gather(self._last_batch)}
+            ranks = {"weights": self._gather(weights_checksum(modules.values())), "last_batch": self._gather(self._last_batch)}
             if len(set(ranks["weights"])) > 1:
                 raise OSDiffError(f"stage {name}, step {step}: the {self.world_size} processes' weights differ")
             if not self.is_main:
@@ -406,20 +369,11 @@ class TrainingRun:
 
     def agree(self, *flags: bool) -> tuple[bool, ...]:
         """Each flag true on any process, on every process (decisions that depend on clocks)."""
-        if self.world_size == 1:
-            return flags
-        t = torch.tensor([float(f) for f in flags], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return tuple(bool(v) for v in t.tolist())
+        return flags if self.world_size == 1 else any_of_processes(flags, self.device)
 
     def _gather(self, value: float) -> list[float]:
         """`value` of every process, by rank."""
-        if self.world_size == 1:
-            return [float(value)]
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        out = [torch.zeros_like(t) for _ in range(self.world_size)]
-        dist.all_gather(out, t)
-        return [float(v) for v in out]
+        return [float(value)] if self.world_size == 1 else gather_floats(value, self.device)
 
     def _validate(self, modules: dict, val_fn: Callable) -> dict:
         modes = {name: m.training for name, m in modules.items()}
@@ -447,21 +401,3 @@ class _Fingerprinted:
         flat = first.detach().double().flatten()
         self.run._last_batch = float(flat @ torch.linspace(1, 2, flat.numel(), dtype=torch.float64, device=flat.device))
         return out
-
-
-@torch.no_grad()
-def _checksum(modules) -> float:
-    """A position-weighted sum of every parameter (equal on processes with equal weights)."""
-    total = torch.zeros((), dtype=torch.float64)
-    k = 0
-    for module in modules:
-        for p in module.parameters():
-            k += 1
-            total += (p.detach().double().sum() * k + p.detach().double().square().sum()).cpu()
-    return float(total)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -22,7 +22,8 @@ from ..config import CodecStage
 from ..discriminator import UNetFeatureDiscriminator, frozen_generator_loss
 from ..losses import PerceptualLoss, bits_per_pixel, decoder_channel_weights, discriminator_adversarial, local_detail_loss
 from ..parts import init_model, patch_discriminator, split_quantiles, trained_vae
-from ..run import TrainingRun, atomic_write_text
+from ..files import atomic_write_text
+from ..run import TrainingRun
 from ..validation import held_out_metrics
 
 
