@@ -247,12 +247,11 @@ def test_conv_head_least_squares_recovers_a_linear_head_and_refuses_other_shapes
 def test_a_resumed_run_that_logs_a_new_column_widens_its_csv(tmp_path):
     """Code updated between sessions may log a new column (e.g. a validation metric): the file
     keeps one header, old rows get an empty cell, no row is shifted."""
-    from types import SimpleNamespace
+    from osdiff.training.files import append_row
 
-    run = SimpleNamespace(out=tmp_path)
-    Trainer._log(run, {"stage": "0-codec", "step": 100, "psnr": 20.0}, kind="val")
-    Trainer._log(run, {"stage": "0-codec", "step": 200, "psnr": 21.0, "haarpsi": 0.6}, kind="val")
-    Trainer._log(run, {"stage": "0-codec", "step": 300, "psnr": 22.0}, kind="val")
+    for row in ({"stage": "0-codec", "step": 100, "psnr": 20.0}, {"stage": "0-codec", "step": 200, "psnr": 21.0, "haarpsi": 0.6},
+                {"stage": "0-codec", "step": 300, "psnr": 22.0}):
+        append_row(tmp_path / "val-0-codec.csv", row)
     rows = _log(tmp_path, "0-codec", kind="val")
     assert [r["step"] for r in rows] == ["100", "200", "300"]
     assert [r["haarpsi"] for r in rows] == ["", "0.6", ""] and rows[2]["psnr"] == "22.0"
