@@ -12,6 +12,9 @@ A run is a list of stages executed in order, each resumable:
                discriminator); ELIC-style with MSE only, HiFiC-style with all three
   official     (model: official) the paper's LFGCM + CDDM on a frozen SD 2.1 with the official
                losses (osdiff.training.official)
+Each stage has its own config class (AutoencoderStage, ..., OfficialStage: the knobs every
+stage has in StageConfig, its own beside them; STAGE_CONFIGS by name) and its own module in
+osdiff.training.stages; a stage table in a file is built as the class its `name` gives.
 """
 from __future__ import annotations
 
