@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="codec stage: start from this checkpoint's compressor/control weights (e.g. a shipped run's ckpt)")
     t.add_argument("--output-dir", default=None, help="run folder (default: the config's output_dir)")
 
+    x = sub.add_parser("export", help="a training run folder -> a model folder (the finished model, or a running stage's checkpoint)")
+    x.add_argument("run", help="the run folder (a train --output-dir)")
+    x.add_argument("-o", "--output", required=True, help="model folder to write (must not exist)")
+    x.add_argument("--stage", type=int, default=None, help="export this stage's checkpoint (index; default: the latest running "
+                   "codec or decoder stage's, else the finished model)")
+    x.add_argument("--base", default=None, help="model folder the checkpoint's other parts come from (default: the run's init_from)")
+
     k = sub.add_parser("conformance", help="decode the shipped conformance vectors; check symbols, pixels and PSNR")
     k.add_argument("-m", "--model", default=None, help="only this shipped model's vectors")
     k.add_argument("--device", default="cpu", help="cpu or cuda (decode on a GPU)")
@@ -378,8 +385,17 @@ def cmd_train(args) -> int:
     config_path = Path(args.config)
     overrides = {"device": args.device, "init_from": args.init_from, "output_dir": args.output_dir}
     config = load_config(config_path, **{k: v for k, v in overrides.items() if v is not None})
-    model = Trainer(config, config_dir=Path.cwd()).run(max_steps=args.max_steps, max_minutes=args.max_minutes)
-    print(f"finished: {model}" if model else "stopped early; run the same command again to resume")
+    trainer = Trainer(config, config_dir=Path.cwd())
+    model = trainer.run(max_steps=args.max_steps, max_minutes=args.max_minutes)
+    trainer.context.print(f"finished: {model}" if model else "stopped early; run the same command again to resume")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .training.export import export_run
+
+    output, step = export_run(args.run, args.output, base=args.base, stage=args.stage)
+    print(f"wrote {output}" + (f" (step {step})" if step is not None else " (the finished model)"))
     return 0
 
 
@@ -505,7 +521,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"conformance": cmd_conformance, "convert-official": cmd_convert_official, "eval": cmd_eval, "bench": cmd_bench, "compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train, "serve": cmd_serve}
+COMMANDS = {"conformance": cmd_conformance, "convert-official": cmd_convert_official, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench, "compress": cmd_compress, "decompress": cmd_decompress, "info": cmd_info, "train": cmd_train, "serve": cmd_serve}
 
 
 def _on_sigterm(signum, frame):

@@ -18,7 +18,7 @@ from osdiff.config import BaselineArchitecture
 from osdiff.entropy.bitstream import pack, parse
 from osdiff.errors import OSDiffError
 from osdiff.models.baselines import LearnedImageCodec
-from osdiff.training.config import DataConfig, LossConfig, StageConfig, TrainConfig, load_config
+from osdiff.training.config import BaselineStage, DataConfig, LossConfig, TrainConfig, load_config
 from osdiff.training.trainer import Trainer
 
 ARCHS = {
@@ -96,7 +96,7 @@ def _train_config(out: Path, folder: Path, arch: BaselineArchitecture, steps: in
         model="baseline", model_name="baseline-test", output_dir=str(out), threads=2, checkpoint_minutes=1000, log_every=1,
         data=DataConfig(train_folders=[str(folder)], val_folders=[str(folder)], max_side=128),
         baseline=arch, losses=LossConfig(rate_lambdas=[10.0, 100.0, 1000.0], adversarial_start=0, **losses),
-        stages=[StageConfig(name="baseline", steps=steps, batch_size=2, crop=64, lr=3e-3, warmup_steps=1)],
+        stages=[BaselineStage(steps=steps, batch_size=2, crop=64, lr=3e-3, warmup_steps=1)],
     )
 
 

@@ -243,7 +243,7 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     import csv
 
     from osdiff.config import CompressorArchitecture, TinyArchitecture
-    from osdiff.training.config import DataConfig, LossConfig, StageConfig, TrainConfig
+    from osdiff.training.config import CodecStage, DecoderStage, DenoiserStage, DataConfig, LossConfig, TrainConfig
     from osdiff.training.trainer import Trainer
 
     arch = TinyArchitecture(
@@ -259,9 +259,9 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
                         latent_cache=str(tmp_path / "cache")),
         losses=LossConfig(rate_lambdas=[0.5, 1.0, 2.0, 4.0], adversarial_start=0, perceptual=0.0, hint_mse=2.0,
                           decoder_features=0.0, decoder_gradient=1.0),
-        stages=[StageConfig(name="decoder", decoder_target="photo", steps=3, batch_size=2, crop=64, lr=1e-3, warmup_steps=1),
-                StageConfig(name="denoiser", steps=2, batch_size=2, crop=64, warmup_steps=1),
-                StageConfig(name="codec", steps=3, batch_size=2, crop=64, warmup_steps=1, train_unet=True)],
+        stages=[DecoderStage(decoder_target="photo", steps=3, batch_size=2, crop=64, lr=1e-3, warmup_steps=1),
+                DenoiserStage(steps=2, batch_size=2, crop=64, warmup_steps=1),
+                CodecStage(steps=3, batch_size=2, crop=64, warmup_steps=1, train_unet=True)],
     )
     assert Trainer(cfg).run() == out / "model"
     assert len(list((tmp_path / "cache").glob("latents-*.pt"))) == 1
@@ -282,9 +282,9 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     base = osdiff.load(out / "model")
     base.register_to_config(timestep=cfg.decoding.timestep + 7)
     base.save_pretrained(tmp_path / "base")
-    subprocess.run([sys.executable, "scripts/export_checkpoint.py", str(tmp_path / "base"),
-                    str(out / "stages" / "2-codec" / "ckpt.pt"), str(tmp_path / "exported")],
-                   cwd=ROOT, check=True, capture_output=True)
+    from osdiff.training.export import export_run
+
+    assert export_run(out, tmp_path / "exported", base=tmp_path / "base", stage=2) == (tmp_path / "exported", 3)
     exported = osdiff.load(tmp_path / "exported")
     ckpt = torch.load(out / "stages" / "2-codec" / "ckpt.pt", map_location="cpu", weights_only=False)
     name, value = next(iter(ckpt["modules"]["compressor"].items()))
@@ -294,7 +294,7 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     # the decoder then learns to decode that codec's one-step outputs (compressor and UNet fixed)
     tuned = tmp_path / "tuned"
     cfg2 = dataclasses.replace(cfg, output_dir=str(tuned), init_from=str(out / "model"), stages=[
-        StageConfig(name="decoder", decoder_target="photo", decoder_inputs="codec", steps=2, batch_size=2, crop=64, warmup_steps=1)])
+        DecoderStage(decoder_target="photo", decoder_inputs="codec", steps=2, batch_size=2, crop=64, warmup_steps=1)])
     assert Trainer(cfg2).run() == tuned / "model"
     before = osdiff.load(out / "model")
     vae = tuned / "stages" / "0-decoder" / "out" / "vae"
@@ -320,7 +320,7 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
                                 student_decoder_trunk_layers=15)
     cfg3 = dataclasses.replace(cfg, output_dir=str(trunked), init_from=str(tuned / "model"), tiny=arch3, val_every=2,
                                losses=dataclasses.replace(cfg.losses, decoder_mse=5.0, decoder_colour=10.0, decoder_adversarial=0.1),
-                               stages=[StageConfig(name="decoder", decoder_target="teacher", decoder_inputs="codec",
+                               stages=[DecoderStage(decoder_target="teacher", decoder_inputs="codec",
                                                    decoder_freeze_trunk=True, decoder_head_fit=2, steps=2, batch_size=1, crop=0,
                                                    warmup_steps=1)])
     assert Trainer(cfg3).run() == trunked / "model"
@@ -351,7 +351,7 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     arch4 = dataclasses.replace(arch3, compressor=dataclasses.replace(arch.compressor, num_quality_levels=5))
     cfg4 = dataclasses.replace(cfg, output_dir=str(levels), init_from=str(trunked / "model"), tiny=arch4,
                                losses=dataclasses.replace(cfg.losses, rate_lambdas=[0.25, 0.5, 1.0, 2.0, 4.0], latent_mse=0.0),
-                               stages=[StageConfig(name="codec", train="gains", levels=[1], steps=2, batch_size=2, crop=64,
+                               stages=[CodecStage(train="gains", levels=[1], steps=2, batch_size=2, crop=64,
                                                    lr=0.05, warmup_steps=1)])
     assert Trainer(cfg4).run() == levels / "model"
     five = osdiff.load(levels / "model")
@@ -377,7 +377,7 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     denoised = tmp_path / "denoised"
     cfg5 = dataclasses.replace(cfg4, output_dir=str(denoised), init_from=str(levels / "model"),
                                losses=dataclasses.replace(cfg4.losses, latent_mse=1.0),
-                               stages=[StageConfig(name="codec", train="denoiser", steps=2, batch_size=2, crop=64,
+                               stages=[CodecStage(train="denoiser", steps=2, batch_size=2, crop=64,
                                                    lr=1e-3, warmup_steps=1)])
     assert Trainer(cfg5).run() == denoised / "model"
     tuned = osdiff.load(denoised / "model")

@@ -10,7 +10,7 @@ import torch
 
 from osdiff.config import CompressorArchitecture, TinyArchitecture
 from osdiff.errors import OSDiffError
-from osdiff.training.config import DataConfig, LossConfig, StageConfig, TrainConfig, load_config
+from osdiff.training.config import AutoencoderStage, CodecStage, DataConfig, DenoiserStage, LossConfig, StageConfig, TrainConfig, load_config
 from osdiff.training.trainer import Trainer
 
 SMALL = TinyArchitecture(
@@ -37,7 +37,7 @@ def _log(out: Path, stage: str, kind: str = "log") -> list[dict]:
 
 
 def test_autoencoder_stage_reduces_loss(tmp_path, image_folder):
-    cfg = make_config(tmp_path / "run", image_folder, [StageConfig(name="autoencoder", steps=30, batch_size=4, crop=64, lr=3e-3, warmup_steps=1)])
+    cfg = make_config(tmp_path / "run", image_folder, [AutoencoderStage(steps=30, batch_size=4, crop=64, lr=3e-3, warmup_steps=1)])
     Trainer(cfg).run()
     rows = _log(tmp_path / "run", "0-autoencoder")
     first = np.mean([float(r["loss"]) for r in rows[:5]])
@@ -53,8 +53,8 @@ def pretrained_run(tmp_path_factory, image_folder) -> Path:
     """A run whose autoencoder and denoiser stages are done (few steps)."""
     out = tmp_path_factory.mktemp("pre")
     stages = [
-        StageConfig(name="autoencoder", steps=3, batch_size=2, crop=64, warmup_steps=1),
-        StageConfig(name="denoiser", steps=3, batch_size=2, crop=64, warmup_steps=1),
+        AutoencoderStage(steps=3, batch_size=2, crop=64, warmup_steps=1),
+        DenoiserStage(steps=3, batch_size=2, crop=64, warmup_steps=1),
     ]
     Trainer(make_config(out, image_folder, stages)).run()
     return out
@@ -65,9 +65,9 @@ def _codec_config(src: Path, dst: Path, folder: Path, steps: int) -> TrainConfig
 
     shutil.copytree(src, dst)
     stages = [
-        StageConfig(name="autoencoder", steps=3, batch_size=2, crop=64, warmup_steps=1),
-        StageConfig(name="denoiser", steps=3, batch_size=2, crop=64, warmup_steps=1),
-        StageConfig(name="codec", steps=steps, batch_size=2, crop=64, lr=1e-3, warmup_steps=1),
+        AutoencoderStage(steps=3, batch_size=2, crop=64, warmup_steps=1),
+        DenoiserStage(steps=3, batch_size=2, crop=64, warmup_steps=1),
+        CodecStage(steps=steps, batch_size=2, crop=64, lr=1e-3, warmup_steps=1),
     ]
     return make_config(dst, folder, stages, adversarial=0.1)
 
@@ -179,7 +179,7 @@ def test_second_codec_stage_fine_tunes_the_first(tmp_path, pretrained_run, image
     cfg = _codec_config(pretrained_run, tmp_path / "run", image_folder, steps=2)
     Trainer(cfg).run()
     first = osdiff.load(tmp_path / "run" / "model").compressor.state_dict()
-    wider = StageConfig(name="codec", steps=1, batch_size=2, crop=64, lr=1e-9, lr_aux=1e-9, warmup_steps=1, rate_lambdas=[0.1, 1.0, 10.0, 100.0], level_balance=0.5)
+    wider = CodecStage(steps=1, batch_size=2, crop=64, lr=1e-9, lr_aux=1e-9, warmup_steps=1, rate_lambdas=[0.1, 1.0, 10.0, 100.0], level_balance=0.5)
     cfg = replace(cfg, stages=cfg.stages + [wider])
     Trainer(cfg).run()
     second = osdiff.load(tmp_path / "run" / "model").compressor.state_dict()
@@ -247,12 +247,44 @@ def test_conv_head_least_squares_recovers_a_linear_head_and_refuses_other_shapes
 def test_a_resumed_run_that_logs_a_new_column_widens_its_csv(tmp_path):
     """Code updated between sessions may log a new column (e.g. a validation metric): the file
     keeps one header, old rows get an empty cell, no row is shifted."""
-    from types import SimpleNamespace
+    from osdiff.training.files import append_row
 
-    run = SimpleNamespace(out=tmp_path)
-    Trainer._log(run, {"stage": "0-codec", "step": 100, "psnr": 20.0}, kind="val")
-    Trainer._log(run, {"stage": "0-codec", "step": 200, "psnr": 21.0, "haarpsi": 0.6}, kind="val")
-    Trainer._log(run, {"stage": "0-codec", "step": 300, "psnr": 22.0}, kind="val")
+    for row in ({"stage": "0-codec", "step": 100, "psnr": 20.0}, {"stage": "0-codec", "step": 200, "psnr": 21.0, "haarpsi": 0.6},
+                {"stage": "0-codec", "step": 300, "psnr": 22.0}):
+        append_row(tmp_path / "val-0-codec.csv", row)
     rows = _log(tmp_path, "0-codec", kind="val")
     assert [r["step"] for r in rows] == ["100", "200", "300"]
     assert [r["haarpsi"] for r in rows] == ["", "0.6", ""] and rows[2]["psnr"] == "22.0"
+
+
+def test_export_a_running_and_a_finished_run(tmp_path, tiny_codec_folder, image_folder, capsys):
+    """`osdiff export`: a running codec stage's checkpoint on its init_from model, then the
+    finished model; an existing output or a folder that is not a run gets one line."""
+    import osdiff
+    from osdiff.cli import main
+    from osdiff.config import CompressorArchitecture as Compressor
+
+    arch = TinyArchitecture(unet_block_out_channels=(32, 32), cross_attention_dim=32, unet_attention_head_dim=16,
+                            compressor=Compressor(hidden_channels=32, code_channels=32, groups=(4, 4, 8, 16)))
+    run = tmp_path / "run"
+    cfg = replace(make_config(run, image_folder, [CodecStage(steps=2, batch_size=1, crop=64, warmup_steps=1)]),
+                  tiny=arch, init_from=str(tiny_codec_folder), val_every=0, threads=1)
+    assert Trainer(cfg).run(max_steps=1) is None
+    assert main(["export", str(run), "-o", str(tmp_path / "mid")]) == 0
+    assert "(step 1)" in capsys.readouterr().out
+    ckpt = torch.load(run / "stages" / "0-codec" / "ckpt.pt", map_location="cpu", weights_only=False)
+    mid = osdiff.load(tmp_path / "mid")
+    for name, value in ckpt["modules"]["compressor"].items():
+        assert torch.equal(mid.compressor.state_dict()[name].float(), value.float())
+    image, data = mid(np.zeros((64, 64, 3), np.uint8), quality=2)
+    assert image.size == (64, 64) and len(data) > 0
+
+    assert main(["export", str(run), "-o", str(tmp_path / "mid")]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert main(["export", str(image_folder), "-o", str(tmp_path / "x")]) == 1
+    assert "not a training run folder" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+    assert Trainer(cfg).run() == run / "model"
+    assert main(["export", str(run), "-o", str(tmp_path / "final")]) == 0
+    assert "finished model" in capsys.readouterr().out
+    assert (tmp_path / "final" / "model_index.json").read_text() == (run / "model" / "model_index.json").read_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,6 +30,12 @@ def psnr_uint8(x: np.ndarray, ref: np.ndarray) -> float:
     if x.shape != ref.shape:
         raise ValueError(f"psnr: shapes differ, {x.shape} and {ref.shape}")
     return psnr_from_mse(float(np.mean((x.astype(np.float64) - ref.astype(np.float64)) ** 2)))
+
+
+def psnr_tensor(x: Tensor, ref: Tensor) -> Tensor:
+    """`psnr` as a 0-d tensor (no device sync; for training logs), `x` clamped to [0, 1] first."""
+    a, b = (x.detach().clamp(0, 1) * 255).round(), (ref.detach() * 255).round()
+    return 10 * torch.log10(255.0**2 / F.mse_loss(a, b))
 
 
 def luma_gradients(t: Tensor) -> tuple[Tensor, Tensor]:

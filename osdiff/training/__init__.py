@@ -1,1 +1,2 @@
-"""Training: typed config, data, losses, the UNet-feature discriminator and the trainer."""
+"""Training: typed config, data, losses, discriminators, the run context (run.py), one module per
+stage (stages/), the entry point (trainer.Trainer) and run export (export.export_run)."""

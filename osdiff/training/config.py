@@ -12,6 +12,9 @@ A run is a list of stages executed in order, each resumable:
                discriminator); ELIC-style with MSE only, HiFiC-style with all three
   official     (model: official) the paper's LFGCM + CDDM on a frozen SD 2.1 with the official
                losses (osdiff.training.official)
+Each stage has its own config class (AutoencoderStage, ..., OfficialStage: the knobs every
+stage has in StageConfig, its own beside them; STAGE_CONFIGS by name) and its own module in
+osdiff.training.stages; a stage table in a file is built as the class its `name` gives.
 """
 from __future__ import annotations
 
@@ -40,46 +43,153 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    name: str = "codec"  # autoencoder | decoder | denoiser | codec | baseline | official
+    """The knobs every stage has; each stage's own config (below) adds its own."""
+
+    name: str = ""  # autoencoder | decoder | denoiser | codec | baseline | official (STAGE_CONFIGS)
     steps: int = 1000
-    batch_size: int = 4
+    batch_size: int = 4  # per process: a run on N processes takes N * batch_size crops a step
     crop: int = 256  # pixels; 0 (decoder stage on data.latent_cache, batch_size 1): whole photos
     lr: float = 1e-4
-    lr_discriminator: float = 1e-4
-    lr_aux: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 50
-    rate_lambdas: list[float] | None = None  # codec stage: overrides losses.rate_lambdas
+    max_minutes: float | None = None  # stop this stage (as finished) after this many minutes
+
+    def check(self, config: TrainConfig, where: str) -> None:
+        """Raise OSDiffError (one line) when this stage cannot run with `config`."""
+        if self.name != STAGE_NAMES.get(type(self)):
+            raise OSDiffError(f"config {where}: a {type(self).__name__} is named {STAGE_NAMES.get(type(self))!r}, not {self.name!r}")
+        if config.model in ("baseline", "official") and self.name != config.model:
+            raise OSDiffError(f"config {where}: stage {config.model!r} goes with model {config.model!r} and only with it")
+        if self.crop == 0 and (self.name != "decoder" or not config.data.latent_cache or self.batch_size != 1):
+            raise OSDiffError(f"config {where}: crop 0 (whole photos) is for a decoder stage with data.latent_cache and batch_size 1")
+
+
+@dataclass
+class AutoencoderStage(StageConfig):
+    """Train our TinyAutoencoder on reconstruction (tiny model, autoencoder "own")."""
+
+    name: str = "autoencoder"
+
+
+@dataclass
+class DenoiserStage(StageConfig):
+    """Train the tiny UNet as an ordinary latent diffusion denoiser (noise prediction)."""
+
+    name: str = "denoiser"
+
+
+@dataclass
+class DecoderStage(StageConfig):
+    """Fit the TAEF2 latent statistics and distil a slim student decoder (autoencoder "taef2")."""
+
+    name: str = "decoder"
+    lr_discriminator: float = 1e-4
+    # what the slim decoder learns to reproduce from the TAEF2 latent: "teacher" (TAEF2's own
+    # decoder output; distillation) or "photo" (the photo itself; no teacher runs)
+    decoder_target: str = "teacher"
+    # what it decodes: "latents" (the photos' latents, half of them perturbed) or "codec"
+    # (init_from's one-step outputs at random quality levels, as decoding produces them; with
+    # decoder_target "photo" the decoder learns to undo the codec's errors too, with "teacher" it
+    # learns to decode them as TAEF2's own decoder does: sharp)
+    decoder_inputs: str = "latents"
+    # tiny.student_decoder_trunk: keep the teacher layers of the trunk frozen (only the new layers
+    # learn; no backward pass through the trunk)
+    decoder_freeze_trunk: bool = False
+    # before the gradient steps, fit the head of a trunk decoder with no new levels (one 3x3 conv
+    # + pixel shuffle, linear) in closed form: ridge least squares to the target on this many
+    # training photos' inputs (osdiff.training.head_fit); 0: off. Not redone on resume
+    decoder_head_fit: int = 0
+
+    def check(self, config: TrainConfig, where: str) -> None:
+        super().check(config, where)
+        if self.decoder_inputs not in ("latents", "codec"):
+            raise OSDiffError(f"config {where}: decoder_inputs must be 'latents' or 'codec', got {self.decoder_inputs!r}")
+        if self.decoder_inputs == "codec" and not config.init_from:
+            raise OSDiffError(f"config {where}: decoder_inputs 'codec' needs init_from (a model folder)")
+        if self.decoder_target not in ("teacher", "photo"):
+            raise OSDiffError(f"config {where}: decoder_target must be 'teacher' or 'photo', got {self.decoder_target!r}")
+
+
+@dataclass
+class CodecStage(StageConfig):
+    """Freeze autoencoder and UNet; train compressor + control module (+ discriminators) with
+    rate + latent MSE + hint MSE + perceptual + adversarial."""
+
+    name: str = "codec"
+    lr_discriminator: float = 1e-4
+    lr_aux: float = 1e-3
+    rate_lambdas: list[float] | None = None  # overrides losses.rate_lambdas
     # each level's loss (bpp + lambda * D) is weighted by lambda ** -level_balance, so that with a wide
     # lambda range the highest level does not drown the others' gradients in the shared layers
     # (for one level this only rescales the loss; its optimum is unchanged)
     level_balance: float = 0.0
-    train_unet: bool = False  # codec stage: also fine-tune the denoising UNet (else it stays frozen)
-    # codec stage: what learns: "all" (compressor + control module, + UNet with train_unet), or
-    # "gains" (only the compressor's per-level gain tables, e.g. new levels that init_from lacks:
-    # a compressor with fewer levels gets the missing ones below its lowest, see
-    # LatentCompressor.with_lower_levels; the other levels code exactly as before), or
-    # "denoiser" (the control module, + UNet with train_unet, on the frozen compressor's hints as
-    # decoding gives them: the files stay bit for bit the same, the one step learns to beat the hint)
+    train_unet: bool = False  # also fine-tune the denoising UNet (else it stays frozen)
+    # what learns: "all" (compressor + control module, + UNet with train_unet), or "gains" (only
+    # the compressor's per-level gain tables, e.g. new levels that init_from lacks: a compressor
+    # with fewer levels gets the missing ones below its lowest, see
+    # LatentCompressor.with_lower_levels; the other levels code exactly as before), or "denoiser"
+    # (the control module, + UNet with train_unet, on the frozen compressor's hints as decoding
+    # gives them: the files stay bit for bit the same, the one step learns to beat the hint)
     train: str = "all"
-    levels: list[int] | None = None  # codec stage: the 1-based quality levels trained on (default: all)
-    max_minutes: float | None = None  # stop this stage (as finished) after this many minutes
-    # decoder stage: what the slim decoder learns to reproduce from the TAEF2 latent: "teacher"
-    # (TAEF2's own decoder output; distillation) or "photo" (the photo itself; no teacher runs)
-    decoder_target: str = "teacher"
-    # decoder stage: what it decodes: "latents" (the photos' latents, half of them perturbed) or
-    # "codec" (init_from's one-step outputs at random quality levels, as decoding produces them;
-    # with decoder_target "photo" the decoder learns to undo the codec's errors too, with
-    # "teacher" it learns to decode them as TAEF2's own decoder does: sharp)
-    decoder_inputs: str = "latents"
-    # decoder stage, tiny.student_decoder_trunk: keep the teacher layers of the trunk frozen
-    # (only the new layers learn; no backward pass through the trunk)
-    decoder_freeze_trunk: bool = False
-    # decoder stage: before the gradient steps, fit the head of a trunk decoder with no new levels
-    # (one 3x3 conv + pixel shuffle, linear) in closed form: ridge least squares to the target on
-    # this many training photos' inputs (osdiff.training.head_fit); 0: off. Not redone on resume
-    decoder_head_fit: int = 0
+    levels: list[int] | None = None  # the 1-based quality levels trained on (default: all)
+
+    def check(self, config: TrainConfig, where: str) -> None:
+        super().check(config, where)
+        if config.losses.latent_weighting not in ("none", "decoder"):
+            raise OSDiffError(f"config {where}: latent_weighting must be 'none' or 'decoder'")
+        if self.levels is not None and (not self.levels or min(self.levels) < 1):
+            raise OSDiffError(f"config {where}: levels must list 1-based quality levels")
+        if self.train not in ("all", "gains", "denoiser"):
+            raise OSDiffError(f"config {where}: train must be 'all', 'gains' or 'denoiser', got {self.train!r}")
+        if self.train == "denoiser" and not (config.losses.latent_mse > 0 or config.losses.adversarial > 0):
+            raise OSDiffError(f"config {where}: train 'denoiser' is for a codec stage with latent_mse or adversarial > 0")
+        if self.train == "gains" and self.train_unet:
+            raise OSDiffError(f"config {where}: train 'gains' is for a codec stage without train_unet")
+
+
+@dataclass
+class BaselineStage(StageConfig):
+    """(model: baseline) a compressai codec family, one model per rate, on pixels."""
+
+    name: str = "baseline"
+    lr_discriminator: float = 1e-4
+    lr_aux: float = 1e-3
+    rate_lambdas: list[float] | None = None  # overrides losses.rate_lambdas
+
+    def check(self, config: TrainConfig, where: str) -> None:
+        super().check(config, where)
+        if config.model != "baseline":
+            raise OSDiffError(f"config {where}: stage 'baseline' goes with model 'baseline' and only with it")
+
+
+@dataclass
+class OfficialStage(StageConfig):
+    """(model: official) the paper's LFGCM + CDDM on a frozen SD 2.1 with the official losses."""
+
+    name: str = "official"
+    lr_discriminator: float = 1e-4
+    lr_aux: float = 1e-3
+    rate_lambdas: list[float] | None = None  # one value: the weight of bpp
+
+    def check(self, config: TrainConfig, where: str) -> None:
+        super().check(config, where)
+        if config.model != "official":
+            raise OSDiffError(f"config {where}: stage 'official' goes with model 'official' and only with it")
+
+
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {
+    "autoencoder": AutoencoderStage, "decoder": DecoderStage, "denoiser": DenoiserStage,
+    "codec": CodecStage, "baseline": BaselineStage, "official": OfficialStage,
+}
+STAGE_NAMES = {cls: name for name, cls in STAGE_CONFIGS.items()}
+
+
+def stage_config(name: str, **knobs) -> StageConfig:
+    """The config of a stage called `name` (one of STAGE_CONFIGS) with `knobs`."""
+    if name not in STAGE_CONFIGS:
+        raise OSDiffError(f"unknown stage {name!r} (one of {', '.join(STAGE_CONFIGS)})")
+    return STAGE_CONFIGS[name](**knobs)
 
 
 @dataclass
@@ -154,7 +264,7 @@ class TrainConfig:
     compressor: CompressorArchitecture | None = None  # sd21: defaults to ELIC sizes
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     baseline: BaselineArchitecture = field(default_factory=BaselineArchitecture)
-    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    stages: list[StageConfig] = field(default_factory=lambda: [CodecStage()])
 
 
 def _build(cls, data: Any, where: str):
@@ -172,7 +282,9 @@ def _build(cls, data: Any, where: str):
         hint = hints[key]
         origin = getattr(hint, "__origin__", None)
         args = getattr(hint, "__args__", ())
-        if origin is list and args and is_dataclass(args[0]):
+        if origin is list and args and args[0] is StageConfig:
+            kwargs[key] = [_build(_stage_class(v, f"{where}.{key}[{i}]"), v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+        elif origin is list and args and is_dataclass(args[0]):
             kwargs[key] = [_build(args[0], v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
         elif is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{where}.{key}")
@@ -186,6 +298,14 @@ def _build(cls, data: Any, where: str):
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise OSDiffError(f"config {where}: {exc}") from None
+
+
+def _stage_class(data: Any, where: str) -> type:
+    """The config class of a stage table (by its name; a table without one is a codec stage)."""
+    name = data.get("name", "codec") if isinstance(data, dict) else "codec"
+    if name not in STAGE_CONFIGS:
+        raise OSDiffError(f"config {where}: unknown stage {name!r}")
+    return STAGE_CONFIGS[name]
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -236,28 +356,5 @@ def load_config(path: str | Path, **overrides) -> TrainConfig:
     data = _read_config_file(path)
     config = dataclasses.replace(_build(TrainConfig, data, path.name), **overrides)
     for stage in config.stages:
-        if stage.name not in ("autoencoder", "decoder", "denoiser", "codec", "baseline", "official"):
-            raise OSDiffError(f"config {path.name}: unknown stage {stage.name!r}")
-        if config.losses.latent_weighting not in ("none", "decoder"):
-            raise OSDiffError(f"config {path.name}: latent_weighting must be 'none' or 'decoder'")
-        if stage.decoder_inputs not in ("latents", "codec"):
-            raise OSDiffError(f"config {path.name}: decoder_inputs must be 'latents' or 'codec', got {stage.decoder_inputs!r}")
-        if stage.decoder_inputs == "codec" and not config.init_from:
-            raise OSDiffError(f"config {path.name}: decoder_inputs 'codec' needs init_from (a model folder)")
-        if stage.crop == 0 and (stage.name != "decoder" or not config.data.latent_cache or stage.batch_size != 1):
-            raise OSDiffError(f"config {path.name}: crop 0 (whole photos) is for a decoder stage with data.latent_cache and batch_size 1")
-        if stage.levels is not None and (not stage.levels or min(stage.levels) < 1):
-            raise OSDiffError(f"config {path.name}: levels must list 1-based quality levels")
-        if stage.train not in ("all", "gains", "denoiser"):
-            raise OSDiffError(f"config {path.name}: train must be 'all', 'gains' or 'denoiser', got {stage.train!r}")
-        if stage.train == "denoiser" and (stage.name != "codec" or not (config.losses.latent_mse > 0 or config.losses.adversarial > 0)):
-            raise OSDiffError(f"config {path.name}: train 'denoiser' is for a codec stage with latent_mse or adversarial > 0")
-        if stage.train == "gains" and (stage.name != "codec" or stage.train_unet):
-            raise OSDiffError(f"config {path.name}: train 'gains' is for a codec stage without train_unet")
-        if stage.decoder_target not in ("teacher", "photo"):
-            raise OSDiffError(f"config {path.name}: decoder_target must be 'teacher' or 'photo', got {stage.decoder_target!r}")
-        if (stage.name == "official") != (config.model == "official"):
-            raise OSDiffError(f"config {path.name}: stage 'official' goes with model 'official' and only with it")
-        if (stage.name == "baseline") != (config.model == "baseline"):
-            raise OSDiffError(f"config {path.name}: stage 'baseline' goes with model 'baseline' and only with it")
+        stage.check(config, path.name)
     return config

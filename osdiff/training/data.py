@@ -62,17 +62,19 @@ def center_crops(images: list[np.ndarray], crop: int) -> torch.Tensor:
 
 
 class CropSampler:
-    """Random crops with horizontal flips; batch k is a pure function of (seed, stage, k)."""
+    """Random crops with horizontal flips; batch k of process r is a pure function of
+    (seed, stage, k, r) (process 0: of (seed, stage, k), as in a single-process run)."""
 
-    def __init__(self, images: list[np.ndarray], crop: int, batch_size: int, seed: int, stage: int) -> None:
+    def __init__(self, images: list[np.ndarray], crop: int, batch_size: int, seed: int, stage: int, rank: int = 0) -> None:
         self.images = [im for im in images if min(im.shape[:2]) >= crop]
         if not self.images:
             raise OSDiffError(f"no training image is at least {crop}x{crop} pixels")
-        self.crop, self.batch_size, self.seed, self.stage = crop, batch_size, seed, stage
+        self.crop, self.batch_size, self.seed, self.stage, self.rank = crop, batch_size, seed, stage, rank
 
-    def batch(self, step: int) -> torch.Tensor:
-        """(B,3,crop,crop) float in [0,1]."""
-        rng = np.random.default_rng([self.seed, self.stage, step])
+    def batch(self, step: int, rank: int | None = None) -> torch.Tensor:
+        """(B,3,crop,crop) float in [0,1]; `rank` overrides the sampler's process (rank 0: the
+        batches every process shares, e.g. for statistics)."""
+        rng = batch_rng(self.seed, self.stage, step, self.rank if rank is None else rank)
         out = np.empty((self.batch_size, self.crop, self.crop, 3), dtype=np.uint8)
         for i in range(self.batch_size):
             im = self.images[rng.integers(len(self.images))]
@@ -81,3 +83,8 @@ class CropSampler:
             patch = im[y : y + self.crop, x : x + self.crop]
             out[i] = patch[:, ::-1] if rng.random() < 0.5 else patch
         return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def batch_rng(seed: int, stage: int, step: int, rank: int = 0) -> np.random.Generator:
+    """The random numbers of one batch: process 0 draws what a single process draws."""
+    return np.random.default_rng([seed, stage, step] if rank == 0 else [seed, stage, step, rank])

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import OSDiffError
 from ..verbosity import progress
-from .data import whole_photo
+from .data import CropSampler, batch_rng, whole_photo
 
 
 def _key(files: list[Path], max_side: int, encoder: nn.Module) -> str:
@@ -56,7 +56,7 @@ def cached_latents(images: list[np.ndarray], files: list[Path], max_side: int, e
 
 class LatentCropSampler:
     """Aligned random crops of photos and their cached latents (no flips: see the module
-    docstring); batch k is a pure function of (seed, stage, k).
+    docstring); batch k of process r is a pure function of (seed, stage, k, r) (see CropSampler).
 
     crop 0: whole photos instead, one per batch (sizes differ), each trimmed at the right and
     bottom to a multiple of `align` latent pixels (e.g. a compressor's `latent_multiple`). For
@@ -64,7 +64,7 @@ class LatentCropSampler:
     them the colours, differ from the whole image's."""
 
     def __init__(self, images: list[np.ndarray], latents: list[Tensor], crop: int, batch_size: int,
-                 seed: int, stage: int, align: int = 1) -> None:
+                 seed: int, stage: int, align: int = 1, rank: int = 0) -> None:
         if crop % 8:
             raise OSDiffError(f"crop must be a multiple of 8, got {crop}")
         if crop == 0 and batch_size != 1:
@@ -75,11 +75,12 @@ class LatentCropSampler:
             raise OSDiffError(f"no training image is at least {least}x{least} pixels")
         self.images, self.latents = zip(*pairs)
         self.crop, self.batch_size, self.seed, self.stage, self.align = crop, batch_size, seed, stage, align
+        self.rank = rank
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+    def batch(self, step: int, rank: int | None = None) -> tuple[Tensor, Tensor]:
         """(pixels (B,3,crop,crop) float in [0,1], raw latents (B,C,crop/8,crop/8) float32);
         crop 0: (1,3,H,W) and (1,C,H/8,W/8) of one whole photo."""
-        rng = np.random.default_rng([self.seed, self.stage, step])
+        rng = batch_rng(self.seed, self.stage, step, self.rank if rank is None else rank)
         if self.crop == 0:
             k = rng.integers(len(self.images))
             im, z = self.images[k], self.latents[k]
@@ -97,3 +98,15 @@ class LatentCropSampler:
             latents.append(z[:, y : y + c, x : x + c])
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
         return x, torch.stack(latents).float()
+
+
+class EncodingSampler:
+    """(photos, latents) batches by running a frozen encoder (`encode`) on each batch of crops."""
+
+    def __init__(self, crops: CropSampler, encode, device) -> None:
+        self.crops, self.encode, self.device = crops, encode, device
+
+    @torch.no_grad()
+    def batch(self, step: int, rank: int | None = None) -> tuple[Tensor, Tensor]:
+        x = self.crops.batch(step, rank).to(self.device)
+        return x, self.encode(x)

@@ -1,4 +1,5 @@
-"""Training the paper's model (stage "official", model "official"): the ported LFGCM + CDDM on
+"""Training the paper's model (stage "official", model "official"; the stage itself:
+osdiff.training.stages.official): the ported LFGCM + CDDM on
 a frozen Stable Diffusion 2.1, with what the official code computes (model/osdiff.py
 `training_step` / `p_losses`, ldm `LatentDiffusion.forward`), one run per lambda:
 
@@ -27,20 +28,15 @@ are they here. The control module starts from the UNet's weights as the official
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from ..denoise import alphas_cumprod_float64
 from ..errors import OSDiffError
 from ..models.conditioning import ConditioningEmbedding
-from ..models.official.cddm import CDDMControl, controlled_unet_forward
-from .discriminator import UNetFeatureDiscriminator, frozen_generator_loss
-from .losses import discriminator_adversarial
+from ..models.official.cddm import CDDMControl
 
 OFFICIAL_T = 999
 WEIGHTS = {"latent_mse": 1.0, "hint_mse": 2.0, "adversarial": 0.01}
@@ -124,119 +120,3 @@ def _with_context(cfg, folder: Path):
 
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text()) if (folder / "unet" / "config.json").is_file() else {}
     return dataclasses.replace(cfg, unet={**cfg.unet, "context_dim": unet_cfg.get("cross_attention_dim", cfg.unet["context_dim"])})
-
-
-def official_stage(trainer, index: int, stage, max_steps, deadline) -> bool:
-    """Run (or resume) one official training stage on `trainer` (osdiff.training.trainer.Trainer)."""
-    from ..convert.official import official_scheduler
-    from ..models.official.lfgcm import OfficialLFGCM
-    from ..official_pipeline import OfficialLevels, OfficialOSDiffPipeline
-    from .trainer import _psnr, _split_quantiles
-
-    cfg = trainer.config
-    if not cfg.base_model:
-        raise OSDiffError("model 'official' needs base_model: a local SD 2.1 diffusers folder or v2-1_512-ema-pruned.ckpt")
-    lambdas = stage.rate_lambdas or [1.0]
-    if len(lambdas) != 1:
-        raise OSDiffError("stage 'official' trains one lambda per run (rate_lambdas: [one value], the weight of bpp)")
-    rate_weight = float(lambdas[0])
-    vae, unet, conditioning, ocfg = official_parts(cfg.base_model, cfg.official_config)
-    torch.manual_seed(cfg.seed + 2)
-    lfgcm = OfficialLFGCM(**ocfg.lfgcm_kwargs())
-    control = CDDMControl(**control_kwargs_for(unet, ocfg.control))
-    init_control_from_unet(control, unet)
-    discriminator = UNetFeatureDiscriminator(unet)
-    for frozen in (vae, unet, conditioning):
-        frozen.requires_grad_(False)
-        frozen.to(trainer.device)
-    scheduler = official_scheduler(ocfg)
-    alphas = torch.from_numpy(alphas_cumprod_float64(ocfg.timesteps, ocfg.linear_start, ocfg.linear_end))
-    sqrt_a = alphas.sqrt().float().to(trainer.device)  # ldm's registered float32 buffers
-    sqrt_1ma = (1 - alphas).sqrt().float().to(trainer.device)
-    recip = (1 / alphas).sqrt().float().to(trainer.device)
-    recipm1 = (1 / alphas - 1).sqrt().float().to(trainer.device)
-
-    def q_sample(x0, t, noise):
-        return sqrt_a[t][:, None, None, None] * x0 + sqrt_1ma[t][:, None, None, None] * noise
-
-    main_params, aux_params = _split_quantiles(lfgcm)
-    main_params = main_params + list(control.parameters())
-    opt = torch.optim.AdamW(main_params, lr=stage.lr, weight_decay=stage.weight_decay)
-    opt_aux = torch.optim.AdamW(aux_params, lr=stage.lr_aux)
-    opt_d = torch.optim.AdamW(discriminator.parameters(), lr=stage.lr_discriminator)
-    lfgcm, control, discriminator, opt, opt_aux, opt_d = trainer._prepare(lfgcm, control, discriminator, opt, opt_aux, opt_d)
-    from .data import CropSampler
-
-    sampler = CropSampler(trainer._images_cached(), stage.crop, stage.batch_size, cfg.seed, index)
-    sf = vae.config.scaling_factor
-
-    def forward(x: torch.Tensor, gen: torch.Generator):
-        b = x.shape[0]
-        with torch.no_grad():
-            posterior = vae.encode(x * 2 - 1).latent_dist
-            z = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(x)) * sf
-        out = lfgcm(z)
-        bpp = sum(torch.log(v).sum() for v in out["likelihoods"].values()) / (-math.log(2) * b * x.shape[-2] * x.shape[-1])
-        t = torch.full((b,), OFFICIAL_T, dtype=torch.long, device=x.device)
-        x_t = q_sample(z, t, torch.randn(z.shape, generator=gen).to(z))
-        eps = controlled_unet_forward(control, unet, x_t, t, conditioning(b), out["hint"])
-        z0 = recip[t][:, None, None, None] * x_t - recipm1[t][:, None, None, None] * eps
-        return z, out["hint"], bpp, z0
-
-    def step_fn(step: int) -> dict:
-        x = sampler.batch(step).to(trainer.device)
-        gen = trainer._generator(index, step)
-        b = x.shape[0]
-        ctx = conditioning(b)
-        with trainer.accelerator.accumulate(lfgcm, control):
-            z, hint, bpp, z0 = forward(x, gen)
-            latent_mse = F.mse_loss(z0, z)
-            hint_mse = F.mse_loss(hint, z)
-            t1 = torch.randint(0, ocfg.timesteps, (b,), generator=gen).to(trainer.device)
-            n1 = torch.randn(z.shape, generator=gen).to(z)
-            adv = frozen_generator_loss(discriminator, q_sample(z0, t1, n1), t1, ctx)
-            loss = WEIGHTS["latent_mse"] * latent_mse + rate_weight * bpp + WEIGHTS["hint_mse"] * hint_mse + WEIGHTS["adversarial"] * adv
-            trainer._update(loss, main_params, opt, stage.grad_clip)
-            aux = trainer._aux_step(lfgcm, opt_aux)
-        d_loss = discriminator_adversarial(discriminator(q_sample(z, t1, n1), t1, ctx), discriminator(q_sample(z0.detach(), t1, n1), t1, ctx))
-        trainer.accelerator.backward(d_loss)
-        if trainer.accelerator.sync_gradients:
-            trainer.accelerator.clip_grad_norm_(discriminator.parameters(), stage.grad_clip)
-        opt_d.step()
-        opt_d.zero_grad()
-        return {"loss": loss.item(), "bpp": bpp.item(), "latent_mse": latent_mse.item(), "hint_mse": hint_mse.item(),
-                "adv_g": adv.item(), "adv_d": d_loss.item(), "aux": aux.item()}
-
-    def val_fn() -> dict:
-        """bpp (entropy models, eval mode) and PSNR of the official one-step decode from fixed noise."""
-        x = trainer._val_batch(stage.crop)
-        z = vae.encode(x * 2 - 1).latent_dist.mode() * sf
-        out = lfgcm(z)
-        b = x.shape[0]
-        t = torch.full((b,), OFFICIAL_T, dtype=torch.long, device=x.device)
-        x_t = torch.randn(z.shape, generator=torch.Generator().manual_seed(12345)).to(z)
-        eps = controlled_unet_forward(control, unet, x_t, t, conditioning(b), out["hint"])
-        z0 = recip[t][:, None, None, None] * x_t - recipm1[t][:, None, None, None] * eps
-        bpp = sum(torch.log(v).sum() for v in out["likelihoods"].values()) / (-math.log(2) * b * x.shape[-2] * x.shape[-1])
-        return {"bpp": bpp.item(), "psnr": _psnr((vae.decode(z0 / sf).sample.clamp(-1, 1) + 1) / 2, x)}
-
-    modules = {"lfgcm": lfgcm, "control": control, "discriminator": discriminator}
-    optimizers = {"main": (opt, stage.lr), "aux": (opt_aux, stage.lr_aux), "disc": (opt_d, stage.lr_discriminator)}
-    if not trainer._loop(index, stage, modules, optimizers, step_fn, max_steps, deadline, val_fn):
-        return False
-    unwrap = trainer.accelerator.unwrap_model
-    own = lambda m: {k: v for k, v in unwrap(m).config.items() if not k.startswith("_")}  # noqa: E731
-    levels = OfficialLevels(num_levels=1, compressor=own(lfgcm), control=own(control))
-    levels.compressors[0].load_state_dict(unwrap(lfgcm).state_dict())
-    levels.controls[0].load_state_dict(unwrap(control).state_dict())
-    levels.update(force=True)
-    pipe = OfficialOSDiffPipeline(vae=vae, unet=unet, levels=levels, conditioning=conditioning, scheduler=scheduler,
-                                  model_name=cfg.model_name, noise_seed=cfg.decoding.noise_seed)
-    pipe.to("cpu")
-    pipe.save_pretrained(trainer.out / "model")
-    # the run in the official layout too: `osdiff convert-official --ckpt` joins runs (one per
-    # lambda) into the quality levels of one model folder
-    from ..convert.official import official_lambda_state
-
-    torch.save({"state_dict": official_lambda_state(levels.controls[0], levels.compressors[0])}, trainer.out / "official_lambda.ckpt")
-    return True

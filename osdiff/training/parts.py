@@ -1,0 +1,44 @@
+"""Model parts more than one stage builds or loads (on a TrainingRun)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.autoencoder import TinyAutoencoder
+from ..models.taesd import TAESDAutoencoder
+from ..pipeline import OSDiffPipeline
+from .config import StageConfig
+from .discriminator import ConditionalPatchDiscriminator
+from .run import TrainingRun
+
+
+def split_quantiles(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(parameters the main loss trains, the entropy bottlenecks' quantiles the aux loss trains)."""
+    named = list(module.named_parameters())
+    return [p for n, p in named if not n.endswith(".quantiles")], [p for n, p in named if n.endswith(".quantiles")]
+
+
+def init_model(run: TrainingRun) -> OSDiffPipeline | None:
+    """The model folder named by init_from, if it names one."""
+    if not run.config.init_from:
+        return None
+    path = run.path(run.config.init_from)
+    if not (path / "model_index.json").is_file():
+        return None
+    return OSDiffPipeline.from_pretrained(path).to(torch.float32)
+
+
+def trained_vae(run: TrainingRun) -> TinyAutoencoder | TAESDAutoencoder:
+    """The tiny model's frozen autoencoder from its stage's output (decoder or autoencoder)."""
+    if run.config.tiny.autoencoder == "taef2":
+        return TAESDAutoencoder.from_pretrained(run.find_output("decoder", "vae"))
+    return TinyAutoencoder.from_pretrained(run.find_output("autoencoder", "vae"))
+
+
+def patch_discriminator(run: TrainingRun, latent_channels: int, stage: StageConfig):
+    """A freshly seeded ConditionalPatchDiscriminator (pixels given a latent of
+    `latent_channels`) and its AdamW, both prepared."""
+    torch.manual_seed(run.config.seed + 9)
+    discriminator = ConditionalPatchDiscriminator(latent_channels).to(run.device)
+    opt = torch.optim.AdamW(discriminator.parameters(), lr=stage.lr_discriminator, betas=(0.5, 0.999))
+    return run.prepare(discriminator, opt)
