@@ -249,20 +249,26 @@ def _run_shared(files: list[Path], outputs: list[Path], work, desc: str) -> list
     results: list[dict] = []
     try:
         for start in range(0, longest, per_round):
-            with dist.together():
-                done = [(i, one(i)) for i in mine[start:start + per_round]]
+            done, failure = [], None
+            try:
+                for i in mine[start:start + per_round]:
+                    done.append((i, one(i)))
+            except Exception as exc:  # what was done is reported first, then every rank stops
+                failure = exc
             gathered = dist.gather(done)
-            if gathered is None:  # not rank 0: keep quiet
-                results += [r for _, r in done]
-                continue
-            for _, result in sorted((r for part in gathered for r in part), key=lambda r: r[0]):
-                for line in result["err"]:
-                    print(line, file=sys.stderr, flush=True)
-                for line in result["out"]:
-                    print(line, flush=True)
-                results.append(result)
-                if bar is not None:
-                    bar.update(1)
+            with dist.together():
+                if gathered is None:  # not rank 0: keep quiet
+                    results += [r for _, r in done]
+                for _, result in sorted((r for part in gathered or [] for r in part), key=lambda r: r[0]):
+                    for line in result["err"]:
+                        print(line, file=sys.stderr, flush=True)
+                    for line in result["out"]:
+                        print(line, flush=True)
+                    results.append(result)
+                    if bar is not None:
+                        bar.update(1)
+                if failure is not None:
+                    raise failure
     finally:
         if bar is not None:
             bar.close()

@@ -180,14 +180,20 @@ def evaluate(data_dirs: Path | list[Path], codecs: list[Codec], out_dir: Path, m
     bar = progress(total=len(jobs), desc="eval", unit="code", mininterval=2, disable=not dist.is_main())
     try:
         for start in range(0, longest, per_round):
-            with dist.together():
-                done = [(i, worker(jobs[i])) for i in mine[start:start + per_round]]
+            done, failure = [], None
+            try:
+                for i in mine[start:start + per_round]:
+                    done.append((i, worker(jobs[i])))
+            except Exception as exc:  # what was done is kept first, then every rank stops
+                failure = exc
             gathered = dist.gather(done)
             with dist.together():
                 if store is not None:
                     results = sorted((r for part in gathered for r in part), key=lambda r: r[0])
                     _apply(store, feat_dir, kinds, images, codecs, [(jobs[i], r) for i, r in results])
                     bar.update(len(results))
+                if failure is not None:
+                    raise failure
     finally:
         bar.close()
         if store is not None:
