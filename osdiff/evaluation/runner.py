@@ -160,6 +160,14 @@ def evaluate(data_dirs: Path | list[Path], codecs: list[Codec], out_dir: Path, m
     `out_dir` and returns the summary (the same as one process would); the others return None."""
     from .. import distributed as dist
 
+    with dist.session():  # joins the job's process group unless already in it
+        return _evaluate(data_dirs, codecs, out_dir, metrics, limit, anchor, crops, crop_bpp, reference)
+
+
+def _evaluate(data_dirs: Path | list[Path], codecs: list[Codec], out_dir: Path, metrics: MetricSuite,
+              limit: int | None, anchor: str, crops: bool, crop_bpp: float | None, reference: str | None) -> dict | None:
+    from .. import distributed as dist
+
     set_metrics = patch_set_metrics(metrics.unavailable, proxy=metrics.wanted("kid_taef2"))
     feat_dir = out_dir / "features"
     store = None
