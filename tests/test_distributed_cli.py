@@ -212,3 +212,14 @@ def test_eval_rows_are_written_in_batches_and_in_grid_order(tmp_path):
     store.add(row("b.png", "9", 33.0))
     store.flush(force=True)  # only new rows: appended
     assert path.read_text().splitlines()[-1] == "b.png,jpeg,9,10.0,1.0,33.0" and len(_read_rows(path)[0]) == 5
+
+
+def test_compress_refuses_two_inputs_with_one_output(tmp_path, capsys):
+    """Two inputs of the same name into one folder: an error before anything is written (split
+    or not, no output is written twice, even with --force)."""
+    for folder in ("a", "b"):
+        _photos(tmp_path / folder, 1, 32, 32)
+    out = tmp_path / "out"
+    assert main(["compress", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out), "--force"]) == 1
+    assert capsys.readouterr().err.strip() == f"osdiff: error: {out / 'img0.osd'}: two inputs would be written there (inputs with the same name into one folder)"
+    assert not out.exists()
