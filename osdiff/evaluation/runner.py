@@ -1,6 +1,7 @@
 """`osdiff eval`: every codec at every setting on every image of one or more folders, metrics,
 aggregates, BD-rates, plots and an offline HTML report. Finished (image, codec, setting) rows
-are kept in per_image.csv and skipped on the next run, so an interrupted evaluation resumes;
+are kept in per_image.csv (written every few seconds, and in (image, codec, setting) order at
+the end) and skipped on the next run, so an interrupted evaluation resumes;
 rows made before a metric existed get its value (the setting is coded again) and the CSV is
 rewritten with the new columns. Split across processes (`torchrun`, `accelerate launch`; see
 osdiff.distributed), each rank codes its share of the images and rank 0 writes everything."""
