@@ -213,26 +213,101 @@ def _run_each(files, outputs, work, desc: str) -> int:
     return failures
 
 
+def _split(command):
+    """`command(args)` as one process of a job split with torchrun / accelerate launch
+    (osdiff.distributed; a plain call otherwise): an error every rank agreed on is reported by
+    rank 0 alone, the others exit non-zero quietly."""
+
+    def run(args) -> int:
+        from . import distributed as dist
+
+        with dist.session():
+            try:
+                return command(args)
+            except dist.JobFailed:
+                if dist.is_main():
+                    raise
+                return EXIT_ERROR
+
+    run.__doc__ = command.__doc__
+    return run
+
+
+def _run_shared(files: list[Path], outputs: list[Path], work, desc: str) -> list[dict]:
+    """`work(src, dst) -> {"out": [lines], "err": [lines], ...}` for every pair, each process of
+    a split job taking its share; rank 0 prints the lines in input order (as one process would)
+    and gets the results of all pairs (the others get theirs). A pair's OSDiffError is one
+    error line and {"failed": True}; any other error stops the whole job."""
+    from . import distributed as dist
+
+    def one(i: int) -> dict:
+        try:
+            return work(files[i], outputs[i])
+        except OSDiffError as exc:
+            return {"out": [], "err": [f"osdiff: error: {exc}"], "failed": True}
+
+    mine = dist.shard(range(len(files)))
+    longest = len(dist.shard(range(len(files)), 0))  # rank 0's share is the longest
+    per_round = 1 if dist.world_size() == 1 else 4
+    bar = None
+    if len(files) > 1 and dist.is_main():
+        from .verbosity import progress
+
+        bar = progress(total=len(files), desc=desc, unit="file")
+    results: list[dict] = []
+    try:
+        for start in range(0, longest, per_round):
+            done, failure = [], None
+            try:
+                for i in mine[start:start + per_round]:
+                    done.append((i, one(i)))
+            except Exception as exc:  # what was done is reported first, then every rank stops
+                failure = exc
+            gathered = dist.gather(done)
+            with dist.together():
+                if gathered is None:  # not rank 0: keep quiet
+                    results += [r for _, r in done]
+                for _, result in sorted((r for part in gathered or [] for r in part), key=lambda r: r[0]):
+                    for line in result["err"]:
+                        print(line, file=sys.stderr, flush=True)
+                    for line in result["out"]:
+                        print(line, flush=True)
+                    results.append(result)
+                    if bar is not None:
+                        bar.update(1)
+                if failure is not None:
+                    raise failure
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
 # ---- commands ---------------------------------------------------------------------------
+@_split
 def cmd_compress(args) -> int:
+    from . import distributed as dist
     from .fileio import check_writable, write_bytes_atomic
     from .imageio import IMAGE_SUFFIXES
 
-    files = _expand(args.inputs, IMAGE_SUFFIXES)
-    outputs = _outputs(files, args.output, ".osd", len(files) > 1)
-    for dst in outputs:
-        check_writable(dst, args.force)
-    target = _target(args)
-    if args.strict and not target:
-        raise OSDiffError("--strict goes with --bpp or --size")
-    codec = _load(args.model, args.fast, args.verbose)
-    if "target_bytes" in target and target["target_bytes"] < codec.min_file_bytes():
-        raise OSDiffError(f"--size {args.size} is below the smallest file this model can write ({codec.min_file_bytes()} bytes of header)")
-    if not target:
-        codec.check_quality(args.quality)
-    over: list[Path] = []
+    with dist.together():
+        files = _expand(args.inputs, IMAGE_SUFFIXES)
+        outputs = _outputs(files, args.output, ".osd", len(files) > 1)
+        twice = next((dst for dst, n in _counts(outputs).items() if n > 1), None)
+        if twice is not None:
+            raise OSDiffError(f"{twice}: two inputs would be written there (inputs with the same name into one folder)")
+        for dst in outputs:
+            check_writable(dst, args.force)
+        target = _target(args)
+        if args.strict and not target:
+            raise OSDiffError("--strict goes with --bpp or --size")
+        codec = _load(args.model, args.fast, args.verbose)
+        if "target_bytes" in target and target["target_bytes"] < codec.min_file_bytes():
+            raise OSDiffError(f"--size {args.size} is below the smallest file this model can write ({codec.min_file_bytes()} bytes of header)")
+        if not target:
+            codec.check_quality(args.quality)
 
-    def work(src: Path, dst: Path) -> None:
+    def work(src: Path, dst: Path) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
@@ -241,26 +316,37 @@ def cmd_compress(args) -> int:
                 if not target or str(exc).startswith(str(src)):
                     raise
                 raise OSDiffError(f"{src}: {exc}") from None
-        for w in caught:
-            if issubclass(w.category, OSDiffWarning):
-                print(f"osdiff: warning: {src}: {w.message}", file=sys.stderr)
-        write_bytes_atomic(dst, result.data, force=args.force)
+        err = [f"osdiff: warning: {src}: {w.message}" for w in caught if issubclass(w.category, OSDiffWarning)]
+        try:
+            write_bytes_atomic(dst, result.data, force=args.force)
+        except OSDiffError as exc:
+            return {"out": [], "err": [*err, f"osdiff: error: {exc}"], "failed": True}
         from .entropy.bitstream import parse
 
         header, _ = parse(result.data)
         bpp = len(result.data) * 8 / (header.width * header.height)
         line = f"{src} -> {dst}: {len(result.data)} bytes, {bpp:.4f} bpp, quality {header.quality}"
+        over = result.target_bytes is not None and not result.fits
         if result.target_bytes is not None:
             line += f" (target {result.target_bytes} bytes, {result.encodes} encodes)"
-            if not result.fits:
-                over.append(src)
-        print(line)
+        return {"out": [line], "err": err, "over": over}
 
-    failures = _run_each(files, outputs, work, "compress")
+    results = _run_shared(files, outputs, work, "compress")
+    if not dist.is_main():
+        return 0  # rank 0 reports the failures and exits non-zero for the job
+    over = sum(r.get("over", False) for r in results)
     if over and len(files) > 1:
-        print(f"osdiff: warning: {len(over)} of {len(files)} images did not fit the target even at the lowest quality "
+        print(f"osdiff: warning: {over} of {len(files)} images did not fit the target even at the lowest quality "
               f"(written at the lowest)", file=sys.stderr)
-    return failures
+    return sum(r.get("failed", False) for r in results)
+
+
+def _counts(paths: list[Path]) -> dict[Path, int]:
+    counts: dict[Path, int] = {}
+    for p in paths:
+        key = Path(os.path.abspath(p))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def _target(args) -> dict:
@@ -480,26 +566,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
+@_split
 def cmd_eval(args) -> int:
+    from . import distributed as dist
     from .evaluation.codecs import make_codec, parse_qualities, with_qualities
     from .evaluation.metrics import MetricSuite
     from .evaluation.runner import evaluate
 
-    names = [c.strip() for c in args.codecs.split(",") if c.strip()]
-    if not names:
-        raise OSDiffError("--codecs is empty")
-    qualities = parse_qualities(args.qualities) if args.qualities is not None else None
-    codecs = [make_codec(n, args.model if n.startswith("osdiff") else None, verbose=args.verbose) for n in names]
-    if qualities is not None:
-        codecs = [with_qualities(c, qualities) for c in codecs]
-        if not any(c.continuous for c in codecs):
-            raise OSDiffError("--qualities: none of the codecs has gain vectors (continuous quality)")
-    only = None if args.metrics is None else frozenset(m.strip() for m in args.metrics.split(",") if m.strip())
-    if only is not None and args.lpips_net == "vgg" and "lpips" in only:
-        only = (only - {"lpips"}) | {"lpips_vgg"}
-    metrics = MetricSuite(args.lpips_net, only)
+    with dist.together():
+        names = [c.strip() for c in args.codecs.split(",") if c.strip()]
+        if not names:
+            raise OSDiffError("--codecs is empty")
+        qualities = parse_qualities(args.qualities) if args.qualities is not None else None
+        codecs = [make_codec(n, args.model if n.startswith("osdiff") else None, verbose=args.verbose) for n in names]
+        if qualities is not None:
+            codecs = [with_qualities(c, qualities) for c in codecs]
+            if not any(c.continuous for c in codecs):
+                raise OSDiffError("--qualities: none of the codecs has gain vectors (continuous quality)")
+        only = None if args.metrics is None else frozenset(m.strip() for m in args.metrics.split(",") if m.strip())
+        if only is not None and args.lpips_net == "vgg" and "lpips" in only:
+            only = (only - {"lpips"}) | {"lpips_vgg"}
+        metrics = MetricSuite(args.lpips_net, only)
     summary = evaluate([Path(d) for d in args.data_dir], codecs, Path(args.out), metrics, limit=args.limit,
                        anchor=args.anchor, crops=not args.no_crops, crop_bpp=args.crop_bpp, reference=args.reference)
+    if summary is None:  # not rank 0 of a split job: rank 0 reports
+        return 0
     from .evaluation.tables import bd_against_each, bd_table, headline_table, published_table, versus_table
 
     print(headline_table(summary))
