@@ -74,8 +74,8 @@ def main() -> int:
     print(f"{len(files)} photos of {args.images}, model {args.model}")
     print(f"{'decoded':24s} {'PSNR dB':>8s} {'HaarPSI':>8s} {'detail':>7s} {'colour shift':>13s}")
     for name, values in rows.items():
-        psnr, haarpsi, detail, shift = np.mean(values, axis=0)
-        print(f"{name:24s} {psnr:8.2f} {haarpsi:8.3f} {detail:7.3f} {shift:13.2f}")
+        mean_psnr, haarpsi, detail, shift = np.mean(values, axis=0)
+        print(f"{name:24s} {mean_psnr:8.2f} {haarpsi:8.3f} {detail:7.3f} {shift:13.2f}")
     return 0
 
 

@@ -149,33 +149,33 @@ class CodecStage(StageConfig):
 
 
 @dataclass
-class BaselineStage(StageConfig):
-    """(model: baseline) a compressai codec family, one model per rate, on pixels."""
+class _ModelStage(StageConfig):
+    """A stage that trains a whole model of its own (`model` in the config is its `name`), with
+    its own rate weights, an auxiliary (entropy bottleneck) optimizer and a discriminator."""
 
-    name: str = "baseline"
     lr_discriminator: float = 1e-4
     lr_aux: float = 1e-3
     rate_lambdas: list[float] | None = None  # overrides losses.rate_lambdas
 
     def check(self, config: TrainConfig, where: str) -> None:
         super().check(config, where)
-        if config.model != "baseline":
-            raise OSDiffError(f"config {where}: stage 'baseline' goes with model 'baseline' and only with it")
+        if config.model != self.name:
+            raise OSDiffError(f"config {where}: stage {self.name!r} goes with model {self.name!r} and only with it")
 
 
 @dataclass
-class OfficialStage(StageConfig):
-    """(model: official) the paper's LFGCM + CDDM on a frozen SD 2.1 with the official losses."""
+class BaselineStage(_ModelStage):
+    """(model: baseline) a compressai codec family, one model per rate, on pixels."""
+
+    name: str = "baseline"
+
+
+@dataclass
+class OfficialStage(_ModelStage):
+    """(model: official) the paper's LFGCM + CDDM on a frozen SD 2.1 with the official losses
+    (`rate_lambdas`: one value, the weight of bpp)."""
 
     name: str = "official"
-    lr_discriminator: float = 1e-4
-    lr_aux: float = 1e-3
-    rate_lambdas: list[float] | None = None  # one value: the weight of bpp
-
-    def check(self, config: TrainConfig, where: str) -> None:
-        super().check(config, where)
-        if config.model != "official":
-            raise OSDiffError(f"config {where}: stage 'official' goes with model 'official' and only with it")
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
