@@ -351,7 +351,7 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     arch4 = dataclasses.replace(arch3, compressor=dataclasses.replace(arch.compressor, num_quality_levels=5))
     cfg4 = dataclasses.replace(cfg, output_dir=str(levels), init_from=str(trunked / "model"), tiny=arch4,
                                losses=dataclasses.replace(cfg.losses, rate_lambdas=[0.25, 0.5, 1.0, 2.0, 4.0], latent_mse=0.0),
-                               stages=[CodecStage(train="gains", levels=[1], steps=2, batch_size=2, crop=64,
+                               stages=[CodecStage(train="gains", qualities=[1], steps=2, batch_size=2, crop=64,
                                                    lr=0.05, warmup_steps=1)])
     assert Trainer(cfg4).run() == levels / "model"
     five = osdiff.load(levels / "model")

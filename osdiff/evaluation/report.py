@@ -10,6 +10,7 @@ from PIL import Image
 
 from ..fileio import write_bytes_atomic
 from ..imageio import open_image
+from ..quality.inception import FID_RELIABLE_PATCHES
 from .codecs import Codec
 from .metrics import HIGHER_IS_BETTER, rd_metrics
 from .patch_sets import patch_count
@@ -92,7 +93,7 @@ def _cell(p: dict, m: str) -> str:
         return "n/a"
     if m == "kid" and math.isfinite(p.get("kid_spread", math.nan)):
         return f"{v:.4f} &plusmn; {p['kid_spread']:.4f}"
-    if m == "fid" and patch_count(p) < 1000:
+    if m == "fid" and patch_count(p) < FID_RELIABLE_PATCHES:
         return f"{v:.2f}*"
     return f"{v:.2f}" if m in ("psnr", "fid") else f"{v:.4f}"
 

@@ -132,14 +132,14 @@ class CodecStage(StageConfig):
     # (the control module, + UNet with train_unet, on the frozen compressor's hints as decoding
     # gives them: the files stay bit for bit the same, the one step learns to beat the hint)
     train: str = "all"
-    levels: list[int] | None = None  # the 1-based quality levels trained on (default: all)
+    qualities: list[int] | None = None  # the 1-based qualities trained on (default: all)
 
     def check(self, config: TrainConfig, where: str) -> None:
         super().check(config, where)
         if config.losses.latent_weighting not in ("none", "decoder"):
             raise OSDiffError(f"config {where}: latent_weighting must be 'none' or 'decoder'")
-        if self.levels is not None and (not self.levels or min(self.levels) < 1):
-            raise OSDiffError(f"config {where}: levels must list 1-based quality levels")
+        if self.qualities is not None and (not self.qualities or min(self.qualities) < 1):
+            raise OSDiffError(f"config {where}: qualities must list 1-based qualities")
         if self.train not in ("all", "gains", "denoiser"):
             raise OSDiffError(f"config {where}: train must be 'all', 'gains' or 'denoiser', got {self.train!r}")
         if self.train == "denoiser" and not (config.losses.latent_mse > 0 or config.losses.adversarial > 0):

@@ -17,6 +17,7 @@ from ...models.autoencoder import decode_latent, encode_latent
 from ...models.conditioning import ConditioningEmbedding
 from ...models.taesd import TAESDAutoencoder
 from ...pipeline import OSDiffPipeline
+from ...rate import level_index
 from ...quality.pixel import detail_retention, psnr_tensor
 from ..config import CodecStage
 from ..discriminator import UNetFeatureDiscriminator, frozen_generator_loss
@@ -105,9 +106,9 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
     alphas = scheduler.alphas_cumprod.to(run.device)
     lambdas = torch.tensor(rate_lambdas, device=run.device)
     level_weights = lambdas ** -stage.level_balance
-    trained_levels = [q - 1 for q in stage.levels] if stage.levels else list(range(len(lambdas)))
+    trained_levels = [level_index(q) for q in stage.qualities] if stage.qualities else list(range(len(lambdas)))
     if max(trained_levels) >= len(lambdas):
-        raise OSDiffError(f"levels {stage.levels}: the compressor has {len(lambdas)} quality levels")
+        raise OSDiffError(f"qualities {stage.qualities}: the compressor has {len(lambdas)} quality levels")
     trained_levels = torch.tensor(trained_levels)
     t0, start = cfg.decoding.timestep, cfg.decoding.start
     prediction_type = scheduler.config.prediction_type
