@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    # TMPDIR: torchrun's log folders stay in the test's folder, not in /tmp
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TMPDIR": str(cwd)}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return subprocess.run(TORCHRUN + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
@@ -179,7 +180,7 @@ def test_an_error_on_one_rank_stops_every_rank(tmp_path):
     """torchrun, 2 processes: shares, gather and broadcast across ranks; an error on rank 1 in
     a block every rank runs stops both (no hang), reported once, naming the rank."""
     (tmp_path / "split_check.py").write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
     run = subprocess.run([*TORCHRUN[:-2], "split_check.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "went on" not in run.stdout
     errors = [line for line in run.stderr.splitlines() if line.startswith("osdiff:")]

@@ -42,7 +42,8 @@ def _train(config: dict | TrainConfig, folder: Path, processes: int, *args: str)
     launcher = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(processes), "--standalone", "-m"]
     command = [*(launcher if processes > 1 else [sys.executable, "-m"]), "osdiff.cli", "train", "--config", str(path),
                "--device", "cpu", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # TMPDIR: torchrun's log folders stay in the test's folder, not in /tmp
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(folder)}
     return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
 
 
