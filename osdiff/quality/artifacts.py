@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .pixel import luma
+
 COLOUR_WINDOW = 16  # px
 SATURATED_CHROMA = 30.0  # CIELAB C*ab
 TEXTURE_TILE = 32  # px
@@ -66,11 +68,11 @@ def delta_e_saturated(x: Tensor, ref: Tensor, window: int = COLOUR_WINDOW,
 def _band_energy(t: Tensor, tile: int, bands: int) -> Tensor:
     """(1,3,H,W) -> (tiles, bands*bands) luma energy per tile and (radius, orientation) band,
     the tile's mean removed and a Hann window applied; DC excluded."""
-    luma = (0.299 * t[0, 0] + 0.587 * t[0, 1] + 0.114 * t[0, 2]).double()
-    h, w = luma.shape[0] // tile, luma.shape[1] // tile
+    y = luma(t)[0].double()
+    h, w = y.shape[0] // tile, y.shape[1] // tile
     if h == 0 or w == 0:
-        tile, h, w = min(luma.shape), 1, 1
-    tiles = luma[: h * tile, : w * tile].reshape(h, tile, w, tile).permute(0, 2, 1, 3).reshape(-1, tile, tile)
+        tile, h, w = min(y.shape), 1, 1
+    tiles = y[: h * tile, : w * tile].reshape(h, tile, w, tile).permute(0, 2, 1, 3).reshape(-1, tile, tile)
     tiles = tiles - tiles.mean(dim=(1, 2), keepdim=True)
     hann = torch.hann_window(tile, periodic=False, dtype=torch.float64)
     power = torch.fft.fft2(tiles * hann[:, None] * hann[None, :]).abs().pow(2)

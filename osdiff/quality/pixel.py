@@ -38,11 +38,16 @@ def psnr_tensor(x: Tensor, ref: Tensor) -> Tensor:
     return 10 * torch.log10(255.0**2 / F.mse_loss(a, b))
 
 
+def luma(t: Tensor) -> Tensor:
+    """Images (B,3,H,W) -> their luma (B,H,W), Rec. 601 weights."""
+    return 0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2]
+
+
 def luma_gradients(t: Tensor) -> tuple[Tensor, Tensor]:
     """Images (B,3,H,W) -> horizontal (B,1,H,W-1) and vertical (B,1,H-1,W) differences of
     their luma (Rec. 601 weights)."""
-    luma = (0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2])[:, None]
-    return luma[..., :, 1:] - luma[..., :, :-1], luma[..., 1:, :] - luma[..., :-1, :]
+    y = luma(t)[:, None]
+    return y[..., :, 1:] - y[..., :, :-1], y[..., 1:, :] - y[..., :-1, :]
 
 
 def detail_retention(x: Tensor, ref: Tensor) -> float:
