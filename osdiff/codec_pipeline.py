@@ -60,7 +60,8 @@ CODING_SETTINGS_SINCE_V2_1 = {"pad_multiple": None, "mean_colour": False}
 def _hashed_config(config, neutral: dict) -> dict:
     """The config entries the model hash covers: private keys (`_...`) and settings at their
     hash-neutral value (`neutral`: key -> the value models had before the setting existed) left out."""
-    return {k: v for k, v in config.items() if not k.startswith("_") and not (k in neutral and v == neutral[k])}
+    as_list = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (a config read back has lists)
+    return {k: v for k, v in config.items() if not k.startswith("_") and not (k in neutral and as_list(v) == neutral[k])}
 
 
 @dataclass

@@ -113,6 +113,10 @@ class TinyArchitecture:
     # ends after the 1/4 level; 13-16 go on into the 1/2 level (its conv and 0-3 of its blocks),
     # and student_decoder_channels then names at most the full-resolution level
     student_decoder_trunk_layers: int = 11
+    # a slim student encoder distilled from TAEF2's (stage "encoder"; osdiff.models.taesd.slim_encoder):
+    # widths and block counts at 1/4 and 1/8 resolution; empty: TAEF2's own encoder
+    student_encoder_channels: tuple[int, ...] = ()
+    student_encoder_blocks: tuple[int, ...] = (2, 3)
     unet_block_out_channels: tuple[int, ...] = (64, 128)
     unet_down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
     unet_up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")

@@ -4,6 +4,8 @@ A run is a list of stages executed in order, each resumable:
   autoencoder  train our TinyAutoencoder on reconstruction (tiny model, autoencoder "own")
   decoder      (tiny model, autoencoder "taef2") fit the TAEF2 latent statistics and distil a
                slim student decoder from TAEF2's decoder; the encoder stays frozen
+  encoder      (tiny model, autoencoder "taef2") distil a slim student encoder from TAEF2's
+               encoder (latent MSE on the cached latents); decoder, compressor and UNet unchanged
   denoiser     train the tiny UNet as an ordinary latent diffusion denoiser (noise prediction)
   codec        freeze autoencoder and UNet; train compressor + ControlNet-XS adapter
                (+ discriminator) with rate + latent MSE + hint MSE + perceptual + adversarial
@@ -45,7 +47,7 @@ class DataConfig:
 class StageConfig:
     """The knobs every stage has; each stage's own config (below) adds its own."""
 
-    name: str = ""  # autoencoder | decoder | denoiser | codec | baseline | official (STAGE_CONFIGS)
+    name: str = ""  # autoencoder | decoder | encoder | denoiser | codec | baseline | official (STAGE_CONFIGS)
     steps: int = 1000
     batch_size: int = 4  # per process: a run on N processes takes N * batch_size crops a step
     crop: int = 256  # pixels; 0 (decoder stage on data.latent_cache, batch_size 1): whole photos
@@ -109,6 +111,28 @@ class DecoderStage(StageConfig):
             raise OSDiffError(f"config {where}: decoder_inputs 'codec' needs init_from (a model folder)")
         if self.decoder_target not in ("teacher", "photo"):
             raise OSDiffError(f"config {where}: decoder_target must be 'teacher' or 'photo', got {self.decoder_target!r}")
+
+
+@dataclass
+class EncoderStage(StageConfig):
+    """Distil a slim student encoder (tiny.student_encoder_channels) from TAEF2's encoder on the
+    cached latents of the training photos (autoencoder "taef2"); with init_from a model folder,
+    its decoder and codec stay as they are and model/ is that codec with the new encoder."""
+
+    name: str = "encoder"
+    # latent pixels at each side of a crop left out of the loss unless the side is the photo's
+    # own edge: the cached targets saw the whole photo, the student sees the crop only
+    encoder_margin: int = 4
+
+    def check(self, config: TrainConfig, where: str) -> None:
+        super().check(config, where)
+        if config.model != "tiny" or config.tiny.autoencoder != "taef2" or not config.tiny.student_encoder_channels:
+            raise OSDiffError(f"config {where}: stage 'encoder' needs model tiny, tiny.autoencoder taef2 and "
+                              "tiny.student_encoder_channels")
+        if not config.data.latent_cache:
+            raise OSDiffError(f"config {where}: stage 'encoder' learns the cached TAEF2 latents: set data.latent_cache")
+        if self.crop < 8 * (2 * self.encoder_margin + 1):
+            raise OSDiffError(f"config {where}: crop {self.crop} leaves no latent pixel inside margins of {self.encoder_margin}")
 
 
 @dataclass
@@ -179,7 +203,7 @@ class OfficialStage(_ModelStage):
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {
-    "autoencoder": AutoencoderStage, "decoder": DecoderStage, "denoiser": DenoiserStage,
+    "autoencoder": AutoencoderStage, "decoder": DecoderStage, "encoder": EncoderStage, "denoiser": DenoiserStage,
     "codec": CodecStage, "baseline": BaselineStage, "official": OfficialStage,
 }
 STAGE_NAMES = {cls: name for name, cls in STAGE_CONFIGS.items()}
@@ -229,6 +253,9 @@ class LossConfig:
     # decoder stage: + decoder_adversarial * non-saturating GAN loss of a HiFiC-style conditional
     # patch discriminator (real: the photo, fake: the decoded image, both given the decoded latent)
     decoder_adversarial: float = 0.0
+    # encoder stage: loss = MSE of normalised latents (weighted per channel by latent_weighting)
+    # + encoder_pixel * L1 of the student's latent decoded by the model's decoder against the photo
+    encoder_pixel: float = 0.0
     pixel_mse: float = 1.0  # baseline stage: weight of the image MSE (images in [0,1])
     # baseline stage: loss = bpp + lambda * (pixel_mse * MSE + perceptual * P + adversarial * A),
     # the adversarial term inside lambda as in HiFiC (its weight is relative to the distortion)

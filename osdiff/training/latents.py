@@ -77,27 +77,49 @@ class LatentCropSampler:
         self.crop, self.batch_size, self.seed, self.stage, self.align = crop, batch_size, seed, stage, align
         self.rank = rank
 
+    def _positions(self, step: int, rank: int | None) -> list[tuple[int, int, int]]:
+        """(photo index, latent row, latent column) of each crop of batch `step` (crop 0: one
+        whole photo at (0, 0))."""
+        rng = batch_rng(self.seed, self.stage, step, self.rank if rank is None else rank)
+        if self.crop == 0:
+            return [(int(rng.integers(len(self.images))), 0, 0)]
+        c = self.crop // 8
+        out = []
+        for _ in range(self.batch_size):
+            k = rng.integers(len(self.images))
+            z = self.latents[k]
+            y = rng.integers(z.shape[1] - c + 1)
+            x = rng.integers(z.shape[2] - c + 1)
+            out.append((int(k), int(y), int(x)))
+        return out
+
     def batch(self, step: int, rank: int | None = None) -> tuple[Tensor, Tensor]:
         """(pixels (B,3,crop,crop) float in [0,1], raw latents (B,C,crop/8,crop/8) float32);
         crop 0: (1,3,H,W) and (1,C,H/8,W/8) of one whole photo."""
-        rng = batch_rng(self.seed, self.stage, step, self.rank if rank is None else rank)
+        positions = self._positions(step, rank)
         if self.crop == 0:
-            k = rng.integers(len(self.images))
-            im, z = self.images[k], self.latents[k]
+            im, z = self.images[positions[0][0]], self.latents[positions[0][0]]
             x = whole_photo(im, 8 * self.align)
             return x, z[None, :, : x.shape[2] // 8, : x.shape[3] // 8].float()
         c = self.crop // 8
         pixels = np.empty((self.batch_size, self.crop, self.crop, 3), dtype=np.uint8)
         latents = []
-        for i in range(self.batch_size):
-            k = rng.integers(len(self.images))
+        for i, (k, y, x) in enumerate(positions):
             im, z = self.images[k], self.latents[k]
-            y = rng.integers(z.shape[1] - c + 1)
-            x = rng.integers(z.shape[2] - c + 1)
             pixels[i] = im[8 * y : 8 * (y + c), 8 * x : 8 * (x + c)]
             latents.append(z[:, y : y + c, x : x + c])
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
         return x, torch.stack(latents).float()
+
+    def edges(self, step: int, rank: int | None = None) -> Tensor:
+        """(B,4) bool for batch `step`: whether each crop's top, bottom, left and right side is
+        its photo's own edge (there the crop saw what the cached latent's encoder saw)."""
+        c = self.crop // 8
+        rows = []
+        for k, y, x in self._positions(step, rank):
+            h, w = self.latents[k].shape[1:]
+            rows.append([y == 0, self.crop == 0 or y + c == h, x == 0, self.crop == 0 or x + c == w])
+        return torch.tensor(rows, dtype=torch.bool)
 
 
 class EncodingSampler:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import OSDiffError
 from ..models.autoencoder import TinyAutoencoder
 from ..models.taesd import TAESDAutoencoder
 from ..pipeline import OSDiffPipeline
@@ -42,3 +43,17 @@ def patch_discriminator(run: TrainingRun, latent_channels: int, stage: StageConf
     discriminator = ConditionalPatchDiscriminator(latent_channels).to(run.device)
     opt = torch.optim.AdamW(discriminator.parameters(), lr=stage.lr_discriminator, betas=(0.5, 0.999))
     return run.prepare(discriminator, opt)
+
+
+def teacher_autoencoder(run: TrainingRun) -> TAESDAutoencoder:
+    """TAEF2 (encoder and decoder): the packaged copy, or the released .pth pair."""
+    if run.config.taesd_weights is None:
+        from ..hub import WEIGHTS_DIR
+
+        return TAESDAutoencoder.from_pretrained(WEIGHTS_DIR / "taef2" / "vae").float()
+    folder = run.path(run.config.taesd_weights)
+    files = [folder / "taef2_encoder.pth", folder / "taef2_decoder.pth"]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise OSDiffError(f"TAEF2 weights not found: {', '.join(missing)}")
+    return TAESDAutoencoder.from_taesd_files(*files, latent_channels=run.config.tiny.compressor.latent_channels)

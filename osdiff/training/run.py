@@ -401,3 +401,6 @@ class _Fingerprinted:
         flat = first.detach().double().flatten()
         self.run._last_batch = float(flat @ torch.linspace(1, 2, flat.numel(), dtype=torch.float64, device=flat.device))
         return out
+
+    def __getattr__(self, name: str):  # the sampler's other methods (e.g. LatentCropSampler.edges)
+        return getattr(self.sampler, name)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from ..config import STAGE_CONFIGS
 
-STAGES = tuple(STAGE_CONFIGS)  # autoencoder, decoder, denoiser, codec, baseline, official
+STAGES = tuple(STAGE_CONFIGS)  # autoencoder, decoder, encoder, denoiser, codec, baseline, official
 
 
 def stage_trainer(name: str) -> Callable:

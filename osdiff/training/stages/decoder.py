@@ -13,7 +13,7 @@ from ...verbosity import progress
 from ..config import DecoderStage
 from ..discriminator import frozen_generator_loss
 from ..losses import PerceptualLoss, discriminator_adversarial
-from ..parts import init_model, patch_discriminator
+from ..parts import init_model, patch_discriminator, teacher_autoencoder
 from ..run import TrainingRun
 from ..validation import image_metrics, mean_psnr
 
@@ -191,20 +191,6 @@ def fit_decoder_head(run: TrainingRun, model: TAESDAutoencoder, stage: DecoderSt
             for one_raw, one_target in zip(raw.split(1), target.split(1)):
                 fit.add(model.trunk(one_raw), one_target)
     fit.solve()
-
-
-def teacher_autoencoder(run: TrainingRun) -> TAESDAutoencoder:
-    """TAEF2 (encoder and decoder): the packaged copy, or the released .pth pair."""
-    if run.config.taesd_weights is None:
-        from ...hub import WEIGHTS_DIR
-
-        return TAESDAutoencoder.from_pretrained(WEIGHTS_DIR / "taef2" / "vae").float()
-    folder = run.path(run.config.taesd_weights)
-    files = [folder / "taef2_encoder.pth", folder / "taef2_decoder.pth"]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise OSDiffError(f"TAEF2 weights not found: {', '.join(missing)}")
-    return TAESDAutoencoder.from_taesd_files(*files, latent_channels=run.config.tiny.compressor.latent_channels)
 
 
 def gradient_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

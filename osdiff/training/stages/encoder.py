@@ -1,0 +1,128 @@
+"""Stage "encoder" (tiny model, autoencoder "taef2"): distil a slim student encoder from TAEF2's.
+
+The student (osdiff.models.taesd.slim_encoder) learns the TAEF2 latents of the training photos,
+cut from data.latent_cache: loss = MSE of normalised latents (per channel weighted by the
+decoder's pixel sensitivity with losses.latent_weighting "decoder") + losses.encoder_pixel * L1
+of the student's latent decoded by the model's decoder against the photo. The cached targets saw
+the whole photo, the student sees a crop: latent pixels within `encoder_margin` of a crop side
+that is not the photo's own edge are left out of the loss. Decoder, compressor and UNet stay as
+they are, so the compressor codes the student's latents as it coded TAEF2's."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ...errors import OSDiffError
+from ...models.taesd import TAESDAutoencoder
+from ...quality.pixel import psnr_tensor
+from ..config import EncoderStage
+from ..files import atomic_write_text
+from ..losses import decoder_channel_weights
+from ..parts import init_model, teacher_autoencoder
+from ..run import TrainingRun
+
+
+def train(run: TrainingRun, index: int, stage: EncoderStage) -> bool:
+    """Run (or resume) the stage; True when it is finished (its vae/ written; with init_from a
+    model folder also model/: that codec with this encoder)."""
+    cfg, arch, losses = run.config, run.config.tiny, run.config.losses
+    init = init_model(run)
+    if init is not None and not isinstance(init.vae, TAESDAutoencoder):
+        raise OSDiffError(f"init_from {cfg.init_from}: its autoencoder is not a TAEF2 one")
+    base = init.vae if init is not None else teacher_autoencoder(run)
+    if base.slim_encoder:
+        raise OSDiffError(f"init_from {cfg.init_from}: its encoder is already a student; the teacher must be TAEF2's")
+    base = base.to(run.device).requires_grad_(False).eval()
+    torch.manual_seed(cfg.seed + 11)
+    student = base.with_encoder(tuple(arch.student_encoder_channels), tuple(arch.student_encoder_blocks)).to(run.device)
+    student.decoder.requires_grad_(False).eval()
+    params = list(student.encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    student, opt = run.prepare(student, opt)
+    model = run.unwrap(student)
+    pairs = run.latent_sampler(index, stage, base.encoder)  # the teacher's cached latents
+    mean, std = base.mean, base.std
+    weights = channel_weights(run, index, base, pairs) if losses.latent_weighting == "decoder" else None
+    margin = stage.encoder_margin
+
+    def step_fn(step: int) -> dict:
+        x, raw = pairs.batch(step)
+        x, target = x.to(run.device), ((raw.to(run.device) - mean) / std)
+        mask = loss_mask(pairs.edges(step), target.shape[-2:], margin).to(run.device)
+        with run.accumulate(student):
+            z = (model.encoder(x) - mean) / std
+            err = (z - target).pow(2)
+            if weights is not None:
+                err = err * weights
+            latent = (err * mask).sum() / (mask.sum() * err.shape[1])
+            loss = latent
+            logs = {"latent_mse": latent.detach()}
+            if losses.encoder_pixel:
+                x_hat = (model.decode(z) + 1) / 2
+                pixel = (x_hat - x).abs().mean()
+                loss = loss + losses.encoder_pixel * pixel
+                logs.update(pixel_l1=pixel.detach(), psnr=psnr_tensor(x_hat.detach(), x))
+            run.update(loss, params, opt, stage.grad_clip)
+        return {"loss": loss.detach(), **logs}
+
+    fixed = None  # the teacher's latents of the whole validation photos and their decoding, once
+
+    @torch.no_grad()
+    def val_fn() -> dict:
+        nonlocal fixed
+        photos = run.val_whole(8)
+        if fixed is None:
+            raws = [base.encode_raw(x * 2 - 1) for x in photos]
+            fixed = (raws, [((base.decode_raw(r) + 1) / 2).clamp(0, 1) for r in raws])
+        out = {"latent_nmse": 0.0, "psnr_student": 0.0, "psnr_teacher": 0.0, "psnr_vs_teacher": 0.0}
+        for x, raw, decoded in zip(photos, *fixed):
+            z = model.encode_raw(x * 2 - 1)
+            x_hat = ((model.decode_raw(z) + 1) / 2).clamp(0, 1)
+            out["latent_nmse"] += (((z - raw) / std).pow(2).mean()).item()
+            out["psnr_student"] += psnr_tensor(x_hat, x).item()
+            out["psnr_teacher"] += psnr_tensor(decoded, x).item()
+            out["psnr_vs_teacher"] += psnr_tensor(x_hat, decoded).item()
+        return {k: v / len(photos) for k, v in out.items()}
+
+    if not run.loop(index, stage, {"vae": student}, {"vae": (opt, stage.lr)}, step_fn, val_fn):
+        return False
+    if run.is_main:
+        model.save_pretrained(run.stage_dir(index) / "out" / "vae")
+        if init is not None:  # the codec it came from, encoding with this encoder
+            init.register_modules(vae=model)
+            init.to("cpu").save_pretrained(run.out / "model")
+    return True
+
+
+def loss_mask(edges: torch.Tensor, size: tuple[int, int], margin: int) -> torch.Tensor:
+    """(B,1,h,w) float: 1 where a latent pixel counts, 0 within `margin` pixels of a crop side
+    that is not its photo's edge (`edges` (B,4): top, bottom, left, right)."""
+    h, w = size
+    mask = torch.ones(edges.shape[0], 1, h, w)
+    for i, (top, bottom, left, right) in enumerate(edges.tolist()):
+        if not top:
+            mask[i, :, :margin] = 0
+        if not bottom:
+            mask[i, :, h - margin:] = 0
+        if not left:
+            mask[i, :, :, :margin] = 0
+        if not right:
+            mask[i, :, :, w - margin:] = 0
+    return mask
+
+
+def channel_weights(run: TrainingRun, index: int, vae: TAESDAutoencoder, pairs) -> torch.Tensor:
+    """(1,C,1,1): losses.latent_weighting "decoder" weights of the model's decoder, measured once
+    on a fixed batch and kept in the stage folder (read back on resume)."""
+    file = run.stage_dir(index) / "channel-weights.json"
+    if file.is_file():
+        weights = torch.tensor(json.loads(file.read_text()))
+    else:
+        _, raw = pairs.batch(10**6, rank=0)  # a fixed batch, outside the training steps' range
+        with torch.no_grad():
+            weights = decoder_channel_weights(vae.decode, ((raw.to(run.device) - vae.mean) / vae.std)[:4]).cpu()
+        if run.is_main:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(file, json.dumps([float(v) for v in weights]))
+    return weights.view(1, -1, 1, 1).to(run.device)
