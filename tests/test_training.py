@@ -92,10 +92,12 @@ def test_codec_stage_gradients_reach_generator_and_discriminator(tmp_path, pretr
 
 
 def test_codec_stage_pixel_terms_train_the_step_and_resume(tmp_path, pretrained_run, image_folder, monkeypatch):
-    """detail and pixel_adversarial: the pixel discriminator learns, its state is checkpointed
-    (a stopped run resumes), and validation logs the step's and the hint's detail retention."""
+    """detail, colour and pixel_adversarial: the pixel discriminator learns, its state is
+    checkpointed (a stopped run resumes), and validation logs the step's and the hint's detail
+    retention and the step's local colour error."""
     cfg = _codec_config(pretrained_run, tmp_path / "run", image_folder, steps=2)
-    cfg = replace(cfg, val_every=1, losses=replace(cfg.losses, adversarial=0.0, detail=0.5, detail_window=8, pixel_adversarial=0.1))
+    cfg = replace(cfg, val_every=1, losses=replace(cfg.losses, adversarial=0.0, detail=0.5, detail_window=8, pixel_adversarial=0.1,
+                                                  colour=10.0))
     before = {}
     original = torch.optim.AdamW.step
 
@@ -112,8 +114,10 @@ def test_codec_stage_pixel_terms_train_the_step_and_resume(tmp_path, pretrained_
     rows = _log(tmp_path / "run", "2-codec")
     assert [int(r["step"]) for r in rows] == [0, 1]
     assert all(float(r["detail"]) > 0 and float(r["pixel_adv_g"]) > 0 and float(r["pixel_adv_d"]) > 0 for r in rows)
+    assert all(float(r["colour"]) > 0 for r in rows)
     val = _log(tmp_path / "run", "2-codec", kind="val")[-1]
     assert all(float(val[f"detail_q{q}"]) > 0 and float(val[f"detail_hint_q{q}"]) > 0 for q in range(1, 5))
+    assert all(float(val[f"delta_e_q{q}"]) > 0 for q in range(1, 5))
 
 
 def test_local_detail_loss_is_zero_only_for_the_same_local_detail():
@@ -288,3 +292,12 @@ def test_export_a_running_and_a_finished_run(tmp_path, tiny_codec_folder, image_
     assert main(["export", str(run), "-o", str(tmp_path / "final")]) == 0
     assert "finished model" in capsys.readouterr().out
     assert (tmp_path / "final" / "model_index.json").read_text() == (run / "model" / "model_index.json").read_text()
+
+
+def test_low_pass_mse_sees_colour_casts_not_texture():
+    from osdiff.training.losses import low_pass_mse
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 32, 32, generator=gen)
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None]) % 2 * 0.2 - 0.1  # zero-mean per 16x16 block
+    assert low_pass_mse(x + checker, x) < 1e-10 < low_pass_mse(x + torch.tensor([0.1, 0, 0]).view(1, 3, 1, 1), x)

@@ -241,6 +241,9 @@ class LossConfig:
     # discriminator judging decoded pixels given the hint (the latent-space one is `adversarial`)
     detail: float = 0.0
     detail_window: int = 16
+    # codec stage: + colour * MSE of the 16x16 block means of the decoded one-step output and the
+    # photo (images in [0,1]; inside lambda): the local colour a hue shift or colour cast moves
+    colour: float = 0.0
     pixel_adversarial: float = 0.0
     adversarial_start: int = 200  # codec steps before the adversarial term switches on
     latent_l2: float = 1e-3  # autoencoder stage: keeps the latent near unit scale

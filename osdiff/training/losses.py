@@ -28,6 +28,11 @@ def discriminator_adversarial(real_logits: Tensor, fake_logits: Tensor) -> Tenso
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
+def low_pass_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE of 16x16 block means (average colour and brightness; what a colour cast moves)."""
+    return F.mse_loss(F.avg_pool2d(pred, 16, ceil_mode=True), F.avg_pool2d(target, 16, ceil_mode=True))
+
+
 def local_detail_loss(x_hat: Tensor, x: Tensor, window: int = 16, floor: float = 1e-4) -> Tensor:
     """(B,) mean |log| ratio of local detail: the squared luma gradients (images in [0,1])
     averaged over `window` x `window`-pixel windows, of `x_hat` against `x`, each plus `floor`

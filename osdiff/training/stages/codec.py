@@ -18,10 +18,12 @@ from ...models.conditioning import ConditioningEmbedding
 from ...models.taesd import TAESDAutoencoder
 from ...pipeline import OSDiffPipeline
 from ...rate import level_index
+from ...quality.artifacts import delta_e
 from ...quality.pixel import detail_retention, psnr_tensor
 from ..config import CodecStage
 from ..discriminator import UNetFeatureDiscriminator, frozen_generator_loss
-from ..losses import PerceptualLoss, bits_per_pixel, decoder_channel_weights, discriminator_adversarial, local_detail_loss
+from ..losses import (PerceptualLoss, bits_per_pixel, decoder_channel_weights, discriminator_adversarial, local_detail_loss,
+                      low_pass_mse)
 from ..parts import init_model, patch_discriminator, split_quantiles, trained_vae
 from ..files import atomic_write_text
 from ..run import TrainingRun
@@ -94,7 +96,7 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
         pixel_discriminator, opt_pd = patch_discriminator(run, comp_arch.latent_channels, stage)
     encoder = vae.encoder if isinstance(vae, TAESDAutoencoder) else None
     # no pixel terms: the official loss, all in latent space (no pixel decoding in training)
-    pixel_loss = losses.perceptual > 0 or losses.detail > 0 or pixel_discriminator is not None
+    pixel_loss = losses.perceptual > 0 or losses.detail > 0 or losses.colour > 0 or pixel_discriminator is not None
     perceptual = (PerceptualLoss(losses.perceptual_kind, losses.lpips_net, encoder).to(run.device)
                   if losses.perceptual > 0 else None)
     if encoder is not None:  # TAEF2: raw latents (cached or not), normalised here
@@ -169,6 +171,10 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
                     detail = local_detail_loss(x_hat, x, losses.detail_window)
                     distortion = distortion + losses.detail * detail
                     pixel_logs["detail"] = detail.detach().mean()
+                if losses.colour > 0:
+                    colour = torch.stack([low_pass_mse(a[None], b[None]) for a, b in zip(x_hat, x)])
+                    distortion = distortion + losses.colour * colour
+                    pixel_logs["colour"] = colour.detach().mean()
             loss = (level_weights[level] * (bpp + lambdas[level] * distortion)).mean()
             adv = torch.zeros((), device=run.device)
             if use_adv:
@@ -218,6 +224,7 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
             out[f"haarpsi_q{q + 1}"] = piq.haarpsi(x_hat, x, data_range=1.0).item()
             out.update({f"{k}_q{q + 1}": net(x_hat, x).mean().item() for k, net in held_out_metrics(x.device).items()})
             out[f"detail_q{q + 1}"] = detail_retention(x_hat, x)
+            out[f"delta_e_q{q + 1}"] = sum(delta_e(a[None], b[None]) for a, b in zip(x_hat, x)) / len(x)
             # ablation: the hint decoded directly by the latent decoder, no UNet step
             x_hint = ((decode_latent(vae, coded["hint"]) + 1) / 2).clamp(0, 1)
             out[f"psnr_hint_q{q + 1}"] = psnr_tensor(x_hint, x).item()

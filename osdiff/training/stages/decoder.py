@@ -12,7 +12,7 @@ from ...quality.pixel import psnr_tensor
 from ...verbosity import progress
 from ..config import DecoderStage
 from ..discriminator import frozen_generator_loss
-from ..losses import PerceptualLoss, discriminator_adversarial
+from ..losses import PerceptualLoss, discriminator_adversarial, low_pass_mse
 from ..parts import init_model, patch_discriminator, teacher_autoencoder
 from ..run import TrainingRun
 from ..validation import image_metrics, mean_psnr
@@ -198,11 +198,6 @@ def gradient_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
     dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
     return (dx(pred) - dx(target)).abs().mean() + (dy(pred) - dy(target)).abs().mean()
-
-
-def low_pass_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MSE of 16x16 block means (average colour and brightness; what a colour cast moves)."""
-    return F.mse_loss(F.avg_pool2d(pred, 16, ceil_mode=True), F.avg_pool2d(target, 16, ceil_mode=True))
 
 
 def decoder_shape(channels, blocks, trunk, trunk_layers=TRUNK_LAYERS) -> tuple:
