@@ -144,6 +144,17 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt, as in an interactive shell: a suite started in the
+    background of a non-interactive shell inherits SIGINT ignored."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _interrupt_via_other_thread() -> None:
     """Send SIGINT the way the kernel may deliver a process signal: to a thread other than the
     main one (torch keeps worker threads); Python then runs the handler in the main thread."""
@@ -160,7 +171,7 @@ def _interrupt_via_other_thread() -> None:
     time.sleep(0.05)  # the main thread's handler runs at its next check, here
 
 
-def test_interrupt_while_committing_is_held_until_cleaned_up(tmp_path, monkeypatch):
+def test_interrupt_while_committing_is_held_until_cleaned_up(tmp_path, monkeypatch, sigint_raises):
     """An interrupt that comes after the image is written waits until the output is in place and
     the temporary file removed, then stops the program."""
     from osdiff import fileio
@@ -178,7 +189,7 @@ def test_interrupt_while_committing_is_held_until_cleaned_up(tmp_path, monkeypat
     assert (tmp_path / "out.bin").read_bytes() == b"whole"
 
 
-def test_interrupt_while_writing_stops_and_leaves_nothing(tmp_path):
+def test_interrupt_while_writing_stops_and_leaves_nothing(tmp_path, sigint_raises):
     """A long write stays interruptible, and what it wrote so far is removed."""
     from osdiff.fileio import write_atomic
 
