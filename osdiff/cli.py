@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run", help="the run folder (a train --output-dir)")
     x.add_argument("-o", "--output", required=True, help="model folder to write (must not exist)")
     x.add_argument("--stage", type=int, default=None, help="export this stage's checkpoint (index; default: the latest running "
-                   "codec or decoder stage's, else the finished model)")
+                   "codec, decoder or encoder stage's, else the finished model)")
     x.add_argument("--base", default=None, help="model folder the checkpoint's other parts come from (default: the run's init_from)")
 
     k = sub.add_parser("conformance", help="decode the shipped conformance vectors; check symbols, pixels and PSNR")

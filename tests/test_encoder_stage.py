@@ -112,6 +112,14 @@ def test_encoder_stage_distils_and_ships_the_codec_with_the_student(tmp_path, im
     image, data = shipped(np.full((64, 64, 3), 120, np.uint8), quality=2)
     assert image.size == (64, 64) and len(data) > 0
 
+    from osdiff.training.export import export_run  # the stage's checkpoint, as mid-run
+
+    assert export_run(out, tmp_path / "exported", stage=0) == (tmp_path / "exported", 30)
+    exported = osdiff.load(tmp_path / "exported")
+    assert exported.vae.slim_encoder
+    for a, b in zip(exported.vae.state_dict().values(), shipped.vae.state_dict().values()):
+        assert torch.equal(a.float(), b.float())
+
 
 def test_encoder_stage_refuses_a_config_it_cannot_run():
     from osdiff.errors import OSDiffError

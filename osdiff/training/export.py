@@ -1,8 +1,8 @@
 """A model folder from a training run folder (`osdiff export RUN_DIR -o MODEL_DIR`): the finished
-model, or a codec or decoder stage's checkpoint mid-training (to evaluate it before the end).
+model, or a codec, decoder or encoder stage's checkpoint mid-training (to evaluate it before the end).
 
 From a checkpoint: the parts it holds (compressor and controlled UNet of a codec stage, the vae
-of a decoder stage), every other part from a base model folder (the run's init_from unless
+of a decoder or encoder stage: with the latter's student encoder), every other part from a base model folder (the run's init_from unless
 given), and the run's decoding settings (timestep, start, noise seed, control scale) when it
 trained the UNet. A checkpoint with more quality levels than the base gets them as new lowest
 levels, as the run did.
@@ -19,13 +19,13 @@ import torch
 from ..config import DecodingConfig
 from ..errors import OSDiffError
 
-EXPORTABLE = ("codec", "decoder")  # stages whose checkpoints complete a base model
+EXPORTABLE = ("codec", "decoder", "encoder")  # stages whose checkpoints complete a base model
 
 
 def export_run(run_dir: str | Path, output: str | Path, base: str | Path | None = None,
                stage: int | None = None) -> tuple[Path, int | None]:
     """Write the model of `run_dir` to `output` (which must not exist): stage `stage`'s
-    checkpoint, by default the latest running codec or decoder stage's, else the finished
+    checkpoint, by default the latest running codec, decoder or encoder stage's, else the finished
     model. Returns (output, the checkpoint's step or None for a finished model)."""
     run_dir, output = Path(run_dir), Path(output)
     if not (run_dir / "progress.json").is_file() and not (run_dir / "stages").is_dir():
@@ -66,13 +66,17 @@ def _export_checkpoint(ckpt: Path, output: Path, base: str | Path | None) -> int
 
     name = ckpt.parent.name.split("-", 1)[1]
     if name not in EXPORTABLE:
-        raise OSDiffError(f"{ckpt}: a {name} stage's checkpoint; only {' and '.join(EXPORTABLE)} stages export mid-run")
+        raise OSDiffError(f"{ckpt}: a {name} stage's checkpoint; only {', '.join(EXPORTABLE)} stages export mid-run")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     base = base or state["config"].get("init_from")
     if not base or not (Path(base) / "model_index.json").is_file():
         raise OSDiffError(f"{ckpt}: the model its other parts come from is not a model folder ({base}); give one (--base)")
     pipe = OSDiffPipeline.from_pretrained(base).to(torch.float32)
     modules = state["modules"]
+    if name == "encoder":  # the base's vae with the run's student encoder
+        tiny = state["config"]["tiny"]
+        pipe.register_modules(vae=pipe.vae.with_encoder(tuple(tiny["student_encoder_channels"]),
+                                                        tuple(tiny["student_encoder_blocks"])))
     if "compressor" in modules:
         extra = modules["compressor"]["y_gain"].shape[0] - pipe.compressor.config.num_quality_levels
         if extra > 0:
