@@ -1,6 +1,9 @@
 """Model parts more than one stage builds or loads (on a TrainingRun)."""
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -10,6 +13,8 @@ from ..models.taesd import TAESDAutoencoder
 from ..pipeline import OSDiffPipeline
 from .config import StageConfig
 from .discriminator import ConditionalPatchDiscriminator
+from .files import atomic_write_text
+from .losses import decoder_channel_weights
 from .run import TrainingRun
 
 
@@ -57,3 +62,19 @@ def teacher_autoencoder(run: TrainingRun) -> TAESDAutoencoder:
     if missing:
         raise OSDiffError(f"TAEF2 weights not found: {', '.join(missing)}")
     return TAESDAutoencoder.from_taesd_files(*files, latent_channels=run.config.tiny.compressor.latent_channels)
+
+
+def stage_channel_weights(run: TrainingRun, index: int, decode: Callable, latents: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """(1,C,1,1): losses.latent_weighting "decoder" weights (`decoder_channel_weights` of `decode`
+    on the normalised latents `latents()` gives), measured once per stage and kept in its folder
+    as channel-weights.json (read back on resume)."""
+    file = run.stage_dir(index) / "channel-weights.json"
+    if file.is_file():
+        weights = torch.tensor(json.loads(file.read_text()))
+    else:
+        with torch.no_grad():
+            weights = decoder_channel_weights(decode, latents()).cpu()
+        if run.is_main:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(file, json.dumps([float(w) for w in weights]))
+    return weights.view(1, -1, 1, 1).to(run.device)

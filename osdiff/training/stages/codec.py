@@ -3,7 +3,6 @@ with train_unet, + discriminators) with rate + latent MSE + hint MSE + perceptua
 from __future__ import annotations
 
 import contextlib
-import json
 
 import piq
 import torch
@@ -22,10 +21,8 @@ from ...quality.artifacts import delta_e
 from ...quality.pixel import detail_retention, psnr_tensor
 from ..config import CodecStage
 from ..discriminator import UNetFeatureDiscriminator, frozen_generator_loss
-from ..losses import (PerceptualLoss, bits_per_pixel, decoder_channel_weights, discriminator_adversarial, local_detail_loss,
-                      low_pass_mse)
-from ..parts import init_model, patch_discriminator, split_quantiles, trained_vae
-from ..files import atomic_write_text
+from ..losses import PerceptualLoss, bits_per_pixel, discriminator_adversarial, local_detail_loss, low_pass_mse
+from ..parts import init_model, patch_discriminator, split_quantiles, stage_channel_weights, trained_vae
 from ..run import TrainingRun
 from ..validation import held_out_metrics
 
@@ -117,18 +114,10 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
     a0 = decoding_alpha_bar(scheduler, t0, start)
 
     needs_unet = losses.latent_mse > 0 or losses.adversarial > 0 or pixel_loss
-    channel_weights = torch.ones(1, device=run.device)
-    if losses.latent_weighting == "decoder":  # measured once per stage, read back on resume
-        weights_file = run.stage_dir(index) / "channel-weights.json"
-        if weights_file.is_file():
-            channel_weights = torch.tensor(json.loads(weights_file.read_text()), device=run.device)
-        else:
-            _, z0 = pairs.batch(10**6, rank=0)  # a fixed batch, outside the training steps' range
-            channel_weights = decoder_channel_weights(lambda z: decode_latent(vae, z), to_latent(z0.to(run.device))[:4])
-            weights_file.parent.mkdir(parents=True, exist_ok=True)
-            if run.is_main:
-                atomic_write_text(weights_file, json.dumps([float(w) for w in channel_weights]))
-    channel_weights = channel_weights.view(1, -1, 1, 1)
+    channel_weights = torch.ones(1, 1, 1, 1, device=run.device)
+    if losses.latent_weighting == "decoder":  # on a fixed batch, outside the training steps' range
+        channel_weights = stage_channel_weights(run, index, lambda z: decode_latent(vae, z),
+                                                lambda: to_latent(pairs.batch(10**6, rank=0)[1].to(run.device))[:4])
 
     def one_step(hint: torch.Tensor, noise: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         """Clean latent from the hint, as decoding does: start at t0 (the noised hint, or pure

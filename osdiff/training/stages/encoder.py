@@ -9,17 +9,13 @@ that is not the photo's own edge are left out of the loss. Decoder, compressor a
 they are, so the compressor codes the student's latents as it coded TAEF2's."""
 from __future__ import annotations
 
-import json
-
 import torch
 
 from ...errors import OSDiffError
 from ...models.taesd import TAESDAutoencoder
 from ...quality.pixel import psnr_tensor
 from ..config import EncoderStage
-from ..files import atomic_write_text
-from ..losses import decoder_channel_weights
-from ..parts import init_model, teacher_autoencoder
+from ..parts import init_model, stage_channel_weights, teacher_autoencoder
 from ..run import TrainingRun
 
 
@@ -43,7 +39,10 @@ def train(run: TrainingRun, index: int, stage: EncoderStage) -> bool:
     model = run.unwrap(student)
     pairs = run.latent_sampler(index, stage, base.encoder)  # the teacher's cached latents
     mean, std = base.mean, base.std
-    weights = channel_weights(run, index, base, pairs) if losses.latent_weighting == "decoder" else None
+    weights = None
+    if losses.latent_weighting == "decoder":  # on a fixed batch, outside the training steps' range
+        weights = stage_channel_weights(run, index, base.decode,
+                                        lambda: ((pairs.batch(10**6, rank=0)[1].to(run.device) - mean) / std)[:4])
     margin = stage.encoder_margin
 
     def step_fn(step: int) -> dict:
@@ -110,19 +109,3 @@ def loss_mask(edges: torch.Tensor, size: tuple[int, int], margin: int) -> torch.
         if not right:
             mask[i, :, :, w - margin:] = 0
     return mask
-
-
-def channel_weights(run: TrainingRun, index: int, vae: TAESDAutoencoder, pairs) -> torch.Tensor:
-    """(1,C,1,1): losses.latent_weighting "decoder" weights of the model's decoder, measured once
-    on a fixed batch and kept in the stage folder (read back on resume)."""
-    file = run.stage_dir(index) / "channel-weights.json"
-    if file.is_file():
-        weights = torch.tensor(json.loads(file.read_text()))
-    else:
-        _, raw = pairs.batch(10**6, rank=0)  # a fixed batch, outside the training steps' range
-        with torch.no_grad():
-            weights = decoder_channel_weights(vae.decode, ((raw.to(run.device) - vae.mean) / vae.std)[:4]).cpu()
-        if run.is_main:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(file, json.dumps([float(v) for v in weights]))
-    return weights.view(1, -1, 1, 1).to(run.device)
