@@ -72,6 +72,7 @@ def tiny_autoencoder(arch: TinyArchitecture) -> TinyAutoencoder | TAESDAutoencod
             decoder_channels=arch.student_decoder_channels, decoder_blocks=arch.student_decoder_blocks,
             decoder_trunk=arch.student_decoder_trunk, decoder_trunk_layers=arch.student_decoder_trunk_layers,
             encoder_channels=tuple(arch.student_encoder_channels) or None, encoder_blocks=arch.student_encoder_blocks,
+            encoder_tail=arch.student_encoder_tail,
         )
     return TinyAutoencoder(
         latent_channels=arch.compressor.latent_channels,

@@ -117,6 +117,10 @@ class TinyArchitecture:
     # widths and block counts at 1/4 and 1/8 resolution; empty: TAEF2's own encoder
     student_encoder_channels: tuple[int, ...] = ()
     student_encoder_blocks: tuple[int, ...] = (2, 3)
+    # True: the student keeps TAEF2's encoder layers from its last stride-2 conv on (the 1/8-level
+    # blocks with their image-wide GroupNorm) and the one width / block count above name its 1/4
+    # level (osdiff.models.taesd.tail_encoder)
+    student_encoder_tail: bool = False
     unet_block_out_channels: tuple[int, ...] = (64, 128)
     unet_down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
     unet_up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")

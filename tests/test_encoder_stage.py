@@ -1,4 +1,4 @@
-"""The slim student encoder (osdiff.models.taesd.slim_encoder) and the stage that distils it
+"""The student encoders (osdiff.models.taesd.slim_encoder, tail_encoder) and the stage that distils it
 from TAEF2's encoder (osdiff.training.stages.encoder)."""
 from __future__ import annotations
 
@@ -28,6 +28,28 @@ def test_slim_encoder_keeps_the_latent_grid_and_saves_its_shape(tmp_path):
         teacher.with_encoder((8,), (1,))
 
 
+def test_tail_encoder_keeps_the_teachers_last_layers(tmp_path):
+    """Fed the teacher's own 1/4-resolution features, the tail student's copied tail gives the
+    teacher's latent exactly; only its head is new and cheap."""
+    torch.manual_seed(0)
+    teacher = TAESDAutoencoder(decoder_channels=(8, 8, 8, 8), decoder_blocks=(1, 1, 0, 0))
+    student = teacher.with_encoder((16,), (2,), tail=True)
+    assert student.slim_encoder and teacher.teacher_tail is None
+    x = torch.rand(2, 3, 48, 64) * 2 - 1
+    with torch.no_grad():
+        features = teacher.encoder[:10]((x + 1) / 2)
+        assert torch.allclose(student.teacher_tail(features), teacher.encode_raw(x), atol=1e-6)
+        assert student.encode(x).shape == (2, 32, 6, 8)
+        assert not torch.allclose(student.encode_raw(x), teacher.encode_raw(x), atol=1e-3)  # the head is random
+    student.save_pretrained(tmp_path / "vae")
+    again = TAESDAutoencoder.from_pretrained(tmp_path / "vae")
+    assert again.config.encoder_tail and torch.equal(again.encode(x), student.encode(x))
+    with pytest.raises(ValueError, match="tail encoder"):
+        teacher.with_encoder((16, 16), (1, 1), tail=True)
+    with pytest.raises(ValueError, match="teacher"):
+        student.with_encoder((16,), (1,), tail=True)
+
+
 def test_models_without_a_slim_encoder_keep_their_hash(tmp_path):
     """The new config keys are hash-neutral at the values older models had (read back as lists)."""
     from osdiff.codec_pipeline import _hashed_config
@@ -36,7 +58,7 @@ def test_models_without_a_slim_encoder_keep_their_hash(tmp_path):
     vae.save_pretrained(tmp_path / "vae")
     for config in (vae.config, TAESDAutoencoder.from_pretrained(tmp_path / "vae").config):
         hashed = _hashed_config(config, TAESDAutoencoder.hash_neutral_defaults)
-        assert "encoder_channels" not in hashed and "encoder_blocks" not in hashed
+        assert not {"encoder_channels", "encoder_blocks", "encoder_tail"} & set(hashed)
     slim = vae.with_encoder((8, 8))
     assert _hashed_config(slim.config, TAESDAutoencoder.hash_neutral_defaults)["encoder_channels"] == (8, 8)
 
@@ -64,7 +86,8 @@ def test_crop_edges_match_the_crops(image_folder):
     assert whole.edges(0)[:, :2].all()  # 96-pixel crops span the photos' height
 
 
-def test_encoder_stage_distils_and_ships_the_codec_with_the_student(tmp_path, image_folder):
+@pytest.mark.parametrize("tail", [False, True], ids=["slim", "tail"])
+def test_encoder_stage_distils_and_ships_the_codec_with_the_student(tmp_path, image_folder, tail):
     import osdiff
     from osdiff.build import build_tiny, save_for_shipping
     from osdiff.config import CompressorArchitecture, TinyArchitecture
@@ -84,7 +107,9 @@ def test_encoder_stage_distils_and_ships_the_codec_with_the_student(tmp_path, im
     save_for_shipping(codec, tmp_path / "base")
 
     out = tmp_path / "run"
-    student_arch = TinyArchitecture(**{**arch.__dict__, "student_encoder_channels": (16, 16), "student_encoder_blocks": (1, 1)})
+    widths = dict(student_encoder_channels=(16,), student_encoder_blocks=(2,), student_encoder_tail=True) if tail else \
+        dict(student_encoder_channels=(16, 16), student_encoder_blocks=(1, 1))
+    student_arch = TinyArchitecture(**{**arch.__dict__, **widths})
     cfg = TrainConfig(
         output_dir=str(out), threads=2, checkpoint_minutes=1000, log_every=1, val_every=30, device="cpu",
         tiny=student_arch, init_from=str(tmp_path / "base"),
@@ -109,6 +134,9 @@ def test_encoder_stage_distils_and_ships_the_codec_with_the_student(tmp_path, im
         for a, b in zip(getattr(shipped, name).state_dict().values(), getattr(base, name).state_dict().values()):
             assert torch.equal(a.float(), b.float())
     assert torch.equal(shipped.vae.decoder[1].weight.float(), base.vae.decoder[1].weight.float())
+    if tail:  # TAEF2's last layers stay frozen
+        assert torch.equal(shipped.vae.encoder[-1].weight.float(), base.vae.encoder[-1].weight.float())
+        assert torch.equal(shipped.vae.encoder[-2].pool[0].weight.float(), base.vae.encoder[-2].pool[0].weight.float())
     image, data = shipped(np.full((64, 64, 3), 120, np.uint8), quality=2)
     assert image.size == (64, 64) and len(data) > 0
 
@@ -127,4 +155,10 @@ def test_encoder_stage_refuses_a_config_it_cannot_run():
 
     cfg = TrainConfig(data=DataConfig(latent_cache="cache"))
     with pytest.raises(OSDiffError, match="student_encoder_channels"):
+        EncoderStage(crop=64).check(cfg, "x.yaml")
+    from osdiff.config import TinyArchitecture
+
+    cfg = TrainConfig(data=DataConfig(latent_cache="cache"), tiny=TinyArchitecture(
+        autoencoder="taef2", student_encoder_channels=(16, 16), student_encoder_tail=True))
+    with pytest.raises(OSDiffError, match="1 width"):
         EncoderStage(crop=64).check(cfg, "x.yaml")

@@ -85,6 +85,28 @@ def slim_encoder(latent_channels: int, channels: tuple[int, ...], blocks: tuple[
     )
 
 
+TAESD_ENCODER_LAYERS = 15
+ENCODER_TAIL_FROM = 10  # taesd_encoder's layers from its last stride-2 conv (1/4 -> 1/8) on
+
+
+def tail_encoder(latent_channels: int, midblock_gn: bool, channels: tuple[int, ...],
+                 blocks: tuple[int, ...]) -> nn.Sequential:
+    """Student encoder that keeps the teacher's cheap end: image (B,3,H,W) in [0,1] -> raw latent
+    (B,C,H/8,W/8). A 4x pixel unshuffle, `blocks[0]` TAESD blocks of width `channels[0]` at 1/4
+    resolution and a 3x3 conv + ReLU to the teacher's width (64) make the teacher's 1/4-resolution
+    features, a purely local function of the pixels; then TAEF2's own layers from its last
+    stride-2 conv on (its 1/8-resolution blocks, whose GroupNorm sees the whole image, and the
+    conv to the latent; copied by `TAESDAutoencoder.with_encoder`). ~3 % of the teacher's cost is
+    in that tail."""
+    if len(channels) != 1 or len(blocks) != 1:
+        raise ValueError("tail encoder: need 1 width and 1 block count (1/4 resolution)")
+    (width,), (count,) = channels, blocks
+    return nn.Sequential(
+        nn.PixelUnshuffle(4), _conv(48, width), nn.ReLU(), *[Block(width, width) for _ in range(count)],
+        _conv(width, 64), nn.ReLU(), *taesd_encoder(latent_channels, midblock_gn)[ENCODER_TAIL_FROM:],
+    )
+
+
 def taesd_decoder(latent_channels: int, midblock_gn: bool) -> nn.Sequential:
     """TAESD decoder: raw latent (B,C,h,w) -> image (B,3,8h,8w), roughly in [0,1]; width 64."""
     gn = dict(midblock_gn=midblock_gn)
@@ -151,7 +173,8 @@ class TAESDAutoencoder(ModelMixin, ConfigMixin):
     first `decoder_trunk_layers` layers (11: its 1/8 and 1/4 levels) followed by those widths and
     a pixel shuffle (`trunk_decoder`).
     `encoder_channels=None`: TAEF2's encoder; else a `slim_encoder` of those widths and
-    `encoder_blocks`, distilled from it (stage "encoder"), in the same latent space.
+    `encoder_blocks`, distilled from it (stage "encoder"), in the same latent space; with
+    `encoder_tail` a `tail_encoder` (one width and block count at 1/4, then TAEF2's last layers).
     `latent_mean` / `latent_std` (one per channel, from training photos) map raw latents to
     roughly zero-mean, unit-variance ones.
     """
@@ -159,7 +182,7 @@ class TAESDAutoencoder(ModelMixin, ConfigMixin):
     # config keys added after models were shipped, with the value those models had: the model
     # hash leaves them out at that value, so older models keep their hash
     hash_neutral_defaults = {"decoder_trunk_layers": TRUNK_LAYERS, "encoder_channels": None,
-                             "encoder_blocks": list(SLIM_ENCODER_BLOCKS)}
+                             "encoder_blocks": list(SLIM_ENCODER_BLOCKS), "encoder_tail": False}
 
     @register_to_config
     def __init__(
@@ -174,10 +197,13 @@ class TAESDAutoencoder(ModelMixin, ConfigMixin):
         decoder_trunk_layers: int = TRUNK_LAYERS,
         encoder_channels: tuple[int, ...] | None = None,
         encoder_blocks: tuple[int, ...] = SLIM_ENCODER_BLOCKS,
+        encoder_tail: bool = False,
     ) -> None:
         super().__init__()
         if encoder_channels is None:
             self.encoder = taesd_encoder(latent_channels, midblock_gn)
+        elif encoder_tail:
+            self.encoder = tail_encoder(latent_channels, midblock_gn, tuple(encoder_channels), tuple(encoder_blocks))
         else:
             self.encoder = slim_encoder(latent_channels, tuple(encoder_channels), tuple(encoder_blocks))
         if decoder_channels is None:
@@ -226,20 +252,35 @@ class TAESDAutoencoder(ModelMixin, ConfigMixin):
         other.encoder.load_state_dict(self.encoder.state_dict())
         return other
 
-    def with_encoder(self, channels: tuple[int, ...] | None,
-                     blocks: tuple[int, ...] = SLIM_ENCODER_BLOCKS) -> "TAESDAutoencoder":
+    def with_encoder(self, channels: tuple[int, ...] | None, blocks: tuple[int, ...] = SLIM_ENCODER_BLOCKS,
+                     tail: bool = False) -> "TAESDAutoencoder":
         """A copy with this decoder and normalisation and a new (random) slim encoder of that
-        shape (`channels` None: TAEF2's encoder layout, random too)."""
+        shape (`channels` None: TAEF2's encoder layout, random too); `tail`: a `tail_encoder`
+        whose tail is this (teacher) encoder's last layers."""
+        if tail and (channels is None or self.slim_encoder):
+            raise ValueError("with_encoder: a tail encoder needs widths and a teacher (TAEF2) encoder to copy from")
         cfg = {k: v for k, v in dict(self.config).items() if not k.startswith("_")}
-        cfg.update(encoder_channels=None if channels is None else tuple(channels), encoder_blocks=tuple(blocks))
+        cfg.update(encoder_channels=None if channels is None else tuple(channels), encoder_blocks=tuple(blocks),
+                   encoder_tail=bool(tail))
         other = TAESDAutoencoder(**cfg)
         other.decoder.load_state_dict(self.decoder.state_dict())
+        if tail:
+            teacher_tail = list(self.encoder)[ENCODER_TAIL_FROM:]
+            for mine, theirs in zip(list(other.encoder)[-len(teacher_tail):], teacher_tail):
+                mine.load_state_dict(theirs.state_dict())
         return other
 
     @property
     def slim_encoder(self) -> bool:
         """Whether the encoder is a distilled student (not TAEF2's own)."""
         return self.config.get("encoder_channels") is not None
+
+    @property
+    def teacher_tail(self) -> nn.Module | None:
+        """A tail encoder's layers copied from TAEF2's (None for other encoders)."""
+        if not self.config.get("encoder_tail"):
+            return None
+        return self.encoder[len(self.encoder) - (TAESD_ENCODER_LAYERS - ENCODER_TAIL_FROM):]
 
     def load_trunk(self, teacher: "TAESDAutoencoder") -> None:
         """Copy the teacher decoder's first `decoder_trunk_layers` layers into this trunk decoder."""
@@ -280,4 +321,5 @@ def _load_state(path: str | os.PathLike) -> dict[str, Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
-__all__ = ["TRUNK_DEPTHS", "TAESDAutoencoder", "slim_decoder", "slim_encoder", "taesd_decoder", "taesd_encoder", "trunk_decoder"]
+__all__ = ["TRUNK_DEPTHS", "TAESDAutoencoder", "slim_decoder", "slim_encoder", "tail_encoder", "taesd_decoder",
+           "taesd_encoder", "trunk_decoder"]

@@ -129,6 +129,10 @@ class EncoderStage(StageConfig):
         if config.model != "tiny" or config.tiny.autoencoder != "taef2" or not config.tiny.student_encoder_channels:
             raise OSDiffError(f"config {where}: stage 'encoder' needs model tiny, tiny.autoencoder taef2 and "
                               "tiny.student_encoder_channels")
+        widths = 1 if config.tiny.student_encoder_tail else 2
+        if len(config.tiny.student_encoder_channels) != widths or len(config.tiny.student_encoder_blocks) != widths:
+            raise OSDiffError(f"config {where}: the student encoder needs {widths} width(s) and block count(s) "
+                              f"({'1/4' if widths == 1 else '1/4 and 1/8'} resolution)")
         if not config.data.latent_cache:
             raise OSDiffError(f"config {where}: stage 'encoder' learns the cached TAEF2 latents: set data.latent_cache")
         if self.crop < 8 * (2 * self.encoder_margin + 1):

@@ -76,7 +76,8 @@ def _export_checkpoint(ckpt: Path, output: Path, base: str | Path | None) -> int
     if name == "encoder":  # the base's vae with the run's student encoder
         tiny = state["config"]["tiny"]
         pipe.register_modules(vae=pipe.vae.with_encoder(tuple(tiny["student_encoder_channels"]),
-                                                        tuple(tiny["student_encoder_blocks"])))
+                                                        tuple(tiny["student_encoder_blocks"]),
+                                                        bool(tiny.get("student_encoder_tail", False))))
     if "compressor" in modules:
         extra = modules["compressor"]["y_gain"].shape[0] - pipe.compressor.config.num_quality_levels
         if extra > 0:

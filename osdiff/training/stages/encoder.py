@@ -1,6 +1,7 @@
 """Stage "encoder" (tiny model, autoencoder "taef2"): distil a slim student encoder from TAEF2's.
 
-The student (osdiff.models.taesd.slim_encoder) learns the TAEF2 latents of the training photos,
+The student (osdiff.models.taesd.slim_encoder, or tail_encoder: TAEF2's own last layers, copied
+and frozen, after a learned head) learns the TAEF2 latents of the training photos,
 cut from data.latent_cache: loss = MSE of normalised latents (per channel weighted by the
 decoder's pixel sensitivity with losses.latent_weighting "decoder") + losses.encoder_pixel * L1
 of the student's latent decoded by the model's decoder against the photo. The cached targets saw
@@ -31,9 +32,12 @@ def train(run: TrainingRun, index: int, stage: EncoderStage) -> bool:
         raise OSDiffError(f"init_from {cfg.init_from}: its encoder is already a student; the teacher must be TAEF2's")
     base = base.to(run.device).requires_grad_(False).eval()
     torch.manual_seed(cfg.seed + 11)
-    student = base.with_encoder(tuple(arch.student_encoder_channels), tuple(arch.student_encoder_blocks)).to(run.device)
+    student = base.with_encoder(tuple(arch.student_encoder_channels), tuple(arch.student_encoder_blocks),
+                                arch.student_encoder_tail).to(run.device)
     student.decoder.requires_grad_(False).eval()
-    params = list(student.encoder.parameters())
+    if student.teacher_tail is not None:  # TAEF2's last layers stay TAEF2's: the head learns their input
+        student.teacher_tail.requires_grad_(False)
+    params = [p for p in student.encoder.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
     student, opt = run.prepare(student, opt)
     model = run.unwrap(student)
