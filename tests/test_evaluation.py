@@ -321,3 +321,39 @@ def test_eval_dense_qualities_for_codecs_with_gains(tmp_path, tiny_codec_folder,
     assert len(err) == 1 and "--qualities" in err[0]
     assert main(["eval", str(data), "--codecs", "jpeg", "--out", str(out), "--qualities", "1,2"]) == 1
     assert "none of the codecs" in capsys.readouterr().err
+
+
+def test_eval_refuses_rows_of_another_model_under_the_same_name(tmp_path, tiny_codec_folder):
+    """A resumed folder keeps what made each codec name's rows (codecs.json): a name that now
+    stands for another model (a shipped model replaced under the same name) is refused before
+    anything is coded; the same model, or a classical codec, resumes."""
+    import osdiff
+    from osdiff.build import save_for_shipping
+    from osdiff.evaluation.codecs import make_codec
+    from osdiff.evaluation.runner import evaluate
+    from osdiff.imageio import tensor_to_pil
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    tensor_to_pil(_photo(3, 64, 64)).save(photos / "a.png")
+    other = osdiff.load(tiny_codec_folder)
+    with torch.no_grad():
+        next(other.unet.parameters()).add_(0.01)
+    save_for_shipping(other, tmp_path / "other")
+    suite, out = MetricSuite(only=frozenset({"psnr"})), tmp_path / "out"
+
+    def codecs(folder):
+        model = make_codec(f"m={folder}")
+        model.settings = [1]
+        jpeg = classical_codec("jpeg")
+        jpeg.settings = [50]
+        return [model, jpeg]
+
+    evaluate(photos, codecs(tiny_codec_folder), out, suite, crops=False)
+    rows = (out / "per_image.csv").read_text()
+    evaluate(photos, codecs(tiny_codec_folder), out, suite, crops=False)  # the same model resumes
+    assert (out / "per_image.csv").read_text() == rows
+    with pytest.raises(OSDiffError, match="its m rows were made by tiny-test [0-9a-f]{16}, not tiny-test"):
+        evaluate(photos, codecs(tmp_path / "other"), out, suite, crops=False)
+    assert (out / "per_image.csv").read_text() == rows
+    assert set(json.loads((out / "codecs.json").read_text())) == {"m", "jpeg"}

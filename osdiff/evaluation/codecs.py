@@ -29,6 +29,9 @@ class Codec:
     suffix: str = ".bin"
     learned: bool = False
     continuous: bool = False
+    # what makes its files: a learned codec's model hash (and decoding option), a classical one's
+    # encoder options; an evaluation folder keeps it per name (osdiff.evaluation.runner)
+    identity: str = ""
 
     def encode(self, image: Image.Image, setting) -> tuple[bytes, Image.Image]:
         """(file bytes, the decoded RGB image)."""
@@ -42,7 +45,14 @@ def _pillow_encoder(fmt: str, **extra) -> Callable[[Image.Image, int], bytes]:
         image.save(buf, format=fmt, quality=int(quality), **extra)
         return buf.getvalue()
 
+    encode.identity = f"Pillow {fmt} " + " ".join(f"{k}={v}" for k, v in sorted(extra.items()))
     return encode
+
+
+def _classical(name: str, settings: list, fmt: str, quality_range: tuple[int, int], mime: str, suffix: str,
+               **extra) -> Codec:
+    encode = _pillow_encoder(fmt, **extra)
+    return Codec(name, settings, encode, _pillow_decode, quality_range, mime, suffix, identity=encode.identity)
 
 
 def _pillow_decode(data: bytes) -> Image.Image:
@@ -52,23 +62,21 @@ def _pillow_decode(data: bytes) -> Image.Image:
 
 def classical_codec(name: str) -> Codec:
     if name == "jpeg":
-        return Codec("jpeg", [1, 3, 5, 10, 15, 20, 30, 40, 50, 65, 80, 90], _pillow_encoder("JPEG", optimize=True),
-                     _pillow_decode, (1, 95), "image/jpeg", ".jpg")
+        return _classical("jpeg", [1, 3, 5, 10, 15, 20, 30, 40, 50, 65, 80, 90], "JPEG", (1, 95), "image/jpeg", ".jpg",
+                          optimize=True)
     if name == "webp":
-        return Codec("webp", [0, 5, 10, 20, 30, 45, 60, 75, 90], _pillow_encoder("WEBP", method=6),
-                     _pillow_decode, (0, 100), "image/webp", ".webp")
+        return _classical("webp", [0, 5, 10, 20, 30, 45, 60, 75, 90], "WEBP", (0, 100), "image/webp", ".webp", method=6)
     if name == "avif":
         if not features.check("avif"):
             raise OSDiffError("avif: this Pillow has no AVIF support")
-        return Codec("avif", [0, 5, 10, 20, 30, 40, 50, 60, 70, 80], _pillow_encoder("AVIF", speed=6),
-                     _pillow_decode, (0, 100), "image/avif", ".avif")
+        return _classical("avif", [0, 5, 10, 20, 30, 40, 50, 60, 70, 80], "AVIF", (0, 100), "image/avif", ".avif",
+                          speed=6)
     if name == "jxl":
         try:
             import pillow_jxl  # noqa: F401
         except ImportError:
             raise OSDiffError("jxl: install pillow-jxl-plugin for JPEG XL") from None
-        return Codec("jxl", [5, 10, 20, 30, 40, 55, 70, 85], _pillow_encoder("JXL", effort=7),
-                     _pillow_decode, (1, 100), "image/jxl", ".jxl")
+        return _classical("jxl", [5, 10, 20, 30, 40, 55, 70, 85], "JXL", (1, 100), "image/jxl", ".jxl", effort=7)
     raise OSDiffError(f"unknown codec {name!r}")
 
 
@@ -86,9 +94,10 @@ def learned_codec(name: str, model=None, verbose: bool = False, steps: int | Non
     pipe = model if isinstance(model, ImageCodecPipeline) else load(model or name, verbose=verbose)
     levels = pipe.num_quality_levels
     decode = pipe.decompress if steps is None else (lambda data: pipe.decompress(data, steps=steps))
+    identity = f"{pipe.config.model_name} {pipe.model_hash.hex()}" + ("" if steps is None else f" steps={steps}")
     return Codec(name, list(range(1, levels + 1)), lambda image, quality: pipe.compress(image, quality=quality),
                  decode, (1, levels), "application/x-osdiff", ".osd", learned=True,
-                 continuous=pipe.continuous_quality)
+                 continuous=pipe.continuous_quality, identity=identity)
 
 
 def parse_qualities(text: str) -> list[int | float]:

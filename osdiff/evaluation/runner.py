@@ -177,6 +177,7 @@ def _evaluate(data_dirs: Path | list[Path], codecs: list[Codec], out_dir: Path, 
         if dist.is_main():
             images = find_images(data_dirs, limit)
             out_dir.mkdir(parents=True, exist_ok=True)
+            _check_identities(out_dir / "codecs.json", codecs)
             store = _open_rows(out_dir / "per_image.csv", metrics.names)
             plan = images, _plan(images, codecs, metrics.names, set_metrics, feat_dir, {_key(r): r for r in store.rows})
     images, jobs = dist.broadcast(plan)
@@ -228,6 +229,21 @@ def _evaluate(data_dirs: Path | list[Path], codecs: list[Codec], out_dir: Path, 
     crop_sets = side_by_side_crops(images, codecs, out_dir, rows, crop_bpp) if crops else []
     write_report(out_dir, summary, plots, crop_sets)
     return summary
+
+
+def _check_identities(path: Path, codecs: list[Codec]) -> None:
+    """Keep in `path` what made each codec name's rows (Codec.identity); OSDiffError, before
+    anything is coded, if a name now stands for another codec (e.g. a shipped model replaced
+    under the same name), whose rows would otherwise be taken for the new one's. Folders made
+    before this record take the codecs as they are now."""
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    for codec in codecs:
+        old = known.get(codec.name)
+        if old and codec.identity and old != codec.identity:
+            raise OSDiffError(f"{path.parent}: its {codec.name} rows were made by {old}, not {codec.identity}; "
+                              f"evaluate into another --out, or name it NAME=FOLDER")
+        known[codec.name] = old or codec.identity
+    write_bytes_atomic(path, json.dumps(known, indent=2, sort_keys=True).encode(), force=True)
 
 
 def _open_rows(csv_path: Path, names: list[str]) -> _RowStore:
