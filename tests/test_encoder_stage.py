@@ -162,3 +162,57 @@ def test_encoder_stage_refuses_a_config_it_cannot_run():
         autoencoder="taef2", student_encoder_channels=(16, 16), student_encoder_tail=True))
     with pytest.raises(OSDiffError, match="1 width"):
         EncoderStage(crop=64).check(cfg, "x.yaml")
+
+
+def test_codec_stage_trains_a_student_encoder_through_the_codec(tmp_path, image_folder):
+    """train_encoder: the compressor codes the student's latents, the student's head learns
+    (TAEF2's tail stays), the anchor to TAEF2's cached latents is logged; the model and a
+    mid-run export carry the new encoder."""
+    import osdiff
+    from osdiff.build import build_tiny, save_for_shipping
+    from osdiff.config import CompressorArchitecture, TinyArchitecture
+    from osdiff.errors import OSDiffError
+    from osdiff.hub import WEIGHTS_DIR
+    from osdiff.training.config import CodecStage, DataConfig, LossConfig, TrainConfig
+    from osdiff.training.export import export_run
+    from osdiff.training.trainer import Trainer
+
+    arch = TinyArchitecture(
+        autoencoder="taef2", student_decoder_channels=(16, 8, 8, 8), student_decoder_blocks=(1, 1, 1, 1),
+        unet_block_out_channels=(32, 32), cross_attention_dim=32, unet_attention_head_dim=16,
+        compressor=CompressorArchitecture(latent_channels=32, hidden_channels=16, code_channels=16, groups=(4, 4, 8),
+                                          analysis_downsamples=1, hyper_downsamples=1),
+    )
+    codec = build_tiny(arch, name="tiny-test")
+    taef2 = TAESDAutoencoder.from_pretrained(WEIGHTS_DIR / "taef2" / "vae")
+    codec.vae.encoder.load_state_dict(taef2.encoder.state_dict())
+    torch.manual_seed(0)
+    codec.register_modules(vae=codec.vae.with_encoder((16,), (1,), tail=True))
+    save_for_shipping(codec, tmp_path / "base")
+
+    def config(**stage):
+        return TrainConfig(
+            output_dir=str(tmp_path / "run"), threads=2, checkpoint_minutes=1000, log_every=1, val_every=0, device="cpu",
+            tiny=arch, init_from=str(tmp_path / "base"),
+            data=DataConfig(train_folders=[str(image_folder)], val_folders=[str(image_folder)], max_side=128,
+                            max_val_images=2, latent_cache=str(tmp_path / "cache")),
+            losses=LossConfig(latent_weighting="decoder", latent_mse=0.25, hint_mse=0.5, encoder_anchor=1.0),
+            stages=[CodecStage(steps=6, batch_size=2, crop=64, lr=1e-3, warmup_steps=1, train_unet=True, encoder_margin=2,
+                               **stage)],
+        )
+
+    with pytest.raises(OSDiffError, match="train_encoder"):
+        CodecStage(crop=64, train="gains", train_encoder=True).check(config(), "x.yaml")
+    out = Trainer(config(train_encoder=True)).run()
+    with open(tmp_path / "run" / "log-0-codec.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(float(r["encoder_anchor"]) > 0 for r in rows)
+    base, trained = osdiff.load(tmp_path / "base"), osdiff.load(out)
+    assert trained.vae.slim_encoder
+    assert not torch.equal(trained.vae.encoder[1].weight.float(), base.vae.encoder[1].weight.float())  # the head learned
+    assert torch.equal(trained.vae.encoder[-1].weight.float(), base.vae.encoder[-1].weight.float())  # the tail did not
+    image, data = trained(np.full((64, 64, 3), 120, np.uint8), quality=2)
+    assert image.size == (64, 64) and len(data) > 0
+    assert export_run(tmp_path / "run", tmp_path / "exported", stage=0)[1] == 6
+    exported = osdiff.load(tmp_path / "exported")
+    assert torch.equal(exported.vae.encoder[1].weight.float(), trained.vae.encoder[1].weight.float())

@@ -161,9 +161,19 @@ class CodecStage(StageConfig):
     # gives them: the files stay bit for bit the same, the one step learns to beat the hint)
     train: str = "all"
     qualities: list[int] | None = None  # the 1-based qualities trained on (default: all)
+    # also train init_from's student encoder (a TAEF2 autoencoder whose encoder is a distilled
+    # student: `osdiff export` of an encoder stage) through the whole codec: the compressor codes
+    # the student's latent of each crop, latent and hint MSE aim at TAEF2's cached latents, and
+    # losses.encoder_anchor x their MSE (margins left out, as in stage "encoder") keeps the
+    # student's latent near TAEF2's
+    train_encoder: bool = False
+    encoder_margin: int = 4
 
     def check(self, config: TrainConfig, where: str) -> None:
         super().check(config, where)
+        if self.train_encoder and (self.train != "all" or not config.init_from or not config.data.latent_cache):
+            raise OSDiffError(f"config {where}: train_encoder needs train 'all', init_from (a model with a student "
+                              "encoder) and data.latent_cache (TAEF2's latents)")
         if config.losses.latent_weighting not in ("none", "decoder"):
             raise OSDiffError(f"config {where}: latent_weighting must be 'none' or 'decoder'")
         if self.qualities is not None and (not self.qualities or min(self.qualities) < 1):
@@ -248,6 +258,7 @@ class LossConfig:
     # codec stage: + colour * MSE of the 16x16 block means of the decoded one-step output and the
     # photo (images in [0,1]; inside lambda): the local colour a hue shift or colour cast moves
     colour: float = 0.0
+    encoder_anchor: float = 1.0  # codec stage with train_encoder: x MSE of the student's and TAEF2's latents
     pixel_adversarial: float = 0.0
     adversarial_start: int = 200  # codec steps before the adversarial term switches on
     latent_l2: float = 1e-3  # autoencoder stage: keeps the latent near unit scale

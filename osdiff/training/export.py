@@ -87,6 +87,8 @@ def _export_checkpoint(ckpt: Path, output: Path, base: str | Path | None) -> int
     for part in ("unet", "vae"):
         if part in modules:
             getattr(pipe, part).load_state_dict(modules[part])
+    if "encoder" in modules:  # a codec stage that trained the base's student encoder too
+        pipe.vae.encoder.load_state_dict(modules["encoder"])
     if "unet" in modules:  # the UNet learned for the run's decoding procedure (e.g. its timestep), not the base's
         pipe.register_to_config(**DecodingConfig(**state["config"]["decoding"]).pipeline_config())
     pipe.save_pretrained(output)

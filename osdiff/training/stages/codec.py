@@ -1,5 +1,6 @@
 """Stage "codec": freeze autoencoder and UNet; train compressor + control module (+ the UNet
-with train_unet, + discriminators) with rate + latent MSE + hint MSE + perceptual + adversarial."""
+with train_unet, + a student encoder with train_encoder, + discriminators) with rate + latent
+MSE + hint MSE + perceptual + adversarial."""
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,9 @@ from ...quality.pixel import detail_retention, psnr_tensor
 from ..config import CodecStage
 from ..discriminator import UNetFeatureDiscriminator, frozen_generator_loss
 from ..losses import PerceptualLoss, bits_per_pixel, discriminator_adversarial, local_detail_loss, low_pass_mse
-from ..parts import init_model, patch_discriminator, split_quantiles, stage_channel_weights, trained_vae
+from ..parts import init_model, patch_discriminator, split_quantiles, stage_channel_weights, teacher_autoencoder, trained_vae
 from ..run import TrainingRun
+from .encoder import loss_mask
 from ..validation import held_out_metrics
 
 
@@ -59,6 +61,7 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
         earlier = run.path(cfg.init_from)
         if not earlier.is_file():
             raise OSDiffError(f"init_from: {earlier} not found")
+    state = {}
     if earlier is not None:  # a second codec stage (or init_from) fine-tunes earlier weights
         state = torch.load(earlier, map_location="cpu", weights_only=False)["modules"]
         for name, module in (("compressor", compressor), ("unet", unet), ("discriminator", discriminator)):
@@ -68,6 +71,16 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
         frozen.requires_grad_(False)
     vae.to(run.device)
     conditioning.to(run.device)
+    student = None  # train_encoder: the student encoder learns, TAEF2's cached latents are the targets
+    if stage.train_encoder:
+        if not (isinstance(vae, TAESDAutoencoder) and vae.slim_encoder):
+            raise OSDiffError(f"train_encoder: init_from {cfg.init_from} has no student encoder "
+                              "(export an encoder stage's run with --base that model)")
+        student = vae.encoder.requires_grad_(True)
+        if vae.teacher_tail is not None:
+            vae.teacher_tail.requires_grad_(False)
+        if earlier is not None and "encoder" in state:
+            student.load_state_dict(state["encoder"])
 
     if stage.train == "gains":  # only the gain tables; everything else codes as before
         unet.requires_grad_(False)
@@ -82,16 +95,22 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
     compressor_params = [p for p in compressor_params if p.requires_grad]
     aux_params = [p for p in aux_params if p.requires_grad]
     main_params = compressor_params + control_params
+    if student is not None:
+        main_params += [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(main_params, lr=stage.lr, weight_decay=stage.weight_decay)
     opt_aux = torch.optim.Adam(aux_params, lr=stage.lr_aux) if aux_params else None
     opt_d = torch.optim.AdamW(discriminator.parameters(), lr=stage.lr_discriminator, betas=(0.5, 0.999))
     compressor, unet, discriminator, opt, opt_d = run.prepare(compressor, unet, discriminator, opt, opt_d)
+    if student is not None:
+        student = run.prepare(student)
     if opt_aux is not None:
         opt_aux = run.prepare(opt_aux)
     pixel_discriminator = None
     if losses.pixel_adversarial > 0:  # judges decoded pixels given the hint they came from
         pixel_discriminator, opt_pd = patch_discriminator(run, comp_arch.latent_channels, stage)
     encoder = vae.encoder if isinstance(vae, TAESDAutoencoder) else None
+    if student is not None:  # the cache and the perceptual loss's features: TAEF2's own encoder
+        encoder = teacher_autoencoder(run).encoder.to(run.device).requires_grad_(False).eval()
     # no pixel terms: the official loss, all in latent space (no pixel decoding in training)
     pixel_loss = losses.perceptual > 0 or losses.detail > 0 or losses.colour > 0 or pixel_discriminator is not None
     perceptual = (PerceptualLoss(losses.perceptual_kind, losses.lpips_net, encoder).to(run.device)
@@ -129,6 +148,12 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
     def step_fn(step: int) -> dict:
         x, z = pairs.batch(step)
         x, z = x.to(run.device), to_latent(z.to(run.device))
+        coded, anchor_logs = z, {}
+        if student is not None:  # the student's latent is coded; TAEF2's stays the target
+            coded = to_latent(student(x))
+            mask = loss_mask(pairs.edges(step), z.shape[-2:], stage.encoder_margin).to(run.device)
+            anchor = ((coded - z).pow(2) * channel_weights * mask).sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) * z.shape[1])
+            anchor_logs["encoder_anchor"] = anchor.detach().mean()
         gen = run.generator(index, step)
         b = x.shape[0]
         level = trained_levels[torch.randint(0, len(trained_levels), (b,), generator=gen)].to(run.device)
@@ -140,7 +165,7 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
 
         with run.accumulate(compressor, unet):
             with torch.no_grad() if frozen_compressor else contextlib.nullcontext():
-                out = compressor(z, level)  # (frozen: in eval mode, rounded as in coding)
+                out = compressor(coded, level)  # (frozen: in eval mode, rounded as in coding)
             hint = out["hint"]
             bpp = bits_per_pixel(out["likelihoods"], x.shape[-2] * x.shape[-1])
             # compressor-only training (latent MSE, adversarial and pixel losses off): no UNet
@@ -148,6 +173,8 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
             latent_mse = ((z_hat - z).pow(2) * channel_weights).mean(dim=(1, 2, 3))
             hint_mse = ((hint - z).pow(2) * channel_weights).mean(dim=(1, 2, 3))
             distortion = losses.latent_mse * latent_mse + losses.hint_mse * hint_mse
+            if student is not None:
+                distortion = distortion + losses.encoder_anchor * anchor
             pixel_logs = {}
             if pixel_loss:
                 x_hat = (decode_latent(vae, z_hat) + 1) / 2
@@ -194,7 +221,7 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
         per_level = {f"bpp_q{q + 1}": (bpp * (level == q)).sum() / (level == q).sum() for q in range(len(lambdas))}
         return {"loss": loss.detach(), "bpp": bpp.mean(), **per_level, "latent_mse": latent_mse.detach().mean(),
                 "hint_mse": hint_mse.detach().mean(), "adv_g": adv.detach(), "adv_d": d_loss.detach(),
-                "aux": aux.detach(), **pixel_logs}
+                "aux": aux.detach(), **pixel_logs, **anchor_logs}
 
     def val_fn() -> dict:
         """Per quality level, on the fixed crops: bpp from the entropy models (rounded latents
@@ -225,11 +252,15 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
     optimizers = {"main": (opt, stage.lr), "disc": (opt_d, stage.lr_discriminator)}
     if opt_aux is not None:
         optimizers["aux"] = (opt_aux, stage.lr_aux)
+    if student is not None:
+        modules["encoder"] = student
     if pixel_discriminator is not None:
         modules["pixel_discriminator"] = pixel_discriminator
         optimizers["pixel_disc"] = (opt_pd, stage.lr_discriminator)
     if not run.loop(index, stage, modules, optimizers, step_fn, val_fn):
         return False
+    if student is not None:
+        vae.encoder = run.unwrap(student)
     pipe = OSDiffPipeline(
         vae=vae, compressor=run.unwrap(compressor), unet=run.unwrap(unet),
         conditioning=conditioning, scheduler=scheduler, model_name=cfg.model_name,
