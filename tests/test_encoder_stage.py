@@ -82,6 +82,9 @@ def test_crop_edges_match_the_crops(image_folder):
     for step in range(5):
         for (k, y, x), (top, bottom, left, right) in zip(sampler._positions(step, None), sampler.edges(step).tolist()):
             assert (top, bottom, left, right) == (y == 0, y + 8 == 12, x == 0, x + 8 == 16)
+    maps = [torch.arange(24 * 32.0).view(1, 24, 32) + 1000 * i for i in range(len(images))]  # at 1/4 resolution
+    for (k, y, x), cut in zip(sampler._positions(2, None), sampler.cut(maps, 2, 2)):
+        assert cut.shape == (1, 16, 16) and torch.equal(cut, maps[k][:, 2 * y : 2 * y + 16, 2 * x : 2 * x + 16])
     whole = LatentCropSampler(images, latents, 96, 2, seed=3, stage=0)
     assert whole.edges(0)[:, :2].all()  # 96-pixel crops span the photos' height
 
@@ -115,7 +118,7 @@ def test_encoder_stage_distils_and_ships_the_codec_with_the_student(tmp_path, im
         tiny=student_arch, init_from=str(tmp_path / "base"),
         data=DataConfig(train_folders=[str(image_folder)], val_folders=[str(image_folder)], max_side=128, max_val_images=2,
                         latent_cache=str(tmp_path / "cache")),
-        losses=LossConfig(latent_weighting="decoder", encoder_pixel=0.1),
+        losses=LossConfig(latent_weighting="decoder", encoder_pixel=0.1, encoder_features=0.5 if tail else 0.0),
         stages=[EncoderStage(steps=30, batch_size=4, crop=64, lr=3e-3, warmup_steps=1, encoder_margin=2)],
     )
     assert Trainer(cfg).run() == out / "model"
@@ -124,6 +127,10 @@ def test_encoder_stage_distils_and_ships_the_codec_with_the_student(tmp_path, im
     first = np.mean([float(r["latent_mse"]) for r in rows[:3]])
     last = np.mean([float(r["latent_mse"]) for r in rows[-3:]])
     assert last < 0.85 * first and "pixel_l1" in rows[0]
+    if tail:  # the head also learns TAEF2's 1/4-resolution features, cached beside the latents
+        features = [float(r["feature_nmse"]) for r in rows]
+        assert np.mean(features[-3:]) < np.mean(features[:3])
+        assert len(list((tmp_path / "cache").glob("latents-*.pt"))) == 2
     with open(out / "val-0-encoder.csv") as f:
         val = list(csv.DictReader(f))[-1]
     assert 0 < float(val["latent_nmse"]) < 10 and {"psnr_student", "psnr_teacher", "psnr_vs_teacher"} <= set(val)

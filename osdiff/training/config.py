@@ -133,6 +133,8 @@ class EncoderStage(StageConfig):
         if len(config.tiny.student_encoder_channels) != widths or len(config.tiny.student_encoder_blocks) != widths:
             raise OSDiffError(f"config {where}: the student encoder needs {widths} width(s) and block count(s) "
                               f"({'1/4' if widths == 1 else '1/4 and 1/8'} resolution)")
+        if config.losses.encoder_features and not config.tiny.student_encoder_tail:
+            raise OSDiffError(f"config {where}: losses.encoder_features is for a tail student (tiny.student_encoder_tail)")
         if not config.data.latent_cache:
             raise OSDiffError(f"config {where}: stage 'encoder' learns the cached TAEF2 latents: set data.latent_cache")
         if self.crop < 8 * (2 * self.encoder_margin + 1):
@@ -274,6 +276,9 @@ class LossConfig:
     # encoder stage: loss = MSE of normalised latents (weighted per channel by latent_weighting)
     # + encoder_pixel * L1 of the student's latent decoded by the model's decoder against the photo
     encoder_pixel: float = 0.0
+    # encoder stage, tail student: + encoder_features * MSE of its head's output and TAEF2's own
+    # 1/4-resolution features (the tail's input; cached per photo), over their variance
+    encoder_features: float = 0.0
     pixel_mse: float = 1.0  # baseline stage: weight of the image MSE (images in [0,1])
     # baseline stage: loss = bpp + lambda * (pixel_mse * MSE + perceptual * P + adversarial * A),
     # the adversarial term inside lambda as in HiFiC (its weight is relative to the distortion)

@@ -111,6 +111,14 @@ class LatentCropSampler:
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
         return x, torch.stack(latents).float()
 
+    def cut(self, maps: list[Tensor], step: int, scale: int, rank: int | None = None) -> Tensor:
+        """The crops of batch `step` from per-photo maps (C, H*scale/8, W*scale/8) of the same
+        photos at `scale` times the latent resolution (e.g. 2: an encoder's 1/4-resolution
+        features), float32 (B,C,scale*crop/8,scale*crop/8)."""
+        c = scale * self.crop // 8
+        return torch.stack([maps[k][:, scale * y : scale * y + c, scale * x : scale * x + c]
+                            for k, y, x in self._positions(step, rank)]).float()
+
     def edges(self, step: int, rank: int | None = None) -> Tensor:
         """(B,4) bool for batch `step`: whether each crop's top, bottom, left and right side is
         its photo's own edge (there the crop saw what the cached latent's encoder saw)."""

@@ -203,9 +203,7 @@ class TrainingRun:
         crop 0 (cache only): one whole photo per batch, trimmed to `align` latent pixels."""
         cfg = self.config
         if cfg.data.latent_cache:
-            files = find_images(cfg.data.train_folders, self.base)
-            latents = self.main_first(lambda: cached_latents(self.images(), files, cfg.data.max_side, encoder,
-                                                             self.path(cfg.data.latent_cache), self.device))
+            latents = self.cached_outputs(encoder)
             return _Fingerprinted(LatentCropSampler(self.images(), latents, stage.crop, stage.batch_size, cfg.seed, index,
                                                     align, self.rank), self)
         return self.encoding_sampler(index, stage, encoder)
@@ -214,6 +212,14 @@ class TrainingRun:
         """Batches of (photos, encode(photos)) from this process's random crops."""
         crops = CropSampler(self.images(), stage.crop, stage.batch_size, self.config.seed, index, self.rank)
         return _Fingerprinted(EncodingSampler(crops, encode, self.device), self)
+
+    def cached_outputs(self, encoder: nn.Module) -> list:
+        """`encoder`'s output (float16) on each whole training photo, from data.latent_cache
+        (computed and saved there on first use; see osdiff.training.latents.cached_latents)."""
+        cfg = self.config
+        files = find_images(cfg.data.train_folders, self.base)
+        return self.main_first(lambda: cached_latents(self.images(), files, cfg.data.max_side, encoder,
+                                                      self.path(cfg.data.latent_cache), self.device))
 
     def main_first(self, make: Callable):
         """make() on process 0, then on the others (files it writes are then there to read)."""

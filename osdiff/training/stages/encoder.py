@@ -4,7 +4,9 @@ The student (osdiff.models.taesd.slim_encoder, or tail_encoder: TAEF2's own last
 and frozen, after a learned head) learns the TAEF2 latents of the training photos,
 cut from data.latent_cache: loss = MSE of normalised latents (per channel weighted by the
 decoder's pixel sensitivity with losses.latent_weighting "decoder") + losses.encoder_pixel * L1
-of the student's latent decoded by the model's decoder against the photo. The cached targets saw
+of the student's latent decoded by the model's decoder against the photo (+ for a tail student
+losses.encoder_features x the normalised MSE of its head's output and TAEF2's 1/4-resolution
+features, the tail's input, also cached). The cached targets saw
 the whole photo, the student sees a crop: latent pixels within `encoder_margin` of a crop side
 that is not the photo's own edge are left out of the loss. Decoder, compressor and UNet stay as
 they are, so the compressor codes the student's latents as it coded TAEF2's."""
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import OSDiffError
-from ...models.taesd import TAESDAutoencoder
+from ...models.taesd import ENCODER_TAIL_FROM, TAESDAutoencoder
 from ...quality.pixel import psnr_tensor
 from ..config import EncoderStage
 from ..parts import init_model, stage_channel_weights, teacher_autoencoder
@@ -48,19 +50,33 @@ def train(run: TrainingRun, index: int, stage: EncoderStage) -> bool:
         weights = stage_channel_weights(run, index, base.decode,
                                         lambda: ((pairs.batch(10**6, rank=0)[1].to(run.device) - mean) / std)[:4])
     margin = stage.encoder_margin
+    head, features, feature_var = model.encoder, None, 1.0
+    if losses.encoder_features:  # the tail's input: TAEF2's 1/4-resolution features, cached per photo
+        tail = model.teacher_tail
+        head = model.encoder[: len(model.encoder) - len(tail)]
+        features = run.cached_outputs(base.encoder[:ENCODER_TAIL_FROM])
+        feature_var = pairs.cut(features, 10**6, 2, rank=0).var().item()  # a fixed batch outside the steps' range
 
     def step_fn(step: int) -> dict:
         x, raw = pairs.batch(step)
         x, target = x.to(run.device), ((raw.to(run.device) - mean) / std)
-        mask = loss_mask(pairs.edges(step), target.shape[-2:], margin).to(run.device)
+        edges = pairs.edges(step)
+        mask = loss_mask(edges, target.shape[-2:], margin).to(run.device)
         with run.accumulate(student):
-            z = (model.encoder(x) - mean) / std
+            f = head(x)
+            z = ((f if features is None else tail(f)) - mean) / std
             err = (z - target).pow(2)
             if weights is not None:
                 err = err * weights
             latent = (err * mask).sum() / (mask.sum() * err.shape[1])
             loss = latent
             logs = {"latent_mse": latent.detach()}
+            if features is not None:  # margins of twice as many 1/4-resolution pixels
+                wanted = pairs.cut(features, step, 2).to(run.device)
+                fmask = loss_mask(edges, wanted.shape[-2:], 2 * margin).to(run.device)
+                feature = ((f - wanted).pow(2) * fmask).sum() / (fmask.sum() * f.shape[1] * feature_var)
+                loss = loss + losses.encoder_features * feature
+                logs["feature_nmse"] = feature.detach()
             if losses.encoder_pixel:
                 x_hat = (model.decode(z) + 1) / 2
                 pixel = (x_hat - x).abs().mean()
