@@ -1,4 +1,4 @@
-"""Train osdiff-tiny v2 on a lent GPU within a time budget; results go to $OUT.
+"""Train osdiff-tiny on a lent GPU within a time budget; results go to $OUT.
 
 Run through scripts/device_train.sh (it installs the carried wheels first). Two modes:
 
@@ -7,9 +7,13 @@ Run through scripts/device_train.sh (it installs the carried wheels first). Two 
              once per decoding start ("hint": hint noised to t = 299; "noise": pure noise at
              t = 999, the official procedure), the better one on the validation crops (BD-rate
              on HaarPSI, else PSNR) continued for the rest of the budget;
-  continue   the codec stage started from the shipped weights (osdiff/weights/osdiff-tiny), or
-             from --init-model (default .carry/init-model when it exists: a v2 model trained
-             elsewhere, put there by prepare_device_carry.py --init-model).
+  continue   v3's codec stage (configs/tiny-v3-cpu.yaml: compressor, control module and UNet on
+             LPIPS + latent/hint MSE + rate + both discriminators) started from the shipped
+             weights (osdiff/weights/osdiff-tiny), or from --init-model (default .carry/init-model
+             when it exists: a model trained elsewhere, put there by prepare_device_carry.py
+             --init-model), --batch crops of 256 px. LPIPS on VGG16 where its backbone is on the
+             machine, else on AlexNet (the carried one: VGG16's does not fit in 64 MiB); the
+             summary names which, and the held-out evaluation then leaves that one out.
 
 $OUT receives: model.tar.part-* (the trained model folder, float16, split below 15 MiB),
 logs.tar (every log/val CSV and the configs used), summary.json, and conformance-cuda.txt (the
@@ -93,6 +97,20 @@ def compare(a: dict, b: dict) -> dict:
     return out
 
 
+def lpips_backbone() -> str | None:
+    """'vgg' where VGG16's features are on this machine (the usual LPIPS training network), else
+    'alex' where AlexNet's are, else None."""
+    from osdiff.quality.backbones import ALEXNET, VGG16, BackboneMissing, backbone_file
+
+    for net, backbone in (("vgg", VGG16), ("alex", ALEXNET)):
+        try:
+            backbone_file(backbone)
+            return net
+        except BackboneMissing:
+            continue
+    return None
+
+
 def steps_per_second(run: Path) -> float | None:
     import csv
 
@@ -135,6 +153,7 @@ def main() -> int:
     parser.add_argument("--data", default=DEFAULT_DATA,
                         help="train/ and val/ image folders (dry run without .carry/data: the config's held-out photos)")
     parser.add_argument("--init-model", default=".carry/init-model", help="a v2 model folder to continue (if it exists)")
+    parser.add_argument("--batch", type=int, default=16, help="continue: crops per step (256 px)")
     parser.add_argument("--taesd", default=None, help="a folder with taef2_encoder.pth / taef2_decoder.pth (default: the packaged copy)")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/osdiff-device-out"))
@@ -167,7 +186,7 @@ def main() -> int:
     is_v2 = isinstance(base_pipe.vae, TAESDAutoencoder)
     mode = args.mode if args.mode != "auto" else ("continue" if is_v2 else "bootstrap")
 
-    cfg = load_config(ROOT / "configs" / "tiny-v2.yaml")
+    cfg = load_config(ROOT / "configs" / ("tiny-v2.yaml" if mode == "bootstrap" else "tiny-v3-cpu.yaml"))
     data = (ROOT / args.data).resolve()
     if (data / "train").is_dir():
         folders = dict(train_folders=[str(data / "train")], val_folders=[str(data / "val")])
@@ -177,16 +196,26 @@ def main() -> int:
     else:
         print(f"{data / 'train'}: no image folder (scripts/prepare_device_carry.py makes .carry/data)", file=sys.stderr)
         return 1
+    work = Path(tempfile.mkdtemp(prefix="osdiff-device-"))  # run folders, configs, logs
     cfg = dataclasses.replace(
         cfg, taesd_weights=str((ROOT / args.taesd).resolve()) if args.taesd else None, checkpoint_minutes=1.0,
-        data=dataclasses.replace(cfg.data, **folders),
+        data=dataclasses.replace(cfg.data, **folders, latent_cache=str(work / "latents") if cfg.data.latent_cache else None),
+        threads=0, val_every=cfg.val_every if mode == "bootstrap" else 200,
     )
+    if mode == "continue":
+        net = lpips_backbone()
+        if net is None:
+            print("no LPIPS backbone on this machine (scripts/prepare_device_carry.py carries AlexNet's)", file=sys.stderr)
+            return 1
+        cfg = dataclasses.replace(cfg, losses=dataclasses.replace(cfg.losses, lpips_net=net),
+                                  stages=[dataclasses.replace(cfg.stages[0], batch_size=args.batch)])
     if dry:  # a few steps of everything, small crops
         cfg = dataclasses.replace(cfg, val_every=2, stages=[
             dataclasses.replace(s, steps=3, batch_size=2, crop=128, warmup_steps=1, max_minutes=None) for s in cfg.stages])
-    work = Path(tempfile.mkdtemp(prefix="osdiff-device-"))  # run folders, configs, logs
     runs = work / "runs"
     summary: dict = {"mode": mode, "device": torch.cuda.get_device_name(0) if not dry else "cpu"}
+    if mode == "continue":
+        summary["lpips_net"] = cfg.losses.lpips_net
     remaining = lambda: args.minutes - (time.time() - t_start) / 60  # noqa: E731
 
     if mode == "bootstrap":
@@ -227,9 +256,9 @@ def main() -> int:
     else:
         run = runs / "continue"
         minutes = max(0.2, remaining() - 1.0)
-        # trained weights go on at 1e-4 (the recipe's 5e-4 from scratch turns the shipped v2 to NaN in 3 steps)
-        stage = dataclasses.replace(cfg.stages[2], max_minutes=None if dry else minutes, warmup_steps=1 if dry else 20,
-                                    lr=min(cfg.stages[2].lr, 1e-4))
+        # trained weights go on at most at 1e-4 (5e-4 turns a trained model to NaN in 3 steps)
+        stage = dataclasses.replace(cfg.stages[-1], max_minutes=None if dry else minutes, warmup_steps=1 if dry else 20,
+                                    lr=min(cfg.stages[-1].lr, 1e-4))
         variant = dataclasses.replace(cfg, output_dir=str(run), stages=[stage], init_from=str(base_model))
         variant = dataclasses.replace(variant, decoding=DecodingConfig.from_pipeline_config(base_pipe.config))
     if not succeeded(train(variant, work, "final", args.device), work, "final"):
@@ -237,6 +266,7 @@ def main() -> int:
     if not (run / "model").is_dir():
         return 1
     summary["final_val"] = last_val(run)
+    summary["steps_per_second"] = steps_per_second(run)
     summary["parts"] = ship(run / "model", out, work)
     summary["minutes"] = round((time.time() - t_start) / 60, 2)
     with tarfile.open(out / "logs.tar", "w") as t:

@@ -1,13 +1,14 @@
 """Make .carry/ (git-ignored), what scripts/device_train.sh needs on a device machine that has
 its own python3 + torch and no package registry: wheels for the packages it lacks (Python 3.12,
-manylinux x86-64), validation photos and as many training photos as fit: the device tool sends
+manylinux x86-64), the LPIPS backbone (AlexNet, float16, osdiff-cache/), validation photos and
+as many training photos as fit: the device tool sends
 the working tree plus .carry, at most 64 MiB, so training photos are added (CBSD432 JPEGs as
 stored, Urban100 and Wikipedia photos resized to 768 px as JPEG q92, interleaved) until the total
 reaches --budget-mib. The TAEF2 teacher travels inside the package.
 
     .venv/bin/python scripts/prepare_device_carry.py [--budget-mib 62] [--init-model DIR]
 
---init-model: a v2 model folder trained elsewhere (e.g. on the CPU, ../runs/cpu2/...), carried
+--init-model: a v2/v3 model folder trained elsewhere (e.g. on the CPU, ../runs/cpu2/...), carried
 as float16 to .carry/init-model; device_train.py then continues from it.
 """
 from __future__ import annotations
@@ -64,6 +65,16 @@ def main() -> int:
         from osdiff.build import save_for_shipping
 
         save_for_shipping(osdiff.load(args.init_model), carry / "init-model")
+    # the LPIPS backbone the v3 objective trains with: AlexNet's features in float16 (4.9 MB;
+    # VGG16's, 29 MB in float16, do not fit beside the working tree), found through OSDIFF_CACHE
+    from safetensors.torch import load_file, save_file
+
+    from osdiff.quality.backbones import ALEXNET, backbone_file
+
+    backbones = carry / "osdiff-cache" / "backbones"
+    backbones.mkdir(parents=True)
+    alex = load_file(str(backbone_file(ALEXNET)))
+    save_file({k: v.half().contiguous() for k, v in alex.items()}, str(backbones / f"{ALEXNET.name}.safetensors"))
     images = shared / "images"
     for f in sorted((images / "cbsd68").glob("*.png"))[: args.val_images]:
         shutil.copy(f, carry / "data" / "val" / f.name)

@@ -146,8 +146,8 @@ def test_x0_from_eps_ldm_inverts_forward_diffusion():
 
 @needs_photos
 def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
-    """scripts/device_train.sh --device cpu: every v2 stage for a few steps, then the shipped
-    float16 model as tar parts and the logs, as on a GPU."""
+    """scripts/device_train.sh --device cpu: v3's codec stage (LPIPS, both discriminators) for a
+    few steps from the shipped model, then the float16 model as tar parts and the logs, as on a GPU."""
     carry = tmp_path / "carry"
     for sub, src in (("train", "mcmaster"), ("val", "cbsd68")):
         (carry / "data" / sub).mkdir(parents=True)
@@ -170,6 +170,13 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
 
     model = osdiff.load(tmp_path / "unpacked" / "model")
     assert type(model.vae).__name__ == "TAESDAutoencoder" and model.compressor.config.latent_channels == 32
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "continue" and summary["lpips_net"] == "vgg"  # VGG16's backbone is installed here
+    with tarfile.open(out / "logs.tar") as t:  # the config the run trained with
+        config = t.extractfile(next(n for n in t.getnames() if n.endswith("final.yaml"))).read().decode()
+    assert "perceptual_kind: lpips" in config and "pixel_adversarial: 0.02" in config
     image, data = model(np.zeros((64, 64, 3), np.uint8), quality=1)
     assert image.size == (64, 64) and len(data) > 0
 
@@ -181,8 +188,6 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
         cwd=ROOT, env={**env, "OUT": str(out2)}, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    import json
-
     assert json.loads((out2 / "summary.json").read_text())["mode"] == "continue"
 
 
