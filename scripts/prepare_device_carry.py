@@ -3,10 +3,10 @@ its own python3 + torch and no package registry: wheels for the packages it lack
 manylinux x86-64), the LPIPS backbone (AlexNet, float16, osdiff-cache/), validation photos and
 as many training photos as fit: the device tool sends
 the working tree plus .carry, at most 64 MiB, so training photos are added (CBSD432 JPEGs as
-stored, Urban100 and Wikipedia photos resized to 768 px as JPEG q92, interleaved) until the total
-reaches --budget-mib. The TAEF2 teacher travels inside the package.
+stored, Urban100 and Wikipedia photos resized to 512 px as JPEG q92, interleaved) until the total
+reaches --budget-mib (about 50 photos beside v3's working tree). The TAEF2 teacher travels inside the package.
 
-    .venv/bin/python scripts/prepare_device_carry.py [--budget-mib 62] [--init-model DIR]
+    .venv/bin/python scripts/prepare_device_carry.py [--budget-mib 63.5] [--init-model DIR]
 
 --init-model: a v2/v3 model folder trained elsewhere (e.g. on the CPU, ../runs/cpu2/...), carried
 as float16 to .carry/init-model; device_train.py then continues from it.
@@ -37,7 +37,7 @@ def tree_bytes() -> int:
 
 def resized_jpeg(path: Path) -> bytes:
     im = Image.open(path).convert("RGB")
-    scale = 768 / max(im.size)
+    scale = 512 / max(im.size)
     if scale < 1:
         im = im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS)
     buf = io.BytesIO()
@@ -48,8 +48,8 @@ def resized_jpeg(path: Path) -> bytes:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--budget-mib", type=float, default=62.0, help="working tree + .carry")
-    parser.add_argument("--val-images", type=int, default=8, help="CBSD68 photos")
+    parser.add_argument("--budget-mib", type=float, default=63.5, help="working tree + .carry")
+    parser.add_argument("--val-images", type=int, default=4, help="CBSD68 photos")
     parser.add_argument("--init-model", default=None, help="a v2 model folder for device_train.py to continue")
     args = parser.parse_args()
     shared, carry = Path(args.shared), ROOT / ".carry"
