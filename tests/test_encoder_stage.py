@@ -82,9 +82,14 @@ def test_crop_edges_match_the_crops(image_folder):
     for step in range(5):
         for (k, y, x), (top, bottom, left, right) in zip(sampler._positions(step, None), sampler.edges(step).tolist()):
             assert (top, bottom, left, right) == (y == 0, y + 8 == 12, x == 0, x + 8 == 16)
-    maps = [torch.arange(24 * 32.0).view(1, 24, 32) + 1000 * i for i in range(len(images))]  # at 1/4 resolution
-    for (k, y, x), cut in zip(sampler._positions(2, None), sampler.cut(maps, 2, 2)):
-        assert cut.shape == (1, 16, 16) and torch.equal(cut, maps[k][:, 2 * y : 2 * y + 16, 2 * x : 2 * x + 16])
+    # maps at 1/4 resolution, cut beside the latent crops; a photo too small for the crops is
+    # skipped, and the maps still line up with the photos given
+    small = torch.zeros(4, 4, 4)
+    sampler = LatentCropSampler([images[0][:32, :32], *images], [small, *latents], 64, 8, seed=3, stage=0)
+    maps = [torch.full((1, 8, 8), -1.0)] + [torch.arange(24 * 32.0).view(1, 24, 32) + 1000 * i for i in range(len(images))]
+    for step in range(3):
+        for (k, y, x), cut in zip(sampler._positions(step, None), sampler.cut(maps, step, 2)):
+            assert cut.shape == (1, 16, 16) and torch.equal(cut, maps[k + 1][:, 2 * y : 2 * y + 16, 2 * x : 2 * x + 16])
     whole = LatentCropSampler(images, latents, 96, 2, seed=3, stage=0)
     assert whole.edges(0)[:, :2].all()  # 96-pixel crops span the photos' height
 

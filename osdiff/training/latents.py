@@ -70,10 +70,12 @@ class LatentCropSampler:
         if crop == 0 and batch_size != 1:
             raise OSDiffError(f"whole images (crop 0) come one per batch: batch_size must be 1, got {batch_size}")
         least = max(crop, 8 * align)
-        pairs = [(im, z) for im, z in zip(images, latents, strict=True) if min(z.shape[1:]) * 8 >= least]
-        if not pairs:
+        self.kept = [i for i, z in enumerate(latents) if min(z.shape[1:]) * 8 >= least]  # photos large enough
+        if len(images) != len(latents):
+            raise ValueError("LatentCropSampler: one latent per image")
+        if not self.kept:
             raise OSDiffError(f"no training image is at least {least}x{least} pixels")
-        self.images, self.latents = zip(*pairs)
+        self.images, self.latents = [images[i] for i in self.kept], [latents[i] for i in self.kept]
         self.crop, self.batch_size, self.seed, self.stage, self.align = crop, batch_size, seed, stage, align
         self.rank = rank
 
@@ -113,10 +115,10 @@ class LatentCropSampler:
 
     def cut(self, maps: list[Tensor], step: int, scale: int, rank: int | None = None) -> Tensor:
         """The crops of batch `step` from per-photo maps (C, H*scale/8, W*scale/8) of the same
-        photos at `scale` times the latent resolution (e.g. 2: an encoder's 1/4-resolution
-        features), float32 (B,C,scale*crop/8,scale*crop/8)."""
+        photos (all of them, as given to the constructor) at `scale` times the latent resolution
+        (e.g. 2: an encoder's 1/4-resolution features), float32 (B,C,scale*crop/8,scale*crop/8)."""
         c = scale * self.crop // 8
-        return torch.stack([maps[k][:, scale * y : scale * y + c, scale * x : scale * x + c]
+        return torch.stack([maps[self.kept[k]][:, scale * y : scale * y + c, scale * x : scale * x + c]
                             for k, y, x in self._positions(step, rank)]).float()
 
     def edges(self, step: int, rank: int | None = None) -> Tensor:
