@@ -97,21 +97,12 @@ def test_crop_edges_match_the_crops(image_folder):
 @pytest.mark.parametrize("tail", [False, True], ids=["slim", "tail"])
 def test_encoder_stage_distils_and_ships_the_codec_with_the_student(tmp_path, image_folder, tail):
     import osdiff
-    from osdiff.build import build_tiny, save_for_shipping
-    from osdiff.config import CompressorArchitecture, TinyArchitecture
-    from osdiff.hub import WEIGHTS_DIR
+    from osdiff.build import save_for_shipping
+    from osdiff.config import TinyArchitecture
     from osdiff.training.config import DataConfig, EncoderStage, LossConfig, TrainConfig
     from osdiff.training.trainer import Trainer
 
-    arch = TinyArchitecture(
-        autoencoder="taef2", student_decoder_channels=(16, 8, 8, 8), student_decoder_blocks=(1, 1, 1, 1),
-        unet_block_out_channels=(32, 32), cross_attention_dim=32, unet_attention_head_dim=16,
-        compressor=CompressorArchitecture(latent_channels=32, hidden_channels=16, code_channels=16, groups=(4, 4, 8),
-                                          analysis_downsamples=1, hyper_downsamples=1),
-    )
-    codec = build_tiny(arch, name="tiny-test")
-    taef2 = TAESDAutoencoder.from_pretrained(WEIGHTS_DIR / "taef2" / "vae")
-    codec.vae.encoder.load_state_dict(taef2.encoder.state_dict())  # the teacher
+    arch, codec = _tiny_taef2_codec()
     save_for_shipping(codec, tmp_path / "base")
 
     out = tmp_path / "run"
@@ -181,23 +172,13 @@ def test_codec_stage_trains_a_student_encoder_through_the_codec(tmp_path, image_
     (TAEF2's tail stays), the anchor to TAEF2's cached latents is logged; the model and a
     mid-run export carry the new encoder."""
     import osdiff
-    from osdiff.build import build_tiny, save_for_shipping
-    from osdiff.config import CompressorArchitecture, TinyArchitecture
+    from osdiff.build import save_for_shipping
     from osdiff.errors import OSDiffError
-    from osdiff.hub import WEIGHTS_DIR
     from osdiff.training.config import CodecStage, DataConfig, LossConfig, TrainConfig
     from osdiff.training.export import export_run
     from osdiff.training.trainer import Trainer
 
-    arch = TinyArchitecture(
-        autoencoder="taef2", student_decoder_channels=(16, 8, 8, 8), student_decoder_blocks=(1, 1, 1, 1),
-        unet_block_out_channels=(32, 32), cross_attention_dim=32, unet_attention_head_dim=16,
-        compressor=CompressorArchitecture(latent_channels=32, hidden_channels=16, code_channels=16, groups=(4, 4, 8),
-                                          analysis_downsamples=1, hyper_downsamples=1),
-    )
-    codec = build_tiny(arch, name="tiny-test")
-    taef2 = TAESDAutoencoder.from_pretrained(WEIGHTS_DIR / "taef2" / "vae")
-    codec.vae.encoder.load_state_dict(taef2.encoder.state_dict())
+    arch, codec = _tiny_taef2_codec()
     torch.manual_seed(0)
     codec.register_modules(vae=codec.vae.with_encoder((16,), (1,), tail=True))
     save_for_shipping(codec, tmp_path / "base")
@@ -228,3 +209,20 @@ def test_codec_stage_trains_a_student_encoder_through_the_codec(tmp_path, image_
     assert export_run(tmp_path / "run", tmp_path / "exported", stage=0)[1] == 6
     exported = osdiff.load(tmp_path / "exported")
     assert torch.equal(exported.vae.encoder[1].weight.float(), trained.vae.encoder[1].weight.float())
+
+
+def _tiny_taef2_codec():
+    """(architecture, codec): a tiny TAEF2-layout codec whose encoder is TAEF2's (the teacher)."""
+    from osdiff.build import build_tiny
+    from osdiff.config import CompressorArchitecture, TinyArchitecture
+    from osdiff.hub import WEIGHTS_DIR
+
+    arch = TinyArchitecture(
+        autoencoder="taef2", student_decoder_channels=(16, 8, 8, 8), student_decoder_blocks=(1, 1, 1, 1),
+        unet_block_out_channels=(32, 32), cross_attention_dim=32, unet_attention_head_dim=16,
+        compressor=CompressorArchitecture(latent_channels=32, hidden_channels=16, code_channels=16, groups=(4, 4, 8),
+                                          analysis_downsamples=1, hyper_downsamples=1),
+    )
+    codec = build_tiny(arch, name="tiny-test")
+    codec.vae.encoder.load_state_dict(TAESDAutoencoder.from_pretrained(WEIGHTS_DIR / "taef2" / "vae").encoder.state_dict())
+    return arch, codec
