@@ -70,9 +70,9 @@ class LatentCropSampler:
         if crop == 0 and batch_size != 1:
             raise OSDiffError(f"whole images (crop 0) come one per batch: batch_size must be 1, got {batch_size}")
         least = max(crop, 8 * align)
-        self.kept = [i for i, z in enumerate(latents) if min(z.shape[1:]) * 8 >= least]  # photos large enough
         if len(images) != len(latents):
             raise ValueError("LatentCropSampler: one latent per image")
+        self.kept = [i for i, z in enumerate(latents) if min(z.shape[1:]) * 8 >= least]  # photos large enough
         if not self.kept:
             raise OSDiffError(f"no training image is at least {least}x{least} pixels")
         self.images, self.latents = [images[i] for i in self.kept], [latents[i] for i in self.kept]

@@ -25,7 +25,7 @@ from ..discriminator import UNetFeatureDiscriminator, frozen_generator_loss
 from ..losses import PerceptualLoss, bits_per_pixel, discriminator_adversarial, local_detail_loss, low_pass_mse
 from ..parts import init_model, patch_discriminator, split_quantiles, stage_channel_weights, teacher_autoencoder, trained_vae
 from ..run import TrainingRun
-from .encoder import loss_mask
+from .encoder import loss_mask, masked_mean
 from ..validation import held_out_metrics
 
 
@@ -152,7 +152,7 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
         if student is not None:  # the student's latent is coded; TAEF2's stays the target
             coded = to_latent(student(x))
             mask = loss_mask(pairs.edges(step), z.shape[-2:], stage.encoder_margin).to(run.device)
-            anchor = ((coded - z).pow(2) * channel_weights * mask).sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) * z.shape[1])
+            anchor = masked_mean((coded - z).pow(2) * channel_weights, mask, dim=(1, 2, 3))
             anchor_logs["encoder_anchor"] = anchor.detach().mean()
         gen = run.generator(index, step)
         b = x.shape[0]

@@ -68,13 +68,13 @@ def train(run: TrainingRun, index: int, stage: EncoderStage) -> bool:
             err = (z - target).pow(2)
             if weights is not None:
                 err = err * weights
-            latent = (err * mask).sum() / (mask.sum() * err.shape[1])
+            latent = masked_mean(err, mask)
             loss = latent
             logs = {"latent_mse": latent.detach()}
             if features is not None:  # margins of twice as many 1/4-resolution pixels
                 wanted = pairs.cut(features, step, 2).to(run.device)
                 fmask = loss_mask(edges, wanted.shape[-2:], 2 * margin).to(run.device)
-                feature = ((f - wanted).pow(2) * fmask).sum() / (fmask.sum() * f.shape[1] * feature_var)
+                feature = masked_mean((f - wanted).pow(2), fmask) / feature_var
                 loss = loss + losses.encoder_features * feature
                 logs["feature_nmse"] = feature.detach()
             if losses.encoder_pixel:
@@ -129,3 +129,11 @@ def loss_mask(edges: torch.Tensor, size: tuple[int, int], margin: int) -> torch.
         if not right:
             mask[i, :, :, w - margin:] = 0
     return mask
+
+
+def masked_mean(err: torch.Tensor, mask: torch.Tensor, dim: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Mean of `err` (B,C,h,w) over the pixels where `mask` (B,1,h,w) is 1 and over channels:
+    over the whole batch, or per sample with dim=(1, 2, 3)."""
+    if dim is None:
+        return (err * mask).sum() / (mask.sum() * err.shape[1])
+    return (err * mask).sum(dim=dim) / (mask.sum(dim=dim) * err.shape[1])
