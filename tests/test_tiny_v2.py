@@ -324,7 +324,8 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     arch3 = dataclasses.replace(arch, student_decoder_channels=(), student_decoder_blocks=(), student_decoder_trunk=True,
                                 student_decoder_trunk_layers=15)
     cfg3 = dataclasses.replace(cfg, output_dir=str(trunked), init_from=str(tuned / "model"), tiny=arch3, val_every=2,
-                               losses=dataclasses.replace(cfg.losses, decoder_mse=5.0, decoder_colour=10.0, decoder_adversarial=0.1),
+                               losses=dataclasses.replace(cfg.losses, decoder_mse=5.0, decoder_colour=10.0, decoder_adversarial=0.1,
+                                                         decoder_lpips=0.5, lpips_net="alex"),
                                stages=[DecoderStage(decoder_target="teacher", decoder_inputs="codec",
                                                    decoder_freeze_trunk=True, decoder_head_fit=2, steps=2, batch_size=1, crop=0,
                                                    warmup_steps=1)])
@@ -338,6 +339,7 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     with open(trunked / "log-0-decoder.csv") as f:
         rows = list(csv.DictReader(f))
     assert float(rows[0]["mse"]) > 0 and float(rows[0]["colour"]) > 0 and float(rows[0]["psnr_teacher"]) > 0
+    assert float(rows[0]["lpips"]) > 0  # LPIPS-Alex of the decoded image and the teacher's
     assert float(rows[0]["adv_g"]) > 0 and float(rows[0]["adv_d"]) > 0  # the conditional patch discriminator
     assert "discriminator" in torch.load(trunked / "stages" / "0-decoder" / "ckpt.pt", weights_only=False)["modules"]
     with open(trunked / "val-0-decoder.csv") as f:

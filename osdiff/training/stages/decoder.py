@@ -72,6 +72,7 @@ def train(run: TrainingRun, index: int, stage: DecoderStage) -> bool:
         discriminator, opt_d = patch_discriminator(run, model.config.latent_channels, stage)
         modules["discriminator"], optimizers["disc"] = discriminator, (opt_d, stage.lr_discriminator)
     features = PerceptualLoss("taesd-features", encoder=model.encoder).to(run.device) if losses.decoder_features else None
+    lpips = PerceptualLoss("lpips", lpips_net=losses.lpips_net).to(run.device) if losses.decoder_lpips else None
     pairs = run.latent_sampler(index, stage, model.encoder, codec.compressor.latent_multiple if codec is not None else 1)
     std = model.std
     extra_terms = {  # loss = L1 + the sum of weight * term
@@ -79,6 +80,7 @@ def train(run: TrainingRun, index: int, stage: DecoderStage) -> bool:
         "colour": (losses.decoder_colour, low_pass_mse),
         "features": (losses.decoder_features, lambda p, t: features(p, t).mean()),
         "gradient": (losses.decoder_gradient, gradient_l1),
+        "lpips": (losses.decoder_lpips, lambda p, t: lpips(p, t).mean()),
     }
 
     def step_fn(step: int) -> dict:
