@@ -315,6 +315,13 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
                    cwd=ROOT, check=True, capture_output=True)
     swapped = osdiff.load(tmp_path / "swapped")
     assert torch.equal(swapped.vae.decoder[1].weight.float(), student.decoder[1].weight)
+    subprocess.run([sys.executable, "scripts/swap_decoder.py", str(out / "model"), "taef2", str(tmp_path / "full")],
+                   cwd=ROOT, check=True, capture_output=True)  # TAEF2's own decoder (v3.1)
+    full = osdiff.load(tmp_path / "full")
+    packaged = TAESDAutoencoder.from_pretrained(ROOT / "osdiff" / "weights" / "taef2" / "vae")
+    assert full.vae.config.decoder_channels is None and full.vae.config.latent_mean == before.vae.config.latent_mean
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(full.vae.decoder.state_dict().values(),
+                                                                 packaged.decoder.state_dict().values()))
 
     # another student shape: a trunk decoder keeping the teacher's layers into the 1/2 level,
     # frozen, its conv + pixel shuffle head fitted in closed form and then trained with the pixel
