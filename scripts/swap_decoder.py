@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from osdiff.hub import WEIGHTS_DIR
 from osdiff.models.taesd import TAESDAutoencoder
 from osdiff.pipeline import OSDiffPipeline
 
@@ -24,7 +25,7 @@ pipe = OSDiffPipeline.from_pretrained(model_dir)
 if not isinstance(pipe.vae, TAESDAutoencoder):
     sys.exit(f"{model_dir}: its autoencoder is not a TAEF2 one")
 if str(vae_dir) == "taef2":  # the teacher's decoder, with this model's encoder and latent statistics
-    teacher = TAESDAutoencoder.from_pretrained(Path(__file__).resolve().parents[1] / "osdiff" / "weights" / "taef2" / "vae")
+    teacher = TAESDAutoencoder.from_pretrained(WEIGHTS_DIR / "taef2" / "vae")
     vae = pipe.vae.with_decoder(None)
     vae.decoder.load_state_dict(teacher.decoder.state_dict())
     vae = vae.to(pipe.vae.dtype)
