@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("inputs", nargs="+", metavar="IN", help=".osd files or folders of them")
     d.add_argument("-o", "--output", metavar="OUT", help="output file (one input) or folder")
     d.add_argument("-m", "--model", default=None, help="model name or folder (default: the model named in the file)")
-    d.add_argument("--steps", type=int, default=1, help="denoising steps (1 = one-step decoding; >1 uses DDIM; "
-                   "0 = no UNet, the compressed latent decoded directly: faster, smoother)")
+    d.add_argument("--steps", type=int, default=None, help="denoising steps (1 = one-step decoding; >1 uses DDIM; "
+                   "0 = no UNet, the compressed latent decoded directly: faster, smoother; default: the model's "
+                   "choice for the file's quality, one step or, above the model's unet_max_quality, none)")
     d.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
     d.add_argument("--fast", action="store_true", help=FAST_HELP)
 
@@ -373,7 +374,7 @@ def cmd_decompress(args) -> int:
     outputs = _outputs(files, args.output, ".png", len(files) > 1)
     for dst in outputs:
         check_writable(dst, args.force)
-    if args.steps < 0 or args.steps > 1000:
+    if args.steps is not None and not 0 <= args.steps <= 1000:
         raise OSDiffError("--steps must be from 0 to 1000")
     codecs: dict[str, object] = {}
 

@@ -54,7 +54,7 @@ def _onednn_on():
 
 # model config settings added after models had shipped: at these defaults they are left out of
 # the model hash, so the earlier models keep theirs (a training run carries them over too)
-CODING_SETTINGS_SINCE_V2_1 = {"pad_multiple": None, "mean_colour": False}
+CODING_SETTINGS_SINCE_V2_1 = {"pad_multiple": None, "mean_colour": False, "unet_max_quality": None}
 
 
 def _hashed_config(config, neutral: dict) -> dict:
@@ -276,11 +276,17 @@ class ImageCodecPipeline(DiffusionPipeline):
             raise OSDiffError(f"corrupted file: {len(strings)} strings, the model codes {self.file_strings()}")
         return header, strings
 
+    def default_steps(self, quality: int | float) -> int:
+        """Decoding steps a file of `quality` takes unless told (one pass here)."""
+        return 1
+
     @torch.inference_mode()
-    def decompress_tensor(self, data: bytes, steps: int = 1) -> DecodeResult:
-        """`.osd` bytes -> image tensor (1,3,H,W) in [0,1]; `steps` > 1: multi-step diffusion
-        decoding, for the codecs that have it."""
+    def decompress_tensor(self, data: bytes, steps: int | None = None) -> DecodeResult:
+        """`.osd` bytes -> image tensor (1,3,H,W) in [0,1]; `steps` (None: the model's
+        `default_steps` for the file's quality) > 1: multi-step diffusion decoding, 0: none, for
+        the codecs that have it."""
         header, strings = self.read_header(data)
+        steps = self.default_steps(header.quality) if steps is None else steps
         side = strings.pop() if self.mean_colour else None
         with self.coding_context():
             image = self.decode_strings(strings, header, steps)[:, :, : header.height, : header.width]
@@ -288,11 +294,11 @@ class ImageCodecPipeline(DiffusionPipeline):
                 image = match_mean_colour(image, side)
         return DecodeResult(image.cpu(), header)
 
-    def decompress(self, data: bytes, steps: int = 1) -> Image.Image:
+    def decompress(self, data: bytes, steps: int | None = None) -> Image.Image:
         """`.osd` bytes -> PIL RGB image of the original size."""
         return tensor_to_pil(self.decompress_tensor(data, steps=steps).image)
 
-    def __call__(self, image: ImageInput, quality: int | float | None = None, steps: int = 1) -> tuple[Image.Image, bytes]:
+    def __call__(self, image: ImageInput, quality: int | float | None = None, steps: int | None = None) -> tuple[Image.Image, bytes]:
         """Round trip: compress `image`, then decode it."""
         data = self.compress(image, quality)
         return self.decompress(data, steps=steps), data

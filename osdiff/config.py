@@ -44,21 +44,27 @@ class DecodingConfig:
     noise_seed: int = 0
     control_scale: float = 1.0
     start: str = "hint"  # hint | noise
+    # files of a higher quality decode the hint directly, without the UNet step (None: every quality
+    # takes the step); `osdiff decompress --steps N` overrides it
+    unet_max_quality: float | None = None
 
     def __post_init__(self) -> None:
         if self.start not in ("hint", "noise"):
             raise ValueError(f"decoding start must be 'hint' or 'noise', got {self.start!r}")
+        if self.unet_max_quality is not None and not self.unet_max_quality >= 1:
+            raise ValueError(f"decoding unet_max_quality must be at least 1 (or null), got {self.unet_max_quality!r}")
 
     def pipeline_config(self) -> dict:
         """These settings as OSDiffPipeline's config keys (constructor or register_to_config)."""
         return dict(timestep=self.timestep, noise_seed=self.noise_seed, control_scale=self.control_scale,
-                    decoding_start=self.start)
+                    decoding_start=self.start, unet_max_quality=self.unet_max_quality)
 
     @classmethod
     def from_pipeline_config(cls, config: Mapping[str, Any]) -> DecodingConfig:
         """The decoding settings of an OSDiffPipeline's config (inverse of `pipeline_config`)."""
         return cls(timestep=config["timestep"], noise_seed=config.get("noise_seed", 0),
-                   control_scale=config.get("control_scale", 1.0), start=config.get("decoding_start", "hint"))
+                   control_scale=config.get("control_scale", 1.0), start=config.get("decoding_start", "hint"),
+                   unet_max_quality=config.get("unet_max_quality"))
 
 
 @dataclass(frozen=True)

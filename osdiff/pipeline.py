@@ -63,6 +63,7 @@ class OSDiffPipeline(ImageCodecPipeline):
         decoding_start: str = "hint",
         pad_multiple: int | None = None,
         mean_colour: bool = False,
+        unet_max_quality: float | None = None,
     ) -> None:
         super().__init__()
         # channels-last convolutions (weights here, activations in encode_image/decode_hint): on 2
@@ -73,7 +74,7 @@ class OSDiffPipeline(ImageCodecPipeline):
         self.register_to_config(
             model_name=model_name, timestep=timestep, noise_seed=noise_seed,
             control_scale=control_scale, default_quality=default_quality, decoding_start=decoding_start,
-            pad_multiple=pad_multiple, mean_colour=mean_colour,
+            pad_multiple=pad_multiple, mean_colour=mean_colour, unet_max_quality=unet_max_quality,
         )
 
     # ---- properties ---------------------------------------------------------------------
@@ -127,6 +128,12 @@ class OSDiffPipeline(ImageCodecPipeline):
         return self.compressor.compress(latent.to(self.compressor.dtype), level_index(quality))["strings"]
 
     # ---- decoding -----------------------------------------------------------------------
+    def default_steps(self, quality: int | float) -> int:
+        """UNet steps a file of `quality` decodes with unless told: 1, or 0 (the hint decoded
+        directly) above the config's `unet_max_quality`, where the step costs more than it adds."""
+        top = self.config.get("unet_max_quality")
+        return 0 if top is not None and quality > top else 1
+
     def decode_strings(self, strings: list[bytes], header: OSDHeader, steps: int) -> Tensor:
         latent_hw = ((header.height + header.pad_h) // LATENT_DOWNSCALE, (header.width + header.pad_w) // LATENT_DOWNSCALE)
         try:  # the synthesis transform inside decompress is float work too: within coding_context

@@ -3,6 +3,7 @@
     python scripts/ship_model.py ../runs/osdiff-tiny/model      # -> osdiff/weights/osdiff-tiny
     python scripts/ship_model.py ../runs/hific-tiny/model       # -> osdiff/weights/hific-tiny
     python scripts/ship_model.py ../runs/cpu2/levels/model --default-quality 3 --pad-multiple 32 --mean-colour
+    python scripts/ship_model.py ../runs/v3/snapshots/model-562-taef2dec --unet-max-quality 3
 """
 import argparse
 import shutil
@@ -21,6 +22,8 @@ parser.add_argument("--pad-multiple", type=int, help="pad images to a multiple o
                     "default: the compressor's full multiple)")
 parser.add_argument("--mean-colour", action="store_true", help="store the image's mean colour in each file (3 bytes) "
                     "and match it when decoding (osdiff models)")
+parser.add_argument("--unet-max-quality", type=float, help="files of a higher quality decode without the UNet step "
+                    "(osdiff models; `osdiff decompress --steps` still overrides)")
 args = parser.parse_args()
 source = Path(args.model)
 codec = osdiff.load(source)
@@ -33,6 +36,10 @@ if args.pad_multiple is not None:
     codec.pad_multiple  # noqa: B018  (raises if the networks cannot take it)
 if args.mean_colour:
     codec.register_to_config(mean_colour=True)
+if args.unet_max_quality is not None:
+    if not 1 <= args.unet_max_quality <= codec.num_quality_levels:
+        sys.exit(f"--unet-max-quality must be 1..{codec.num_quality_levels}")
+    codec.register_to_config(unet_max_quality=args.unet_max_quality)
 name = codec.config.model_name
 if name not in SHIPPABLE:
     sys.exit(f"{source} is model {name!r}; only {', '.join(SHIPPABLE)} ship inside the package")

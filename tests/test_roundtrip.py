@@ -106,6 +106,27 @@ def test_one_step_calls_unet_once_and_ddim_n_times(tiny_codec, photo, monkeypatc
     assert torch.allclose(hint_only, direct, atol=1 / 255)
 
 
+def test_unet_max_quality_skips_the_step_above_it_and_is_hashed(tiny_codec_folder, photo, monkeypatch):
+    codec = osdiff.load(tiny_codec_folder)
+    plain_hash = codec.model_hash
+    files = {q: codec.compress(photo, quality=q) for q in (1, 2)}
+    steps_1 = {q: codec.decompress_tensor(d, steps=1).image for q, d in files.items()}
+    steps_0 = {q: codec.decompress_tensor(d, steps=0).image for q, d in files.items()}
+    assert all(torch.equal(codec.decompress_tensor(d).image, steps_1[q]) for q, d in files.items())  # default: one step
+
+    codec.register_to_config(unet_max_quality=1)
+    codec._model_hash = None
+    assert codec.model_hash != plain_hash  # files of the two settings decode differently: not interchangeable
+    files = {q: codec.compress(photo, quality=q) for q in (1, 2)}
+    calls = []
+    original = codec.unet.forward
+    monkeypatch.setattr(codec.unet, "forward", lambda *a, **k: calls.append(k) or original(*a, **k))
+    assert torch.equal(codec.decompress_tensor(files[1]).image, steps_1[1]) and len(calls) == 1
+    assert torch.equal(codec.decompress_tensor(files[2]).image, steps_0[2]) and len(calls) == 1  # no UNet above 1
+    assert torch.equal(codec.decompress_tensor(files[2], steps=1).image, steps_1[2])  # --steps overrides
+    assert [codec.default_steps(q) for q in (1, 1.5, 2)] == [1, 0, 0]
+
+
 def test_ddim_timesteps():
     from osdiff.denoise import ddim_timesteps
 
