@@ -54,7 +54,10 @@ def _onednn_on():
 
 # model config settings added after models had shipped: at these defaults they are left out of
 # the model hash, so the earlier models keep theirs (a training run carries them over too)
-CODING_SETTINGS_SINCE_V2_1 = {"pad_multiple": None, "mean_colour": False, "unet_max_quality": None}
+CODING_SETTINGS_SINCE_V2_1 = {"pad_multiple": None, "mean_colour": False}
+# settings the model hash leaves out at these values (those models had before the setting existed):
+# the coding settings above and the decoding setting `unet_max_quality` (osdiff-tiny v3.2)
+HASH_NEUTRAL_SETTINGS = {**CODING_SETTINGS_SINCE_V2_1, "unet_max_quality": None}
 
 
 def _hashed_config(config, neutral: dict) -> dict:
@@ -152,7 +155,7 @@ class ImageCodecPipeline(DiffusionPipeline):
         that affects decoding. Written in each file; a file from another model is refused."""
         if self._model_hash is None:
             digest = hashlib.sha256()
-            settings = {k: v for k, v in _hashed_config(self.config, CODING_SETTINGS_SINCE_V2_1).items()
+            settings = {k: v for k, v in _hashed_config(self.config, HASH_NEUTRAL_SETTINGS).items()
                         if not isinstance(v, (list, tuple))}
             if settings.get("decoding_start") == "hint":  # the v1 procedure: v1 models keep their hash
                 del settings["decoding_start"]
