@@ -3,7 +3,7 @@
     python scripts/ship_model.py ../runs/osdiff-tiny/model      # -> osdiff/weights/osdiff-tiny
     python scripts/ship_model.py ../runs/hific-tiny/model       # -> osdiff/weights/hific-tiny
     python scripts/ship_model.py ../runs/cpu2/levels/model --default-quality 3 --pad-multiple 32 --mean-colour
-    python scripts/ship_model.py ../runs/v3/snapshots/model-562-taef2dec --unet-max-quality 3
+    python scripts/ship_model.py ../runs/v3/snapshots/model-562-taef2dec --unet-max-quality 4   # v3.2
 """
 import argparse
 import shutil
