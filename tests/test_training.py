@@ -146,6 +146,31 @@ def test_codec_stage_reduces_loss(tmp_path, pretrained_run, image_folder):
     assert all(0 < float(denoiser[f"eps_mse_t{t}"]) < 10 for t in (100, 500, 900))
 
 
+def test_codec_stage_takes_no_step_above_unet_max_quality(tmp_path, pretrained_run, image_folder, monkeypatch):
+    """Above decoding.unet_max_quality the model decodes the hint directly: training and
+    validation take their losses and metrics on that decoding, and the model keeps the setting."""
+    import osdiff
+    from osdiff.models.control import ControlledUNet
+
+    calls = []
+    original = ControlledUNet.forward
+    monkeypatch.setattr(ControlledUNet, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    def config(name: str, qualities: list[int] | None = None, val_every: int = 0):
+        cfg = _codec_config(pretrained_run, tmp_path / name, image_folder, steps=1)
+        stages = cfg.stages[:-1] + [replace(cfg.stages[-1], qualities=qualities)]
+        return replace(cfg, val_every=val_every, stages=stages, decoding=replace(cfg.decoding, unet_max_quality=2))
+
+    for qualities, steps in (([3, 4], 0), ([1, 2], 1)):  # training steps through the UNet only at levels 1-2
+        calls.clear()
+        Trainer(config(f"q{qualities[0]}", qualities)).run()
+        assert len(calls) == steps, qualities
+    Trainer(config("run", val_every=1)).run()
+    val = _log(tmp_path / "run", "2-codec", kind="val")[-1]
+    assert all(val[f"psnr_q{q}"] == val[f"psnr_hint_q{q}"] for q in (3, 4))
+    assert all(val[f"psnr_q{q}"] != val[f"psnr_hint_q{q}"] for q in (1, 2))
+    assert osdiff.load(tmp_path / "run" / "model").default_steps(3) == 0
+
+
 def test_resume_is_exact(tmp_path, pretrained_run, image_folder, photo):
     import osdiff
 

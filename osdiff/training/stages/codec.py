@@ -131,6 +131,10 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
     t0, start = cfg.decoding.timestep, cfg.decoding.start
     prediction_type = scheduler.config.prediction_type
     a0 = decoding_alpha_bar(scheduler, t0, start)
+    # per level: whether decoding takes the UNet step (above decoding.unet_max_quality the model
+    # decodes the hint directly, so the losses there are taken on the hint's decoding)
+    top = cfg.decoding.unet_max_quality
+    takes_step = torch.tensor([top is None or q + 1 <= top for q in range(len(lambdas))], device=run.device)
 
     needs_unet = losses.latent_mse > 0 or losses.adversarial > 0 or pixel_loss
     channel_weights = torch.ones(1, 1, 1, 1, device=run.device)
@@ -169,7 +173,10 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
             hint = out["hint"]
             bpp = bits_per_pixel(out["likelihoods"], x.shape[-2] * x.shape[-1])
             # compressor-only training (latent MSE, adversarial and pixel losses off): no UNet
-            z_hat = one_step(hint, noise, ctx) if needs_unet else hint
+            z_hat = hint
+            if needs_unet and bool(takes_step[level].any()):
+                stepped = takes_step[level][:, None, None, None]
+                z_hat = torch.where(stepped, one_step(hint, noise, ctx), hint)
             latent_mse = ((z_hat - z).pow(2) * channel_weights).mean(dim=(1, 2, 3))
             hint_mse = ((hint - z).pow(2) * channel_weights).mean(dim=(1, 2, 3))
             distortion = losses.latent_mse * latent_mse + losses.hint_mse * hint_mse
@@ -225,7 +232,8 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
 
     def val_fn() -> dict:
         """Per quality level, on the fixed crops: bpp from the entropy models (rounded latents
-        in eval mode) and PSNR of the one-step reconstruction."""
+        in eval mode) and PSNR of the reconstruction as the model decodes it (one step, or above
+        unet_max_quality the hint directly)."""
         x = run.val_batch(stage.crop)
         z = encode_latent(vae, x * 2 - 1)
         noise = torch.randn(z.shape, generator=torch.Generator("cpu").manual_seed(12345)).to(run.device)
@@ -233,7 +241,7 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
         out = {}
         for q in range(len(lambdas)):
             coded = compressor(z, q)
-            z_hat = one_step(coded["hint"], noise, ctx)
+            z_hat = one_step(coded["hint"], noise, ctx) if takes_step[q] else coded["hint"]
             out[f"bpp_q{q + 1}"] = bits_per_pixel(coded["likelihoods"], x.shape[-2] * x.shape[-1]).mean().item()
             x_hat = ((decode_latent(vae, z_hat) + 1) / 2).clamp(0, 1)
             out[f"psnr_q{q + 1}"] = psnr_tensor(x_hat, x).item()
