@@ -51,7 +51,7 @@ def test_compress_then_decompress(client, tiny_codec):
     osd = base64.b64decode(body["file"])
     assert body["bytes"] == len(osd) and body["width"] == 64 and body["height"] == 48 and body["quality"] == 3
     assert body["bpp"] == pytest.approx(len(osd) * 8 / (64 * 48))
-    assert body["psnr"] > 5 and 0 <= body["haarpsi"] <= 1 and body["encode_s"] > 0 and body["decode_s"] > 0
+    assert body["psnr"] > 5 and 0 < body["lpips"] < 1 and 0 < body["dists"] < 1 and body["encode_s"] > 0 and body["decode_s"] > 0
     decoded = Image.open(io.BytesIO(base64.b64decode(body["png"])))
     assert decoded.size == (64, 48)
     assert np.array_equal(np.asarray(decoded.convert("RGB")), np.asarray(tiny_codec.decompress(osd)))
@@ -62,12 +62,23 @@ def test_compress_then_decompress(client, tiny_codec):
     assert base64.b64decode(again["png"]) == base64.b64decode(body["png"])
 
 
+def test_an_image_too_small_for_lpips_and_dists_gets_null_for_them(client):
+    r = client.post("/api/compress?quality=3", content=png_bytes(20, 12))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["lpips"] is None and body["dists"] is None and body["psnr"] > 5
+
+
 def test_compare_matches_file_sizes(client):
     r = client.post("/api/compare?quality=2", content=png_bytes(96, 80))
     assert r.status_code == 200, r.text
     body = r.json()
     names = [x["codec"] for x in body["results"]]
     assert names[0] == "tiny-test" and set(names[1:]) <= {"avif", "webp", "jpeg"} and "jpeg" in names
+    # the field's metrics for every codec (the tiny test model is far worse than JPEG on both)
+    assert all(0 < x["lpips"] < 1 and 0 < x["dists"] < 1 for x in body["results"])
+    jpeg = next(x for x in body["results"] if x["codec"] == "jpeg")
+    assert jpeg["lpips"] < body["results"][0]["lpips"] and jpeg["dists"] < body["results"][0]["dists"]
     target = body["results"][0]["bytes"]
     original = Image.open(io.BytesIO(base64.b64decode(body["original_png"])))
     assert original.size == (96, 80)

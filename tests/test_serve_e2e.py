@@ -150,6 +150,9 @@ def test_match_size_codes_osdiff_to_the_classical_codecs_file(page, photo_file):
     cells = page.eval_on_selector_all("#results tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))")
     assert cells[0][0] == "osdiff-tiny" and " encode" in cells[0][1]
     assert next(c for c in cells if c[0] == "jpeg")[1] == "10"
+    header = page.eval_on_selector_all("#results thead th", "cells => cells.map(c => c.textContent)")
+    lpips, dists = header.index("LPIPS ↓"), header.index("DISTS ↓")  # the field's metrics, every row
+    assert all(0 < float(c[lpips]) < 1 and 0 < float(c[dists]) < 1 for c in cells), cells
     size = "id => fetch(document.getElementById(id).href).then(r => r.arrayBuffer()).then(b => b.byteLength)"
     osd_bytes, jpeg_bytes = page.evaluate(size, "download-osd"), page.evaluate(size, "download-jpeg")
     assert osd_bytes <= jpeg_bytes or "too large" in cells[0][1]

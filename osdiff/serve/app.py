@@ -36,7 +36,7 @@ from ..errors import InputTooLarge, OSDiffError, OSDiffWarning
 from ..evaluation.codecs import Codec, classical_codec, learned_codec
 from ..imageio import image_from_bytes, to_tensor
 from ..codec_pipeline import ImageCodecPipeline
-from .comparison import CodedImage, encode_timed, match_file_size
+from .comparison import CodedImage, encode_timed, match_file_size, served_metrics
 
 STATIC = resources.files("osdiff.serve") / "static"
 
@@ -52,6 +52,7 @@ def create_app(pipe: ImageCodecPipeline, limits: ServeLimits = ServeLimits()) ->
     app = FastAPI(title="osdiff", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()
     learned = learned_codec(pipe.config.model_name, pipe)
+    metrics = served_metrics()
     classical: dict[str, Codec] = {}
     for name in limits.compare_codecs:
         try:
@@ -128,7 +129,7 @@ def create_app(pipe: ImageCodecPipeline, limits: ServeLimits = ServeLimits()) ->
         `image` as a tensor, the reference for the metrics."""
         if target_bytes is None:
             coded = encode_timed(learned, image, quality)
-            return coded, {**coded.summary(original), "png": _png_b64(coded.decoded), "encodes": 1, "fits": True}
+            return coded, {**coded.summary(original, metrics), "png": _png_b64(coded.decoded), "encodes": 1, "fits": True}
         t0 = time.perf_counter()
         with warnings.catch_warnings():  # a target below the lowest quality: `fits` says so
             warnings.simplefilter("ignore", OSDiffWarning)
@@ -136,7 +137,7 @@ def create_app(pipe: ImageCodecPipeline, limits: ServeLimits = ServeLimits()) ->
         t1 = time.perf_counter()
         decoded = pipe.decompress(result.data)
         coded = CodedImage(learned, result.quality, result.data, decoded, t1 - t0, time.perf_counter() - t1)
-        return coded, {**coded.summary(original), "png": _png_b64(decoded), "encodes": result.encodes,
+        return coded, {**coded.summary(original, metrics), "png": _png_b64(decoded), "encodes": result.encodes,
                        "fits": result.fits and len(result.data) <= target_bytes}
 
     # ---- routes ---------------------------------------------------------------------------
@@ -153,6 +154,7 @@ def create_app(pipe: ImageCodecPipeline, limits: ServeLimits = ServeLimits()) ->
             "quality_levels": pipe.num_quality_levels, "default_quality": pipe.config.default_quality,
             "continuous_quality": pipe.continuous_quality, "quality_step": 1 / QUALITY_STEPS if pipe.continuous_quality else 1,
             "max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
+            "metrics_unavailable": metrics.unavailable,
             "compare_codecs": list(classical),
             "compare_settings": {name: {"min": c.quality_range[0], "max": c.quality_range[1], "default": c.settings[len(c.settings) // 2]}
                                  for name, c in classical.items()},
@@ -217,10 +219,10 @@ def create_app(pipe: ImageCodecPipeline, limits: ServeLimits = ServeLimits()) ->
             results, done = [first], 1 + (match is not None)
             for name in chosen:
                 if reference is not None and name == match[0]:
-                    results.append(reference.summary(original))
+                    results.append(reference.summary(original, metrics))
                     continue
                 emit({"progress": done, "total": total, "stage": f"{name} at {len(coded.data)} bytes"})
-                results.append(match_file_size(classical[name], image, len(coded.data)).summary(original))
+                results.append(match_file_size(classical[name], image, len(coded.data)).summary(original, metrics))
                 done += 1
             answer = {"width": image.width, "height": image.height, "quality": coded.setting, "warnings": notes,
                       "original_png": _png_b64(image), "results": results}

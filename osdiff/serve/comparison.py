@@ -9,8 +9,20 @@ from PIL import Image
 from torch import Tensor
 
 from ..evaluation.codecs import Codec
-from ..evaluation.metrics import piq_metric, psnr
+from ..evaluation.metrics import MetricSuite, psnr
 from ..imageio import to_tensor
+
+
+# what the page's table shows, the field's perceptual metrics first
+SERVED_METRICS = ("lpips", "dists", "psnr")
+# AlexNet's and VGG's pooling leave nothing of a smaller image (measured: 31 px works, 24 fails)
+LEARNED_MIN_SIDE = 32
+
+
+def served_metrics() -> MetricSuite:
+    """The metrics of the page's table; LPIPS and DISTS drop out (null) where their backbones are
+    missing (`MetricSuite.unavailable` says why)."""
+    return MetricSuite(only=frozenset(SERVED_METRICS))
 
 
 @dataclass
@@ -25,17 +37,20 @@ class CodedImage:
     encode_s: float
     decode_s: float
 
-    def summary(self, original: Tensor) -> dict:
-        """JSON-ready: file size (bytes), bits per pixel, PSNR (dB), HaarPSI, timings, file."""
+    def summary(self, original: Tensor, metrics: MetricSuite) -> dict:
+        """JSON-ready: file size (bytes), bits per pixel, the field's metrics against `original`
+        (LPIPS-Alex and DISTS, lower is better, null when their backbones are missing; PSNR in dB,
+        null for an identical image), timings (s), file."""
         pixels = original.shape[-1] * original.shape[-2]
         decoded = to_tensor(self.decoded)
+        small = min(original.shape[-2:]) < LEARNED_MIN_SIDE  # LPIPS and DISTS: null
+        scores = {"psnr": psnr(decoded, original)} if small else metrics(decoded, original)
         return {
             "codec": self.codec.name,
             "setting": self.setting,
             "bytes": len(self.data),
             "bpp": len(self.data) * 8 / pixels,
-            "psnr": _finite(psnr(decoded, original)),
-            "haarpsi": _finite(piq_metric("haarpsi", decoded, original)),
+            **{name: _finite(scores[name]) if name in scores else None for name in SERVED_METRICS},
             "encode_s": self.encode_s,
             "decode_s": self.decode_s,
             "mime": self.codec.mime,

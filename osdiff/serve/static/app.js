@@ -140,7 +140,7 @@ function decompress(file) {
     const png = b64ToBlob(result.png, "image/png");
     setPanes({ decoded: { url: URL.createObjectURL(png) } }, "decoded", "decoded");
     fillTable([{ codec: `${result.model} (decoded)`, setting: result.quality, bytes: result.bytes, bpp: result.bpp,
-      psnr: null, haarpsi: null, encode_s: null, decode_s: result.decode_s,
+      lpips: null, dists: null, psnr: null, encode_s: null, decode_s: result.decode_s,
       downloads: [["decoded PNG", png, `${stem(file.name)}.png`, "download-png"]] }]);
   });
 }
@@ -201,8 +201,8 @@ function fillTable(rows) {
   for (const r of rows) {
     const tr = document.createElement("tr");
     tr.dataset.codec = r.codec;
-    const cells = [r.codec, r.setting, fmtBytes(r.bytes), fmt(r.bpp, 3), r.psnr === null ? "–" : `${fmt(r.psnr, 2)} dB`,
-      fmt(r.haarpsi, 3), fmtSeconds(r.encode_s), fmtSeconds(r.decode_s)];
+    const cells = [r.codec, r.setting, fmtBytes(r.bytes), fmt(r.bpp, 3), fmt(r.lpips, 3), fmt(r.dists, 3),
+      r.psnr === null ? "–" : `${fmt(r.psnr, 2)} dB`, fmtSeconds(r.encode_s), fmtSeconds(r.decode_s)];
     for (const c of cells) { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); }
     const td = document.createElement("td");
     for (const [label, blob, name, id] of r.downloads) {
