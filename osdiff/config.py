@@ -54,6 +54,11 @@ class DecodingConfig:
         if self.unet_max_quality is not None and not self.unet_max_quality >= 1:
             raise ValueError(f"decoding unet_max_quality must be at least 1 (or null), got {self.unet_max_quality!r}")
 
+    def default_steps(self, quality: int | float) -> int:
+        """UNet steps a file of `quality` decodes with unless told: 1, or 0 (the hint decoded
+        directly) above `unet_max_quality`, where the step costs more than it adds."""
+        return 0 if self.unet_max_quality is not None and quality > self.unet_max_quality else 1
+
     def pipeline_config(self) -> dict:
         """These settings as OSDiffPipeline's config keys (constructor or register_to_config)."""
         return dict(timestep=self.timestep, noise_seed=self.noise_seed, control_scale=self.control_scale,

@@ -28,6 +28,7 @@ from diffusers import DDIMScheduler, UNetControlNetXSModel
 from torch import Tensor
 
 from .codec_pipeline import DecodeResult, ImageCodecPipeline
+from .config import DecodingConfig
 from .denoise import add_noise, ddim_timesteps, decoding_alpha_bar, decoding_x0_eps, fixed_noise
 from .entropy.bitstream import OSDHeader
 from .errors import OSDiffError
@@ -129,10 +130,9 @@ class OSDiffPipeline(ImageCodecPipeline):
 
     # ---- decoding -----------------------------------------------------------------------
     def default_steps(self, quality: int | float) -> int:
-        """UNet steps a file of `quality` decodes with unless told: 1, or 0 (the hint decoded
-        directly) above the config's `unet_max_quality`, where the step costs more than it adds."""
-        top = self.config.get("unet_max_quality")
-        return 0 if top is not None and quality > top else 1
+        """UNet steps a file of `quality` decodes with unless told (DecodingConfig.default_steps:
+        1, or 0 above the config's `unet_max_quality`)."""
+        return DecodingConfig.from_pipeline_config(self.config).default_steps(quality)
 
     def decode_strings(self, strings: list[bytes], header: OSDHeader, steps: int) -> Tensor:
         latent_hw = ((header.height + header.pad_h) // LATENT_DOWNSCALE, (header.width + header.pad_w) // LATENT_DOWNSCALE)

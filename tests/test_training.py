@@ -155,6 +155,7 @@ def test_codec_stage_takes_no_step_above_unet_max_quality(tmp_path, pretrained_r
     calls = []
     original = ControlledUNet.forward
     monkeypatch.setattr(ControlledUNet, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+
     def config(name: str, qualities: list[int] | None = None, val_every: int = 0):
         cfg = _codec_config(pretrained_run, tmp_path / name, image_folder, steps=1)
         stages = cfg.stages[:-1] + [replace(cfg.stages[-1], qualities=qualities)]
