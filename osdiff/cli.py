@@ -622,7 +622,15 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(args)
+    finally:  # a caller that runs main() in-process gets its own SIGTERM handling back
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """One command, its errors turned into one line and an exit status."""
     try:
         if args.command != "info":
             _quiet_libraries(args.verbose)

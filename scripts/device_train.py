@@ -16,8 +16,10 @@ Run through scripts/device_train.sh (it installs the carried wheels first). Two 
              summary names which, and the held-out evaluation then leaves that one out.
 
 $OUT receives: model.tar.part-* (the trained model folder, float16, split below 15 MiB),
-logs.tar (every log/val CSV and the configs used), summary.json, and conformance-cuda.txt (the
-output of `osdiff conformance --device cuda`, run first).
+logs.tar (every log/val CSV and the configs used), summary.json, conformance-cuda.txt (the
+output of `osdiff conformance --device cuda`, run first) and, in continue mode, encoder-vae.tar: the
+slim student encoder (configs/tiny-v3-encoder-cpu.yaml) distilled beside the codec run on the same
+GPU, as an autoencoder folder (`vae/`; scripts/swap_decoder.py-style swaps put it into a model).
 --device cpu is a dry run (a few steps of each stage, small crops) that checks the whole path;
 without .carry/data (scripts/prepare_device_carry.py makes it) it trains and validates on the
 config's held-out photo folders (../shared/data/images/...).
@@ -71,10 +73,10 @@ def succeeded(proc: subprocess.Popen, work: Path, name: str) -> bool:
     return False
 
 
-def last_val(run: Path) -> dict:
+def last_val(run: Path, stage: str = "codec") -> dict:
     import csv
 
-    files = sorted(run.glob("val-*-codec.csv"))
+    files = sorted(run.glob(f"val-*-{stage}.csv"))
     if not files:
         return {}
     rows = list(csv.DictReader(open(files[-1])))
@@ -111,10 +113,25 @@ def lpips_backbone() -> str | None:
     return None
 
 
-def steps_per_second(run: Path) -> float | None:
+def student_config(folders: dict, work: Path, base_model: Path, args, minutes: float | None):
+    """configs/tiny-v3-encoder-cpu.yaml on the carried photos: the student of `base_model`'s TAEF2
+    encoder, --encoder-batch crops of 256 px (the carried photos' shorter side is 272 px) for
+    `minutes` (None: a dry run's 3 steps)."""
+    from osdiff.training.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "tiny-v3-encoder-cpu.yaml")
+    stage = dataclasses.replace(cfg.stages[0], batch_size=args.encoder_batch if minutes else 2, crop=256, max_minutes=minutes,
+                                steps=args.encoder_steps if minutes else 3, warmup_steps=100 if minutes else 1)
+    return dataclasses.replace(
+        cfg, output_dir=str(work / "runs" / "encoder"), init_from=str(base_model), checkpoint_minutes=1.0, threads=0,
+        taesd_weights=None, val_every=500 if minutes else 2, stages=[stage],
+        data=dataclasses.replace(cfg.data, **folders, latent_cache=str(work / "latents-encoder")))
+
+
+def steps_per_second(run: Path, stage: str = "codec") -> float | None:
     import csv
 
-    files = sorted(run.glob("log-*-codec.csv"))
+    files = sorted(run.glob(f"log-*-{stage}.csv"))
     if not files:
         return None
     rows = list(csv.DictReader(open(files[-1])))
@@ -154,6 +171,10 @@ def main() -> int:
                         help="train/ and val/ image folders (dry run without .carry/data: the config's held-out photos)")
     parser.add_argument("--init-model", default=".carry/init-model", help="a v2 model folder to continue (if it exists)")
     parser.add_argument("--batch", type=int, default=16, help="continue: crops per step (256 px)")
+    parser.add_argument("--encoder-batch", type=int, default=32,
+                        help="continue: beside the codec run, distil the slim student encoder "
+                             "(configs/tiny-v3-encoder-cpu.yaml) with this many crops per step (0: not)")
+    parser.add_argument("--encoder-steps", type=int, default=20000, help="continue: the student's steps (its cosine schedule)")
     parser.add_argument("--taesd", default=None, help="a folder with taef2_encoder.pth / taef2_decoder.pth (default: the packaged copy)")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/osdiff-device-out"))
@@ -261,8 +282,20 @@ def main() -> int:
                                     lr=min(cfg.stages[-1].lr, 1e-4))
         variant = dataclasses.replace(cfg, output_dir=str(run), stages=[stage], init_from=str(base_model))
         variant = dataclasses.replace(variant, decoding=DecodingConfig.from_pipeline_config(base_pipe.config))
+    student = None
+    if mode == "continue" and args.encoder_batch > 0:  # the fast encoder, beside the codec on the same GPU
+        student = student_config(folders, work, base_model, args, None if dry else minutes)
+        student_proc = train(student, work, "encoder", args.device)
     if not succeeded(train(variant, work, "final", args.device), work, "final"):
         summary["final_failed"] = True  # ship what the earlier stage saved, if anything
+    if student is not None:
+        summary["encoder_failed"] = not succeeded(student_proc, work, "encoder")
+        summary["encoder_val"] = last_val(Path(student.output_dir), "encoder")
+        summary["encoder_steps_per_second"] = steps_per_second(Path(student.output_dir), "encoder")
+        vae = Path(student.output_dir) / "stages" / "0-encoder" / "out" / "vae"
+        if vae.is_dir():  # the autoencoder alone: student encoder, TAEF2's tail and decoder
+            with tarfile.open(out / "encoder-vae.tar", "w") as t:
+                t.add(vae, arcname="vae")
     if not (run / "model").is_dir():
         return 1
     summary["final_val"] = last_val(run)

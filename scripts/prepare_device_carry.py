@@ -3,7 +3,7 @@ its own python3 + torch and no package registry: wheels for the packages it lack
 manylinux x86-64), the LPIPS backbone (AlexNet, float16, osdiff-cache/), validation photos and
 as many training photos as fit: the device tool sends
 the working tree plus .carry, at most 64 MiB, so training photos are added (CBSD432 JPEGs as
-stored, Urban100 and Wikipedia photos resized to 512 px as JPEG q92, interleaved) until the total
+Urban100 and Wikipedia photos, all resized to --short-side px as JPEG, interleaved) until the total
 reaches --budget-mib (about 50 photos beside v3's working tree). The TAEF2 teacher travels inside the package.
 
     .venv/bin/python scripts/prepare_device_carry.py [--budget-mib 63.5] [--init-model DIR]
@@ -35,13 +35,15 @@ def tree_bytes() -> int:
     return sum((ROOT / p).stat().st_size for p in out.decode().split("\0") if p and (ROOT / p).is_file())
 
 
-def resized_jpeg(path: Path) -> bytes:
+def resized_jpeg(path: Path, short_side: int, quality: int) -> bytes:
+    """The photo as a JPEG at most `short_side` px on its shorter side (smaller photos, more of
+    them; training crops of 256 px still fit)."""
     im = Image.open(path).convert("RGB")
-    scale = 512 / max(im.size)
+    scale = short_side / min(im.size)
     if scale < 1:
         im = im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS)
     buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=92)
+    im.save(buf, "JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -49,7 +51,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--budget-mib", type=float, default=63.5, help="working tree + .carry")
-    parser.add_argument("--val-images", type=int, default=4, help="CBSD68 photos")
+    parser.add_argument("--val-images", type=int, default=2, help="CBSD68 photos (in-training validation, a guide)")
+    parser.add_argument("--short-side", type=int, default=272, help="training photos: shorter side (px) at most")
+    parser.add_argument("--jpeg-quality", type=int, default=85, help="training photos: JPEG quality")
     parser.add_argument("--init-model", default=None, help="a v2 model folder for device_train.py to continue")
     args = parser.parse_args()
     shared, carry = Path(args.shared), ROOT / ".carry"
@@ -81,9 +85,11 @@ def main() -> int:
     used = tree_bytes() + sum(p.stat().st_size for p in carry.rglob("*") if p.is_file())
     budget = int(args.budget_mib * 2**20)
     sources = [
-        ((f.name, f.read_bytes) for f in sorted((images / "cbsd432").glob("*.jpg"))),
-        ((f"urban-{f.stem}.jpg", lambda f=f: resized_jpeg(f)) for f in sorted((images / "urban100-subset").glob("*.png"))),
-        ((f"wiki-{f.stem}.jpg", lambda f=f: resized_jpeg(f)) for f in sorted((images / "wikipedia-photos").glob("*.png"))),
+        ((f.name, lambda f=f: resized_jpeg(f, args.short_side, args.jpeg_quality)) for f in sorted((images / "cbsd432").glob("*.jpg"))),
+        ((f"urban-{f.stem}.jpg", lambda f=f: resized_jpeg(f, args.short_side, args.jpeg_quality))
+         for f in sorted((images / "urban100-subset").glob("*.png"))),
+        ((f"wiki-{f.stem}.jpg", lambda f=f: resized_jpeg(f, args.short_side, args.jpeg_quality))
+         for f in sorted((images / "wikipedia-photos").glob("*.png"))),
     ]
     count = 0
     for name, read in (item for group in itertools.zip_longest(*sources) for item in group if item):

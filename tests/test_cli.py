@@ -163,12 +163,15 @@ def _interrupt_via_other_thread() -> None:
     import time
 
     stop = threading.Event()
-    worker = threading.Thread(target=stop.wait)
+    # a daemon, released in `finally`: the handler may raise right after pthread_kill, before
+    # stop.set(), and a waiting non-daemon thread then keeps the interpreter from exiting (CI hung)
+    worker = threading.Thread(target=stop.wait, daemon=True)
     worker.start()
-    signal.pthread_kill(worker.ident, signal.SIGINT)
-    stop.set()
-    worker.join()
-    time.sleep(0.05)  # the main thread's handler runs at its next check, here
+    try:
+        signal.pthread_kill(worker.ident, signal.SIGINT)
+        time.sleep(0.05)  # the main thread's handler runs at its next check, here
+    finally:
+        stop.set()
 
 
 def test_interrupt_while_committing_is_held_until_cleaned_up(tmp_path, monkeypatch, sigint_raises):

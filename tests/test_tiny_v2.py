@@ -147,7 +147,8 @@ def test_x0_from_eps_ldm_inverts_forward_diffusion():
 @needs_photos
 def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
     """scripts/device_train.sh --device cpu: v3's codec stage (LPIPS, both discriminators) for a
-    few steps from the shipped model, then the float16 model as tar parts and the logs, as on a GPU."""
+    few steps from the shipped model and the student encoder beside it, then the float16 model as
+    tar parts, the student's autoencoder and the logs, as on a GPU."""
     carry = tmp_path / "carry"
     for sub, src in (("train", "mcmaster"), ("val", "cbsd68")):
         (carry / "data" / sub).mkdir(parents=True)
@@ -179,16 +180,25 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
     assert "perceptual_kind: lpips" in config and "pixel_adversarial: 0.02" in config
     image, data = model(np.zeros((64, 64, 3), np.uint8), quality=1)
     assert image.size == (64, 64) and len(data) > 0
+    # beside the codec run, the slim student encoder: an autoencoder folder with TAEF2's decoder
+    assert summary["encoder_failed"] is False and "latent_nmse" in summary["encoder_val"]
+    with tarfile.open(out / "encoder-vae.tar") as t:
+        t.extractall(tmp_path / "student", filter="data")
+    from osdiff.models.taesd import TAESDAutoencoder
+
+    student = TAESDAutoencoder.from_pretrained(tmp_path / "student" / "vae")
+    assert student.slim_encoder and student.decoder.state_dict().keys() == model.vae.decoder.state_dict().keys()
 
     # a v2 model trained elsewhere (carried as .carry/init-model) is continued, not bootstrapped
     out2 = tmp_path / "out2"
     proc = subprocess.run(
         ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data"),
-         "--init-model", str(tmp_path / "unpacked" / "model")],
+         "--init-model", str(tmp_path / "unpacked" / "model"), "--encoder-batch", "0"],
         cwd=ROOT, env={**env, "OUT": str(out2)}, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out2 / "summary.json").read_text())["mode"] == "continue"
+    assert not (out2 / "encoder-vae.tar").exists()
 
 
 class _CountingPool(torch.nn.Module):
