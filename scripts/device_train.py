@@ -17,7 +17,7 @@ Run through scripts/device_train.sh (it installs the carried wheels first). Two 
 
 $OUT receives: model.tar.part-* (the trained model folder, float16, split below 15 MiB),
 logs.tar (every log/val CSV and the configs used), summary.json, conformance-cuda.txt (the
-output of `osdiff conformance --device cuda`, run first) and, in continue mode, encoder-vae.tar: the
+output of `osdiff conformance --device cuda`, run first) and, in continue mode with --encoder-batch, encoder-vae.tar: the
 slim student encoder (configs/tiny-v3-encoder-cpu.yaml) distilled beside the codec run on the same
 GPU, as an autoencoder folder (`vae/`; scripts/swap_decoder.py-style swaps put it into a model).
 --device cpu is a dry run (a few steps of each stage, small crops) that checks the whole path;
@@ -171,9 +171,10 @@ def main() -> int:
                         help="train/ and val/ image folders (dry run without .carry/data: the config's held-out photos)")
     parser.add_argument("--init-model", default=".carry/init-model", help="a v2 model folder to continue (if it exists)")
     parser.add_argument("--batch", type=int, default=16, help="continue: crops per step (256 px)")
-    parser.add_argument("--encoder-batch", type=int, default=32,
+    parser.add_argument("--encoder-batch", type=int, default=0,
                         help="continue: beside the codec run, distil the slim student encoder "
-                             "(configs/tiny-v3-encoder-cpu.yaml) with this many crops per step (0: not)")
+                             "(configs/tiny-v3-encoder-cpu.yaml) with this many crops per step, e.g. 32 "
+                             "(0: not; on an H200 it slowed the codec run from 3.9 to 3.1 steps/s and ran 3.8 steps/s itself)")
     parser.add_argument("--encoder-steps", type=int, default=20000, help="continue: the student's steps (its cosine schedule)")
     parser.add_argument("--taesd", default=None, help="a folder with taef2_encoder.pth / taef2_decoder.pth (default: the packaged copy)")
     args = parser.parse_args()

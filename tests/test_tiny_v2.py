@@ -157,7 +157,7 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path), "PYTHON": sys.executable}  # this test's interpreter
     proc = subprocess.run(
-        ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data")],
+        ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data"), "--encoder-batch", "32"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -193,7 +193,7 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
     out2 = tmp_path / "out2"
     proc = subprocess.run(
         ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data"),
-         "--init-model", str(tmp_path / "unpacked" / "model"), "--encoder-batch", "0"],
+         "--init-model", str(tmp_path / "unpacked" / "model")],
         cwd=ROOT, env={**env, "OUT": str(out2)}, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
