@@ -2,9 +2,9 @@
 its own python3 + torch and no package registry: wheels for the packages it lacks (Python 3.12,
 manylinux x86-64), the LPIPS backbone (AlexNet, float16, osdiff-cache/), validation photos and
 as many training photos as fit: the device tool sends
-the working tree plus .carry, at most 64 MiB, so training photos are added (CBSD432 JPEGs as
-Urban100 and Wikipedia photos, all resized to --short-side px as JPEG, interleaved) until the total
-reaches --budget-mib (about 50 photos beside v3's working tree). The TAEF2 teacher travels inside the package.
+the working tree plus .carry, at most 64 MiB, so training photos are added (CBSD432, Urban100 and
+Wikipedia photos in turn, all resized to a --short-side px shorter side as JPEG) until the total
+reaches --budget-mib. The TAEF2 teacher travels inside the package.
 
     .venv/bin/python scripts/prepare_device_carry.py [--budget-mib 60] [--init-model DIR]
 
@@ -90,16 +90,14 @@ def main() -> int:
         shutil.copy(f, carry / "data" / "val" / f.name)
     used = tree_bytes() + sum(p.stat().st_size for p in carry.rglob("*") if p.is_file())
     budget = int(args.budget_mib * 2**20)
-    sources = [
-        ((f.name, lambda f=f: resized_jpeg(f, args.short_side, args.jpeg_quality)) for f in sorted((images / "cbsd432").glob("*.jpg"))),
-        ((f"urban-{f.stem}.jpg", lambda f=f: resized_jpeg(f, args.short_side, args.jpeg_quality))
-         for f in sorted((images / "urban100-subset").glob("*.png"))),
-        ((f"wiki-{f.stem}.jpg", lambda f=f: resized_jpeg(f, args.short_side, args.jpeg_quality))
-         for f in sorted((images / "wikipedia-photos").glob("*.png"))),
+    sources = [  # (name prefix, photo) of each folder, taken in turn
+        [("", f) for f in sorted((images / "cbsd432").glob("*.jpg"))],
+        [("urban-", f) for f in sorted((images / "urban100-subset").glob("*.png"))],
+        [("wiki-", f) for f in sorted((images / "wikipedia-photos").glob("*.png"))],
     ]
     count = 0
-    for name, read in (item for group in itertools.zip_longest(*sources) for item in group if item):
-        data = read()
+    for prefix, f in (item for group in itertools.zip_longest(*sources) for item in group if item):
+        name, data = f"{prefix}{f.stem}.jpg", resized_jpeg(f, args.short_side, args.jpeg_quality)
         if used + len(data) > budget:
             break
         (carry / "data" / "train" / name).write_bytes(data)
