@@ -57,6 +57,9 @@ def train(run: TrainingRun, index: int, stage: DecoderStage) -> bool:
         codec.compressor.eval().requires_grad_(False)  # eval: rounded latents, as in coding
         codec.unet.eval().requires_grad_(False)
         levels = codec.compressor.config.num_quality_levels
+        # per level: whether the model decodes with the UNet step (above its unet_max_quality it
+        # decodes the hint directly, so the decoder learns the hint there)
+        takes_step = torch.tensor([codec.default_steps(q + 1) == 1 for q in range(levels)], device=run.device)
     student.encoder.requires_grad_(False).eval()
     if stage.decoder_freeze_trunk:
         if student.trunk is None:
@@ -108,9 +111,12 @@ def train(run: TrainingRun, index: int, stage: DecoderStage) -> bool:
         return {"loss": loss.detach(), **logs, f"psnr_{stage.decoder_target}": psnr_tensor(pred, target)}
 
     def one_step_raw(raw: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        """Raw latents (B,C,h,w) -> the codec's one-step outputs at quality levels (B,), raw."""
+        """Raw latents (B,C,h,w) -> what the codec decodes at quality levels (B,) (0-based), raw:
+        the one-step output, or the hint above the model's unet_max_quality."""
         hint = codec.compressor((raw - model.mean) / std, level)["hint"]
-        return codec.denoise(hint) * std + model.mean
+        steps = takes_step[level.to(takes_step.device)].view(-1, 1, 1, 1)
+        out = torch.where(steps, codec.denoise(hint), hint) if bool(steps.any()) else hint
+        return out * std + model.mean
 
     def decoder_input(step: int, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(photos, raw latents the decoder decodes, target images) of training step `step` on
