@@ -17,9 +17,11 @@ Run through scripts/device_train.sh (it installs the carried wheels first). Two 
 
 $OUT receives: model.tar.part-* (the trained model folder, float16, split below 15 MiB),
 logs.tar (every log/val CSV and the configs used), summary.json, conformance-cuda.txt (the
-output of `osdiff conformance --device cuda`, run first) and, in continue mode with --encoder-batch, encoder-vae.tar: the
-slim student encoder (configs/tiny-v3-encoder-cpu.yaml) distilled beside the codec run on the same
-GPU, as an autoencoder folder (`vae/`; scripts/swap_decoder.py-style swaps put it into a model).
+output of `osdiff conformance --device cuda`, run first) and, in continue mode, students trained
+beside the codec run on the same GPU (SIDE_RUNS), each as an autoencoder folder (`vae/`):
+encoder-vae.tar with --encoder-batch (the slim student encoder, configs/tiny-v3-encoder-cpu.yaml),
+decoder-vae.tar with --decoder-batch (the fast decoder, configs/tiny-v3.4-fastdec-cpu.yaml;
+scripts/swap_decoder.py puts it into the trained model).
 --device cpu is a dry run (a few steps of each stage, small crops) that checks the whole path;
 without .carry/data (scripts/prepare_device_carry.py makes it) it trains and validates on the
 config's held-out photo folders (../shared/data/images/...).
@@ -113,19 +115,27 @@ def lpips_backbone() -> str | None:
     return None
 
 
-def student_config(folders: dict, work: Path, base_model: Path, args, minutes: float | None):
-    """configs/tiny-v3-encoder-cpu.yaml on the carried photos: the student of `base_model`'s TAEF2
-    encoder, --encoder-batch crops of 256 px (the carried photos' shorter side is 272 px) for
-    `minutes` (None: a dry run's 3 steps)."""
+SIDE_RUNS = {  # students trained beside the codec run: name -> recipe
+    "encoder": "tiny-v3-encoder-cpu.yaml",  # the slim student of TAEF2's encoder
+    "decoder": "tiny-v3.4-fastdec-cpu.yaml",  # the fast decoder, toward TAEF2's decoding of the base model's outputs
+}
+
+
+def side_config(name: str, folders: dict, work: Path, base_model: Path, batch: int, steps: int, minutes: float | None,
+                lpips_net: str | None = None):
+    """SIDE_RUNS[name]'s recipe on the carried photos, from `base_model` (its TAEF2 encoder's
+    student, or its codec's outputs for the decoder): `batch` crops of 256 px (the carried photos'
+    shorter side is 272 px) for `minutes` (None: a dry run's 3 steps)."""
     from osdiff.training.config import load_config
 
-    cfg = load_config(ROOT / "configs" / "tiny-v3-encoder-cpu.yaml")
-    stage = dataclasses.replace(cfg.stages[0], batch_size=args.encoder_batch if minutes else 2, crop=256, max_minutes=minutes,
-                                steps=args.encoder_steps if minutes else 3, warmup_steps=100 if minutes else 1)
+    cfg = load_config(ROOT / "configs" / SIDE_RUNS[name])
+    stage = dataclasses.replace(cfg.stages[0], batch_size=batch if minutes else 2, crop=256,
+                                max_minutes=minutes, steps=steps if minutes else 3, warmup_steps=min(cfg.stages[0].warmup_steps, 100) if minutes else 1)
+    losses = dataclasses.replace(cfg.losses, lpips_net=lpips_net) if lpips_net else cfg.losses
     return dataclasses.replace(
-        cfg, output_dir=str(work / "runs" / "encoder"), init_from=str(base_model), checkpoint_minutes=1.0, threads=0,
-        taesd_weights=None, val_every=500 if minutes else 2, stages=[stage],
-        data=dataclasses.replace(cfg.data, **folders, latent_cache=str(work / "latents-encoder")))
+        cfg, output_dir=str(work / "runs" / name), init_from=str(base_model), checkpoint_minutes=1.0, threads=0,
+        taesd_weights=None, val_every=500 if minutes else 2, stages=[stage], losses=losses,
+        data=dataclasses.replace(cfg.data, **folders, latent_cache=str(work / f"latents-{name}")))
 
 
 def steps_per_second(run: Path, stage: str = "codec") -> float | None:
@@ -176,6 +186,10 @@ def main() -> int:
                              "(configs/tiny-v3-encoder-cpu.yaml) with this many crops per step, e.g. 32 "
                              "(0: not; on an H200 it slowed the codec run from 3.9 to 3.1 steps/s and ran 3.8 steps/s itself)")
     parser.add_argument("--encoder-steps", type=int, default=20000, help="continue: the student's steps (its cosine schedule)")
+    parser.add_argument("--decoder-batch", type=int, default=0,
+                        help="continue: beside the codec run, distil the fast decoder (configs/tiny-v3.4-fastdec-cpu.yaml) "
+                             "toward TAEF2's decoding of the base model's outputs, this many crops per step, e.g. 16 (0: not)")
+    parser.add_argument("--decoder-steps", type=int, default=20000, help="continue: the fast decoder's steps (its cosine schedule)")
     parser.add_argument("--taesd", default=None, help="a folder with taef2_encoder.pth / taef2_decoder.pth (default: the packaged copy)")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/osdiff-device-out"))
@@ -283,19 +297,22 @@ def main() -> int:
                                     lr=min(cfg.stages[-1].lr, 1e-4))
         variant = dataclasses.replace(cfg, output_dir=str(run), stages=[stage], init_from=str(base_model))
         variant = dataclasses.replace(variant, decoding=DecodingConfig.from_pipeline_config(base_pipe.config))
-    student = None
-    if mode == "continue" and args.encoder_batch > 0:  # the fast encoder, beside the codec on the same GPU
-        student = student_config(folders, work, base_model, args, None if dry else minutes)
-        student_proc = train(student, work, "encoder", args.device)
+    sides = {}  # side runs beside the codec on the same GPU: name -> (config, process)
+    if mode == "continue":
+        for name, batch, steps in (("encoder", args.encoder_batch, args.encoder_steps), ("decoder", args.decoder_batch, args.decoder_steps)):
+            if batch > 0:
+                side = side_config(name, folders, work, base_model, batch, steps, None if dry else minutes,
+                                   cfg.losses.lpips_net if name == "decoder" else None)
+                sides[name] = (side, train(side, work, name, args.device))
     if not succeeded(train(variant, work, "final", args.device), work, "final"):
         summary["final_failed"] = True  # ship what the earlier stage saved, if anything
-    if student is not None:
-        summary["encoder_failed"] = not succeeded(student_proc, work, "encoder")
-        summary["encoder_val"] = last_val(Path(student.output_dir), "encoder")
-        summary["encoder_steps_per_second"] = steps_per_second(Path(student.output_dir), "encoder")
-        vae = Path(student.output_dir) / "stages" / "0-encoder" / "out" / "vae"
-        if vae.is_dir():  # the autoencoder alone: student encoder, TAEF2's tail and decoder
-            with tarfile.open(out / "encoder-vae.tar", "w") as t:
+    for name, (side, proc) in sides.items():  # each returns its autoencoder folder as NAME-vae.tar
+        summary[f"{name}_failed"] = not succeeded(proc, work, name)
+        summary[f"{name}_val"] = last_val(Path(side.output_dir), name)
+        summary[f"{name}_steps_per_second"] = steps_per_second(Path(side.output_dir), name)
+        vae = Path(side.output_dir) / "stages" / f"0-{name}" / "out" / "vae"
+        if vae.is_dir():  # TAEF2-family autoencoder with the student; scripts/swap_decoder.py puts a decoder into a model
+            with tarfile.open(out / f"{name}-vae.tar", "w") as t:
                 t.add(vae, arcname="vae")
     if not (run / "model").is_dir():
         return 1

@@ -147,8 +147,8 @@ def test_x0_from_eps_ldm_inverts_forward_diffusion():
 @needs_photos
 def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
     """scripts/device_train.sh --device cpu: v3's codec stage (LPIPS, both discriminators) for a
-    few steps from the shipped model and the student encoder beside it, then the float16 model as
-    tar parts, the student's autoencoder and the logs, as on a GPU."""
+    few steps from the shipped model and the student encoder and fast decoder beside it, then the
+    float16 model as tar parts, the students' autoencoders and the logs, as on a GPU."""
     carry = tmp_path / "carry"
     for sub, src in (("train", "mcmaster"), ("val", "cbsd68")):
         (carry / "data" / sub).mkdir(parents=True)
@@ -157,7 +157,8 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path), "PYTHON": sys.executable}  # this test's interpreter
     proc = subprocess.run(
-        ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data"), "--encoder-batch", "32"],
+        ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data"), "--encoder-batch", "32",
+         "--decoder-batch", "16"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -188,6 +189,17 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
 
     student = TAESDAutoencoder.from_pretrained(tmp_path / "student" / "vae")
     assert student.slim_encoder and student.decoder.state_dict().keys() == model.vae.decoder.state_dict().keys()
+    # and the fast decoder (configs/tiny-v3.4-fastdec-cpu.yaml), which scripts/swap_decoder.py puts into the model
+    assert summary["decoder_failed"] is False and "psnr_vs_teacher_one_step" in summary["decoder_val"]
+    with tarfile.open(out / "decoder-vae.tar") as t:
+        t.extractall(tmp_path / "fastdec", filter="data")
+    swapped = tmp_path / "swapped"
+    proc = subprocess.run([sys.executable, "scripts/swap_decoder.py", str(tmp_path / "unpacked" / "model"),
+                           str(tmp_path / "fastdec" / "vae"), str(swapped)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fast = osdiff.load(swapped)
+    assert fast.vae.config.decoder_trunk and fast.vae.config.decoder_trunk_layers == 11
+    assert fast(np.zeros((64, 64, 3), np.uint8), quality=1)[0].size == (64, 64)
 
     # a v2 model trained elsewhere (carried as .carry/init-model) is continued, not bootstrapped
     out2 = tmp_path / "out2"
