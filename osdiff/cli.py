@@ -474,6 +474,10 @@ def cmd_train(args) -> int:
     config = load_config(config_path, **{k: v for k, v in overrides.items() if v is not None})
     trainer = Trainer(config, config_dir=Path.cwd())
     model = trainer.run(max_steps=args.max_steps, max_minutes=args.max_minutes)
+    stopped_by = trainer.context.stopped_by  # SIGINT / SIGTERM: stopped after a step, checkpointed
+    if stopped_by:
+        trainer.context.print(f"stopped by {stopped_by}, with a checkpoint; run the same command again to resume")
+        return 128 + int(getattr(signal.Signals, stopped_by, signal.SIGTERM))
     trainer.context.print(f"finished: {model}" if model else "stopped early; run the same command again to resume")
     return 0
 

@@ -274,6 +274,41 @@ def test_conv_head_least_squares_recovers_a_linear_head_and_refuses_other_shapes
         ConvHeadLeastSquares(nn.Conv2d(8, 12, 3, padding=1), 2).solve()
 
 
+def test_a_stop_signal_ends_the_run_after_the_step_with_a_checkpoint(tmp_path, pretrained_run, image_folder, monkeypatch):
+    """SIGTERM (or SIGINT) during a step: the step finishes, a checkpoint is written, the loop
+    returns and the caller's handler comes back; the run then resumes exactly."""
+    import signal
+
+    import osdiff
+    from osdiff.training.run import TrainingRun
+
+    straight = _codec_config(pretrained_run, tmp_path / "a", image_folder, steps=3)
+    Trainer(straight).run()
+    original_log, sent = TrainingRun.log, []
+
+    def log_and_signal(self, row, kind="log"):
+        original_log(self, row, kind)
+        if kind == "log" and row.get("stage") == "2-codec" and not sent:
+            sent.append(row["step"])
+            signal.raise_signal(signal.SIGTERM)  # as `kill` does, mid-step (its log row is written)
+
+    monkeypatch.setattr(TrainingRun, "log", log_and_signal)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a signal that escaped would end pytest: make it loud
+    try:
+        chunked = _codec_config(pretrained_run, tmp_path / "b", image_folder, steps=3)
+        stopped = Trainer(chunked)
+        assert stopped.run() is None and stopped.context.stopped_by == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the caller's handler is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert sent == [0] and torch.load(tmp_path / "b" / "stages" / "2-codec" / "ckpt.pt", weights_only=False)["step"] == 1
+    monkeypatch.setattr(TrainingRun, "log", original_log)
+    assert Trainer(chunked).run() is not None
+    a, b = osdiff.load(tmp_path / "a" / "model"), osdiff.load(tmp_path / "b" / "model")
+    sa, sb = a.compressor.state_dict(), b.compressor.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_a_resumed_run_that_logs_a_new_column_widens_its_csv(tmp_path):
     """Code updated between sessions may log a new column (e.g. a validation metric): the file
     keeps one header, old rows get an empty cell, no row is shifted."""

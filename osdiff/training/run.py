@@ -45,6 +45,7 @@ from .config import StageConfig, TrainConfig
 from .data import CropSampler, center_crops, find_images, load_images, whole_photo
 from .latents import EncodingSampler, LatentCropSampler, cached_latents
 from .files import append_row, atomic_write_text
+from .stop_signal import stop_after_step
 from .processes import any_of_processes, average_gradients, broadcast_module, gather_floats, weights_checksum
 
 def lr_at(step: int, stage: StageConfig, base: float) -> float:
@@ -85,6 +86,7 @@ class TrainingRun:
         self._images: list | None = None
         self._val_images: list | None = None
         self._last_batch = 0.0
+        self.stopped_by: str | None = None  # the signal that stopped the loop early, if one did
 
     # ---- processes ----------------------------------------------------------------------------
     @property
@@ -336,39 +338,43 @@ class TrainingRun:
         bar = progress(range(start, stage.steps), initial=start, total=stage.steps, desc=name,
                        disable=not self.accelerator.is_local_main_process, mininterval=5)
         ran = 0
-        for step in bar:
-            for opt, base in optimizers.values():
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, stage, base)
-            torch.manual_seed(self.step_seed(index, step))  # library-internal noise (entropy models)
-            logs = step_fn(step)  # floats or 0-d tensors, read (one device sync) only when logged
-            ran += 1
-            if self.is_main and (step % self.config.log_every == 0 or step == stage.steps - 1):
-                logs = {k: number(v) for k, v in logs.items()}
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
-                self.log({"stage": name, "step": step, "time": round(time.time(), 1), **{k: round(v, 6) for k, v in logs.items()}})
-            every = self.config.val_every
-            validated = val_fn is not None and every > 0 and ((step + 1) % every == 0 or step == stage.steps - 1)
-            if validated:
-                log_validation(step + 1)
-            now = time.monotonic()
-            past_deadline, over_budget, save_due = self.agree(
-                self.deadline is not None and now > self.deadline,
-                stage.max_minutes is not None and now - stage_start > 60 * stage.max_minutes,
-                now - last_save > 60 * self.config.checkpoint_minutes)
-            stop = (self.max_steps is not None and ran >= self.max_steps) or past_deadline
-            if over_budget:
-                if not validated:  # end-of-stage validation
+        with stop_after_step() as asked:  # SIGINT / SIGTERM: stop after this step, with a checkpoint
+            for step in bar:
+                for opt, base in optimizers.values():
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at(step, stage, base)
+                torch.manual_seed(self.step_seed(index, step))  # library-internal noise (entropy models)
+                logs = step_fn(step)  # floats or 0-d tensors, read (one device sync) only when logged
+                ran += 1
+                if self.is_main and (step % self.config.log_every == 0 or step == stage.steps - 1):
+                    logs = {k: number(v) for k, v in logs.items()}
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+                    self.log({"stage": name, "step": step, "time": round(time.time(), 1), **{k: round(v, 6) for k, v in logs.items()}})
+                every = self.config.val_every
+                validated = val_fn is not None and every > 0 and ((step + 1) % every == 0 or step == stage.steps - 1)
+                if validated:
                     log_validation(step + 1)
-                bar.close()
-                save(step + 1)
-                return True  # the stage's time budget counts as its end
-            if stop or save_due:
-                save(step + 1)
-                last_save = time.monotonic()
-            if stop and step + 1 < stage.steps:
-                bar.close()
-                return False
+                now = time.monotonic()
+                past_deadline, over_budget, save_due, asked_to_stop = self.agree(
+                    self.deadline is not None and now > self.deadline,
+                    stage.max_minutes is not None and now - stage_start > 60 * stage.max_minutes,
+                    now - last_save > 60 * self.config.checkpoint_minutes,
+                    asked.is_set())
+                if asked_to_stop:
+                    self.stopped_by = asked.signal_name or "a stop signal on another process"
+                stop = (self.max_steps is not None and ran >= self.max_steps) or past_deadline or asked_to_stop
+                if over_budget:
+                    if not validated:  # end-of-stage validation
+                        log_validation(step + 1)
+                    bar.close()
+                    save(step + 1)
+                    return True  # the stage's time budget counts as its end
+                if stop or save_due:
+                    save(step + 1)
+                    last_save = time.monotonic()
+                if stop and step + 1 < stage.steps:
+                    bar.close()
+                    return False
         bar.close()
         save(stage.steps)
         return True
