@@ -13,7 +13,9 @@ Run through scripts/device_train.sh (it installs the carried wheels first). Two 
              when it exists: a model trained elsewhere, put there by prepare_device_carry.py
              --init-model), --batch crops of 256 px. LPIPS on VGG16 where its backbone is on the
              machine, else on AlexNet (the carried one: VGG16's does not fit in 64 MiB); the
-             summary names which, and the held-out evaluation then leaves that one out.
+             summary names which, and the held-out evaluation then leaves that one out. A base
+             model that encodes with the slim student encoder trains it with the codec
+             (train_encoder, as configs/tiny-v3-joint-encoder-cpu.yaml).
 
 $OUT receives: model.tar.part-* (the trained model folder, float16, split below 15 MiB),
 logs.tar (every log/val CSV and the configs used), summary.json, conformance-cuda.txt (the
@@ -295,6 +297,10 @@ def main() -> int:
         # trained weights go on at most at 1e-4 (5e-4 turns a trained model to NaN in 3 steps)
         stage = dataclasses.replace(cfg.stages[-1], max_minutes=None if dry else minutes, warmup_steps=1 if dry else 20,
                                     lr=min(cfg.stages[-1].lr, 1e-4))
+        if getattr(base_pipe.vae, "slim_encoder", False):  # a model that encodes with the student encoder:
+            # it learns with the codec, anchored to TAEF2's latents (configs/tiny-v3-joint-encoder-cpu.yaml)
+            stage = dataclasses.replace(stage, train_encoder=True, encoder_margin=4)
+            summary["train_encoder"] = True
         variant = dataclasses.replace(cfg, output_dir=str(run), stages=[stage], init_from=str(base_model))
         variant = dataclasses.replace(variant, decoding=DecodingConfig.from_pipeline_config(base_pipe.config))
     sides = {}  # side runs beside the codec on the same GPU: name -> (config, process)

@@ -201,15 +201,22 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
     assert fast.vae.config.decoder_trunk and fast.vae.config.decoder_trunk_layers == 11
     assert fast(np.zeros((64, 64, 3), np.uint8), quality=1)[0].size == (64, 64)
 
-    # a v2 model trained elsewhere (carried as .carry/init-model) is continued, not bootstrapped
+    # a v2 model trained elsewhere (carried as .carry/init-model) is continued, not bootstrapped;
+    # one that encodes with the student encoder trains it with the codec (the joint recipe)
+    with_student = tmp_path / "with-student"
+    model.register_modules(vae=student.to(model.vae.dtype))
+    model.save_pretrained(with_student)
     out2 = tmp_path / "out2"
     proc = subprocess.run(
-        ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data"),
-         "--init-model", str(tmp_path / "unpacked" / "model")],
+        ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data"), "--init-model", str(with_student)],
         cwd=ROOT, env={**env, "OUT": str(out2)}, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((out2 / "summary.json").read_text())["mode"] == "continue"
+    summary2 = json.loads((out2 / "summary.json").read_text())
+    assert summary2["mode"] == "continue" and summary2["train_encoder"] is True
+    with tarfile.open(out2 / "logs.tar") as t:
+        config = t.extractfile(next(n for n in t.getnames() if n.endswith("final.yaml"))).read().decode()
+    assert "train_encoder: true" in config
     assert not (out2 / "encoder-vae.tar").exists()
 
 
