@@ -1,5 +1,6 @@
-"""Put the decoder trained by one run into the model of another (same frozen TAEF2 encoder and
-latent statistics), e.g. when the decoder and the codec of osdiff-tiny v2 train side by side:
+"""Put the decoder trained by one run into the model of another (the same latent statistics; the
+model keeps its own encoder: TAEF2's, or a student of it), e.g. when the decoder and the codec of
+osdiff-tiny v2 train side by side:
 
     python scripts/swap_decoder.py ../runs/cpu2/codec/model ../runs/cpu2/decoder/stages/0-decoder/out/vae ../runs/cpu2/model
 
@@ -10,10 +11,8 @@ or TAEF2's own full decoder (the package's osdiff/weights/taef2) in place of a s
 import sys
 from pathlib import Path
 
-import torch
-
 from osdiff.hub import WEIGHTS_DIR
-from osdiff.models.taesd import TAESDAutoencoder
+from osdiff.models.taesd import TRUNK_LAYERS, TAESDAutoencoder
 from osdiff.pipeline import OSDiffPipeline
 
 if len(sys.argv) != 4:
@@ -29,12 +28,15 @@ if str(vae_dir) == "taef2":  # the teacher's decoder, with this model's encoder 
     vae = pipe.vae.with_decoder(None)
     vae.decoder.load_state_dict(teacher.decoder.state_dict())
     vae = vae.to(pipe.vae.dtype)
-else:
-    vae = TAESDAutoencoder.from_pretrained(vae_dir).to(pipe.vae.dtype)
-same_encoder = all(torch.equal(a, b) for a, b in zip(pipe.vae.encoder.state_dict().values(), vae.encoder.state_dict().values()))
-same_stats = pipe.vae.config.latent_mean == vae.config.latent_mean and pipe.vae.config.latent_std == vae.config.latent_std
-if not (same_encoder and same_stats):
-    sys.exit(f"{vae_dir}: another encoder or other latent statistics than {model_dir}'s; the codec would not match it")
+else:  # the donor's decoder (its shape and weights) behind this model's encoder
+    donor = TAESDAutoencoder.from_pretrained(vae_dir)
+    c = donor.config
+    if not (pipe.vae.config.latent_mean == c.latent_mean and pipe.vae.config.latent_std == c.latent_std):
+        sys.exit(f"{vae_dir}: other latent statistics than {model_dir}'s; its decoder would not match the codec")
+    vae = pipe.vae.with_decoder(c.decoder_channels, c.decoder_blocks, c.get("decoder_trunk", False),
+                                c.get("decoder_trunk_layers", TRUNK_LAYERS))
+    vae.decoder.load_state_dict(donor.decoder.state_dict())
+    vae = vae.to(pipe.vae.dtype)
 pipe.vae = vae
 pipe.register_modules(vae=vae)
 pipe.save_pretrained(out_dir)

@@ -344,6 +344,16 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
                    cwd=ROOT, check=True, capture_output=True)
     swapped = osdiff.load(tmp_path / "swapped")
     assert torch.equal(swapped.vae.decoder[1].weight.float(), student.decoder[1].weight)
+    # a model that encodes with a student encoder keeps it and takes only the decoder
+    with_student = osdiff.load(out / "model")
+    with_student.register_modules(vae=with_student.vae.with_encoder((16, 16), (1, 1)))
+    with_student.save_pretrained(tmp_path / "with-student")
+    subprocess.run([sys.executable, "scripts/swap_decoder.py", str(tmp_path / "with-student"), str(vae), str(tmp_path / "both")],
+                   cwd=ROOT, check=True, capture_output=True)
+    both = osdiff.load(tmp_path / "both")
+    assert both.vae.slim_encoder and torch.equal(both.vae.decoder[1].weight.float(), student.decoder[1].weight)
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip(both.vae.encoder.state_dict().values(),
+                                                                 with_student.vae.encoder.state_dict().values()))
     subprocess.run([sys.executable, "scripts/swap_decoder.py", str(out / "model"), "taef2", str(tmp_path / "full")],
                    cwd=ROOT, check=True, capture_output=True)  # TAEF2's own decoder (v3.1)
     full = osdiff.load(tmp_path / "full")
