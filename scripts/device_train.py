@@ -15,7 +15,9 @@ Run through scripts/device_train.sh (it installs the carried wheels first). Two 
              machine, else on AlexNet (the carried one: VGG16's does not fit in 64 MiB); the
              summary names which, and the held-out evaluation then leaves that one out. A base
              model that encodes with the slim student encoder trains it with the codec
-             (train_encoder, as configs/tiny-v3-joint-encoder-cpu.yaml).
+             (train_encoder, as configs/tiny-v3-joint-encoder-cpu.yaml); --init-vae (default
+             .carry/init-vae when it exists, put there by prepare_device_carry.py --init-vae)
+             gives the base model such an autoencoder.
 
 $OUT receives: model.tar.part-* (the trained model folder, float16, split below 15 MiB),
 logs.tar (every log/val CSV and the configs used), summary.json, conformance-cuda.txt (the
@@ -140,6 +142,21 @@ def side_config(name: str, folders: dict, work: Path, base_model: Path, batch: i
         data=dataclasses.replace(cfg.data, **folders, latent_cache=str(work / f"latents-{name}")))
 
 
+def with_autoencoder(model: Path, vae_dir: Path, work: Path) -> Path:
+    """`model` with the autoencoder folder `vae_dir` in place of its own (the same latent
+    statistics, so the codec still fits), written to work/base-model."""
+    from osdiff.models.taesd import TAESDAutoencoder
+    from osdiff.pipeline import OSDiffPipeline
+
+    pipe = OSDiffPipeline.from_pretrained(model)
+    vae = TAESDAutoencoder.from_pretrained(vae_dir).to(pipe.vae.dtype)
+    if (vae.config.latent_mean, vae.config.latent_std) != (pipe.vae.config.latent_mean, pipe.vae.config.latent_std):
+        raise SystemExit(f"{vae_dir}: other latent statistics than {model}'s; the codec would not fit it")
+    pipe.register_modules(vae=vae)
+    pipe.save_pretrained(work / "base-model")
+    return work / "base-model"
+
+
 def steps_per_second(run: Path, stage: str = "codec") -> float | None:
     import csv
 
@@ -182,6 +199,9 @@ def main() -> int:
     parser.add_argument("--data", default=DEFAULT_DATA,
                         help="train/ and val/ image folders (dry run without .carry/data: the config's held-out photos)")
     parser.add_argument("--init-model", default=".carry/init-model", help="a v2 model folder to continue (if it exists)")
+    parser.add_argument("--init-vae", default=".carry/init-vae",
+                        help="an autoencoder folder (if it exists) that replaces the base model's, e.g. one that encodes "
+                             "with the slim student encoder (then trained with the codec)")
     parser.add_argument("--batch", type=int, default=16, help="continue: crops per step (256 px)")
     parser.add_argument("--encoder-batch", type=int, default=0,
                         help="continue: beside the codec run, distil the slim student encoder "
@@ -220,6 +240,8 @@ def main() -> int:
     base_model = resolve(DEFAULT_MODEL)  # the shipped model
     if (ROOT / args.init_model / "model_index.json").is_file():  # a v2 model trained elsewhere
         base_model = resolve((ROOT / args.init_model).resolve())
+    if (ROOT / args.init_vae / "config.json").is_file():  # e.g. the student encoder distilled on the CPU
+        base_model = with_autoencoder(base_model, (ROOT / args.init_vae).resolve(), Path(tempfile.mkdtemp(prefix="osdiff-base-")))
     base_pipe = osdiff.load(base_model)
     is_v2 = isinstance(base_pipe.vae, TAESDAutoencoder)
     mode = args.mode if args.mode != "auto" else ("continue" if is_v2 else "bootstrap")

@@ -6,7 +6,7 @@ the working tree plus .carry, at most 64 MiB, so training photos are added (CBSD
 Wikipedia photos in turn, all resized to a --short-side px shorter side as JPEG) until the total
 reaches --budget-mib. The TAEF2 teacher travels inside the package.
 
-    .venv/bin/python scripts/prepare_device_carry.py [--budget-mib 60] [--init-model DIR]
+    .venv/bin/python scripts/prepare_device_carry.py [--budget-mib 60] [--init-model DIR] [--init-vae DIR]
 
 The device tool refused 63.5 MiB by this count and took 60.0 (it counts more than the files'
 bytes). The working tree (49 MiB) and the wheels, backbone and validation photos (12 MiB) leave
@@ -15,7 +15,10 @@ osdiff/weights/hific-tiny, 16 MiB) were moved out of the checkout for the one ca
 it, and 480 photos fit.
 
 --init-model: a v2/v3 model folder trained elsewhere (e.g. on the CPU, ../runs/cpu2/...), carried
-as float16 to .carry/init-model; device_train.py then continues from it.
+as float16 to .carry/init-model; device_train.py then continues from it. --init-vae: an autoencoder
+folder (or a model folder's vae/), carried as float16 to .carry/init-vae, that replaces the base
+model's: e.g. the slim student encoder distilled on the CPU (`osdiff export ../runs/v3/encoder-tail
+-o DIR --base osdiff/weights/osdiff-tiny`), which device_train.py then trains with the codec.
 """
 from __future__ import annotations
 
@@ -61,6 +64,9 @@ def main() -> int:
     parser.add_argument("--short-side", type=int, default=272, help="training photos: shorter side (px) at most")
     parser.add_argument("--jpeg-quality", type=int, default=85, help="training photos: JPEG quality")
     parser.add_argument("--init-model", default=None, help="a v2 model folder for device_train.py to continue")
+    parser.add_argument("--init-vae", default=None,
+                        help="an autoencoder folder, or a model folder's vae/, that replaces the base model's in "
+                             "device_train.py (e.g. one encoding with the slim student encoder, then trained with the codec)")
     args = parser.parse_args()
     shared, carry = Path(args.shared), ROOT / ".carry"
     if carry.exists():
@@ -75,6 +81,11 @@ def main() -> int:
         from osdiff.build import save_for_shipping
 
         save_for_shipping(osdiff.load(args.init_model), carry / "init-model")
+    if args.init_vae:  # float16, as the model ships (~5 MB)
+        from osdiff.models.taesd import TAESDAutoencoder
+
+        vae_dir = Path(args.init_vae) / "vae" if (Path(args.init_vae) / "model_index.json").is_file() else Path(args.init_vae)
+        TAESDAutoencoder.from_pretrained(vae_dir).half().save_pretrained(carry / "init-vae")
     # the LPIPS backbone the v3 objective trains with: AlexNet's features in float16 (4.9 MB;
     # VGG16's, 29 MB in float16, do not fit beside the working tree), found through OSDIFF_CACHE
     from safetensors.torch import load_file, save_file

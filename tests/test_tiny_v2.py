@@ -203,12 +203,11 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
 
     # a v2 model trained elsewhere (carried as .carry/init-model) is continued, not bootstrapped;
     # one that encodes with the student encoder trains it with the codec (the joint recipe)
-    with_student = tmp_path / "with-student"
-    model.register_modules(vae=student.to(model.vae.dtype))
-    model.save_pretrained(with_student)
+    # (carried as .carry/init-vae: an autoencoder folder that replaces the base model's)
     out2 = tmp_path / "out2"
     proc = subprocess.run(
-        ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data"), "--init-model", str(with_student)],
+        ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data"),
+         "--init-model", str(tmp_path / "unpacked" / "model"), "--init-vae", str(tmp_path / "student" / "vae")],
         cwd=ROOT, env={**env, "OUT": str(out2)}, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
