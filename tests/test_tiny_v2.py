@@ -158,7 +158,7 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
     env = {**os.environ, "OUT": str(out), "TMPDIR": str(tmp_path), "PYTHON": sys.executable}  # this test's interpreter
     proc = subprocess.run(
         ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data"), "--encoder-batch", "32",
-         "--decoder-batch", "16"],
+         "--decoder-batch", "16", "--init-model", str(tmp_path / "none"), "--init-vae", str(tmp_path / "none")],  # not a local .carry's
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
