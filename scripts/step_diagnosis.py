@@ -1,7 +1,8 @@
 """Where the one-step output's added texture and colour error come from: each photo coded at a
 few levels, then the decoded hint (`--steps 0`), the one-step output, and the step's output with
-its low frequencies replaced by the hint's (a k x k latent box blur, "mix k"), each decoded by
-the model's decoder and by TAEF2's own, measured with PSNR, delta_e, spurious_texture,
+its low frequencies replaced by the hint's (a k x k latent box blur, "mix k"), and blends
+hint + b x (step - hint) ("blend b": a realism knob), each decoded by the model's decoder and
+(unless --model-decoder-only) by TAEF2's own, measured with PSNR, delta_e, spurious_texture,
 LPIPS-Alex and DISTS (means over the photos).
 
     python scripts/step_diagnosis.py ../shared/data/images/mcmaster ../shared/data/images/cbsd68 --limit 4
@@ -25,7 +26,9 @@ parser.add_argument("folders", nargs="+")
 parser.add_argument("--limit", type=int, default=4, help="photos per folder")
 parser.add_argument("--model", default="osdiff-tiny")
 parser.add_argument("--levels", default="2,3,5", help="1-based quality levels")
-parser.add_argument("--mix", default="3,9", help="box sizes (latent pixels) of the low-pass mixes")
+parser.add_argument("--mix", default="3,9", help="box sizes (latent pixels) of the low-pass mixes ('' for none)")
+parser.add_argument("--blend", default="", help="weights b of the step in the blends, e.g. 0.5,0.75")
+parser.add_argument("--model-decoder-only", action="store_true", help="not TAEF2's decoder too (a model that ships it)")
 args = parser.parse_args()
 codec = osdiff.load(args.model)
 codec._prepare()
@@ -40,7 +43,10 @@ def blur(z: torch.Tensor, k: int) -> torch.Tensor:
 
 def decoders(latent: torch.Tensor) -> dict:
     raw = latent * codec.vae.std + codec.vae.mean
-    return {"model": codec.vae.decode(latent), "taef2": taef2.decode_raw(raw)}
+    out = {"model": codec.vae.decode(latent)}
+    if not args.model_decoder_only:
+        out["taef2"] = taef2.decode_raw(raw)
+    return out
 
 
 rows: dict = {}
@@ -54,7 +60,8 @@ for path in [p for folder in args.folders for p in find_images(folder)[: args.li
             hint = codec.compressor.decompress(strings, z.shape[-2:], level - 1)
             step = codec.denoise(hint)
             latents = {"hint": hint, "step": step}
-            latents.update({f"mix {k}": step - blur(step, k) + blur(hint, k) for k in (int(v) for v in args.mix.split(","))})
+            latents.update({f"mix {k}": step - blur(step, k) + blur(hint, k) for k in (int(v) for v in args.mix.split(",") if v)})
+            latents.update({f"blend {b}": hint + float(b) * (step - hint) for b in args.blend.split(",") if b})
             for name, latent in latents.items():
                 for decoder, image in decoders(latent).items():
                     x_hat = ((image + 1) / 2).clamp(0, 1)
