@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LPIPS backbone: alex (the field's metric, column lpips; default) or vgg (column lpips_vgg)")
     e.add_argument("--metrics", default=None,
                    help="comma-separated metrics to measure (default: all): lpips, dists, psnr, ms_ssim, haarpsi, ms_gmsd, "
-                        "vsi, fsim, vif, delta_e, delta_e_saturated, spurious_texture, detail_retention, colour_shift, kid_taef2 "
+                        "vsi, fsim, vif, delta_e, delta_e_saturated, spurious_texture, grid_texture, detail_retention, colour_shift, kid_taef2 "
                         "(FID and KID are always measured); "
                         "a later run with more fills them in")
     e.add_argument("--reference", choices=("kodak", "tecnick", "clic2020"), default=None,

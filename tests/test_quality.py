@@ -132,6 +132,31 @@ def test_spurious_texture_sees_an_added_hatch_not_blur_or_resynthesis():
     assert spurious_texture(hatched, ref) > 2.5 * resynthesised
 
 
+def test_grid_texture_sees_a_repeated_pattern_on_the_code_grid_even_blurred():
+    """A pattern repeating every 16 px (a low-rate code's impulse responses) raises grid_texture,
+    blurred or not; blur, texture redrawn at random phases and a hatch off the lattice do not."""
+    from osdiff.quality.artifacts import grid_texture, spurious_texture
+
+    def texture(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        ramp = torch.linspace(0.2, 0.8, 256)[None, None, None, :].expand(1, 3, 256, 256)
+        noise = torch.nn.functional.avg_pool2d(torch.randn(1, 1, 256, 256, generator=g), 3, 1, 1, count_include_pad=False)
+        return (ramp + 0.08 * noise).clamp(0, 1)
+
+    blur = lambda t: torch.nn.functional.avg_pool2d(t, 3, 1, 1, count_include_pad=False)  # noqa: E731
+    ref = texture(1)
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    blobs = torch.exp(-(((xx % 16) - 8) ** 2 + ((yy % 16) - 8) ** 2) / 8)
+    gridded = (ref + 0.04 * (blobs - blobs.mean())).clamp(0, 1)
+    hatched = (ref + 0.05 * torch.sin(2 * math.pi * (xx + yy) / 6)).clamp(0, 1)
+    assert grid_texture(ref, ref) == 0.0
+    assert abs(grid_texture(texture(2), ref)) < 0.25 and abs(grid_texture(blur(ref), ref)) < 0.25
+    assert grid_texture(gridded, ref) > 0.45 and grid_texture(blur(gridded), ref) > 0.45
+    assert spurious_texture(blur(gridded), ref) < 0.05  # which the all-band measure misses
+    assert grid_texture(hatched, ref) < 0.0
+    assert math.isnan(grid_texture(ref[..., :32, :32], ref[..., :32, :32]))  # under one 64-px tile
+
+
 def test_one_psnr_for_tensors_and_8_bit_arrays():
     """quality.pixel.psnr ([0,1] tensors) and psnr_uint8 (8-bit arrays) are the same measure;
     conformance's psnr_db is it, with 99 dB for identical images (JSON has no inf)."""

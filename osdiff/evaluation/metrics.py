@@ -19,26 +19,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import OSDiffError
-from ..quality.artifacts import delta_e, delta_e_saturated, spurious_texture
+from ..quality.artifacts import delta_e, delta_e_saturated, grid_texture, spurious_texture
 from ..quality.pixel import colour_shift, detail_retention, luma_gradients, psnr  # noqa: F401 (re-exported)
 
 HIGHER_IS_BETTER = {
     "lpips": False, "lpips_vgg": False, "dists": False,
     "psnr": True, "ms_ssim": True, "haarpsi": True, "ms_gmsd": False, "vsi": True, "fsim": True,
     "vif": True, "detail_retention": True, "colour_shift": False,
-    "delta_e": False, "delta_e_saturated": False, "spurious_texture": False,
+    "delta_e": False, "delta_e_saturated": False, "spurious_texture": False, "grid_texture": False,
     # distribution metrics (osdiff.evaluation.patch_sets), per (codec, setting)
     "fid": False, "kid": False, "kid_taef2": False,
 }
 # the order of columns, tables and plots: the field's metrics first, in-house ones last
 HEADLINE = ("lpips", "lpips_vgg", "dists", "fid", "kid", "psnr", "ms_ssim")
-SECONDARY = ("delta_e", "delta_e_saturated", "spurious_texture", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif", "detail_retention", "colour_shift", "kid_taef2")
+SECONDARY = ("delta_e", "delta_e_saturated", "spurious_texture", "grid_texture", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif", "detail_retention", "colour_shift", "kid_taef2")
 # diagnostics with an ideal value (1 and 0), not a quality scale (a blurred image adds no
 # texture): no BD-rate for them
-DIAGNOSTIC = ("detail_retention", "colour_shift", "spurious_texture")
+DIAGNOSTIC = ("detail_retention", "colour_shift", "spurious_texture", "grid_texture")
 # measured on pixels, no network
 PIXEL = {"psnr": psnr, "delta_e": delta_e, "delta_e_saturated": delta_e_saturated,
-         "spurious_texture": spurious_texture, "detail_retention": detail_retention, "colour_shift": colour_shift}
+         "spurious_texture": spurious_texture, "grid_texture": grid_texture, "detail_retention": detail_retention, "colour_shift": colour_shift}
 PIQ = ("ms_ssim", "haarpsi", "ms_gmsd", "vsi", "fsim", "vif")
 
 

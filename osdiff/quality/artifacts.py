@@ -13,6 +13,12 @@ adds. Images (1,3,H,W) in [0,1], sRGB.
   areas, ringing and block edges raise it. Texture redrawn with the original's spectrum at
   another phase raises it only by the spread of a 32-px spectrum estimate: about 0.14 for
   white noise; AVIF and WebP at 0.1 bpp score about 0.04 on photos.
+- `grid_texture`: how much more the reconstruction's luma spectrum peaks on a `period`-px lattice
+  (frequencies k/period cycles/px in either axis: a pattern repeating every 16 px, and every 8 px
+  inside it, aligned to the image) than the original's, relative to the spectrum midway between
+  the lattice frequencies; 0 = no more periodic than the photo. What the eye calls a grid: the
+  latent codes' impulse responses at low rates, block edges. Unlike `spurious_texture` it does not
+  fall when the grid is blurred with everything else, nor rise with texture at random phases.
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ COLOUR_WINDOW = 16  # px
 SATURATED_CHROMA = 30.0  # CIELAB C*ab
 TEXTURE_TILE = 32  # px
 TEXTURE_BANDS = 4  # radial and orientation bands each
+GRID_PERIOD = 16  # px: osdiff-tiny's code grid (1/16 resolution); its 8-px latent grid lies on it
+GRID_TILE = 64  # px, a multiple of GRID_PERIOD
 
 
 def _window_lab(t: Tensor, window: int) -> np.ndarray:
@@ -98,3 +106,34 @@ def spurious_texture(x: Tensor, ref: Tensor, tile: int = TEXTURE_TILE, bands: in
     hann = torch.hann_window(side, periodic=False, dtype=torch.float64)
     floor = e_ref.shape[0] * side * side * float(hann.pow(2).sum()) ** 2 * (0.5 / 255) ** 2
     return float((e_x - e_ref).clamp(min=0).sum()) / max(float(e_ref.sum()), floor)
+
+
+def _lattice_peakiness(t: Tensor, period: int, tile: int) -> float:
+    """(1,3,H,W) -> the tile-averaged luma power spectrum's energy on the `period`-px lattice
+    (DC excluded) over the energy half a lattice step beside each lattice frequency."""
+    y = luma(t)[0].double()
+    h, w = y.shape[0] // tile, y.shape[1] // tile
+    if h == 0 or w == 0:
+        return math.nan
+    tiles = y[: h * tile, : w * tile].reshape(h, tile, w, tile).permute(0, 2, 1, 3).reshape(-1, tile, tile)
+    tiles = tiles - tiles.mean(dim=(1, 2), keepdim=True)
+    hann = torch.hann_window(tile, periodic=False, dtype=torch.float64)
+    power = torch.fft.fft2(tiles * hann[:, None] * hann[None, :]).abs().pow(2).mean(0)
+    step = tile // period  # bins between lattice frequencies
+    idx = torch.arange(0, tile, step)
+    u, v = torch.meshgrid(idx, idx, indexing="ij")
+    keep = (u + v) > 0
+    u, v = u[keep], v[keep]
+    half = step // 2
+    beside = sum(power[(u + du) % tile, (v + dv) % tile] for du, dv in ((half, 0), (-half, 0), (0, half), (0, -half))) / 4
+    return float(power[u, v].sum() / beside.sum().clamp(min=1e-12))
+
+
+def grid_texture(x: Tensor, ref: Tensor, period: int = GRID_PERIOD, tile: int = GRID_TILE) -> float:
+    """`x`'s lattice peakiness over `ref`'s, minus 1 (0: as periodic as the original; 1: twice
+    the relative energy on the `period`-px lattice); nan for images under `tile` px a side. Texture
+    redrawn at random phases moves it by about +-0.14 on a 256-px image; AVIF at 0.15 bpp scores
+    about -0.1 on photos."""
+    if tile % period or period % 2:
+        raise ValueError("grid_texture: tile must be a multiple of an even period")
+    return _lattice_peakiness(x, period, tile) / _lattice_peakiness(ref, period, tile) - 1.0
