@@ -309,6 +309,28 @@ def test_a_stop_signal_ends_the_run_after_the_step_with_a_checkpoint(tmp_path, p
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_stop_signal_in_a_stages_last_step_holds_the_next_stage(tmp_path, pretrained_run, image_folder, monkeypatch):
+    """A stage that finishes after a stop signal is recorded as done, and the run stops there
+    (the next stage starts with the next run)."""
+    import osdiff.training.trainer as trainer_module
+
+    cfg = _codec_config(pretrained_run, tmp_path / "run", image_folder, steps=1)
+    cfg = replace(cfg, stages=[*cfg.stages, cfg.stages[-1]])  # one more codec stage after it
+    ran = []
+
+    def finishes_after_a_signal(name):
+        def train(run, index, stage):
+            ran.append(index)
+            run.stopped_by = "SIGTERM"  # as the loop records a signal in the stage's last step
+            return True
+        return train
+
+    monkeypatch.setattr(trainer_module, "stage_trainer", finishes_after_a_signal)
+    trainer = Trainer(cfg)
+    assert trainer.run() is None and ran == [2]  # stages 0-1 came done with pretrained_run
+    assert 2 in trainer.context.progress()["done"]
+
+
 def test_a_resumed_run_that_logs_a_new_column_widens_its_csv(tmp_path):
     """Code updated between sessions may log a new column (e.g. a validation metric): the file
     keeps one header, old rows get an empty cell, no row is shifted."""

@@ -30,4 +30,7 @@ class Trainer:
                 run.wait()
                 return None
             run.mark_done(index)
+            if run.stopped_by and index + 1 < len(self.config.stages):  # stopped in a stage's last step:
+                run.wait()  # the next stage starts with the next run
+                return None
         return run.out / "model"
