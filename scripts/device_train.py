@@ -244,6 +244,10 @@ def main() -> int:
         base_model = with_autoencoder(base_model, (ROOT / args.init_vae).resolve(), Path(tempfile.mkdtemp(prefix="osdiff-base-")))
     base_pipe = osdiff.load(base_model)
     is_v2 = isinstance(base_pipe.vae, TAESDAutoencoder)
+    if args.encoder_batch > 0 and getattr(base_pipe.vae, "slim_encoder", False):
+        print("--encoder-batch distils a student of TAEF2's encoder, but the base model already encodes with a student "
+              "(it trains with the codec): leave --encoder-batch out", file=sys.stderr)
+        return 1
     mode = args.mode if args.mode != "auto" else ("continue" if is_v2 else "bootstrap")
 
     cfg = load_config(ROOT / "configs" / ("tiny-v2.yaml" if mode == "bootstrap" else "tiny-v3-cpu.yaml"))

@@ -216,6 +216,12 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
     with tarfile.open(out2 / "logs.tar") as t:
         config = t.extractfile(next(n for n in t.getnames() if n.endswith("final.yaml"))).read().decode()
     assert "train_encoder: true" in config
+    proc = subprocess.run(  # a student of a student: refused before any training
+        ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data"), "--encoder-batch", "2",
+         "--init-model", str(tmp_path / "unpacked" / "model"), "--init-vae", str(tmp_path / "student" / "vae")],
+        cwd=ROOT, env={**env, "OUT": str(tmp_path / "out3")}, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 1 and "already encodes with a student" in proc.stderr
     assert not (out2 / "encoder-vae.tar").exists()
 
 
