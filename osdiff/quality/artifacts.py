@@ -73,6 +73,15 @@ def delta_e_saturated(x: Tensor, ref: Tensor, window: int = COLOUR_WINDOW,
     return float(de[saturated].mean()) if saturated.any() else math.nan
 
 
+def _tile_power(y: Tensor, tile: int, h: int, w: int) -> Tensor:
+    """Luma (H,W) float64 -> (h*w, tile, tile) power spectra of its top-left h x w tiles of `tile`
+    px, each with its mean removed and a Hann window applied."""
+    tiles = y[: h * tile, : w * tile].reshape(h, tile, w, tile).permute(0, 2, 1, 3).reshape(-1, tile, tile)
+    tiles = tiles - tiles.mean(dim=(1, 2), keepdim=True)
+    hann = torch.hann_window(tile, periodic=False, dtype=torch.float64)
+    return torch.fft.fft2(tiles * hann[:, None] * hann[None, :]).abs().pow(2)
+
+
 def _band_energy(t: Tensor, tile: int, bands: int) -> Tensor:
     """(1,3,H,W) -> (tiles, bands*bands) luma energy per tile and (radius, orientation) band,
     the tile's mean removed and a Hann window applied; DC excluded."""
@@ -80,10 +89,7 @@ def _band_energy(t: Tensor, tile: int, bands: int) -> Tensor:
     h, w = y.shape[0] // tile, y.shape[1] // tile
     if h == 0 or w == 0:
         tile, h, w = min(y.shape), 1, 1
-    tiles = y[: h * tile, : w * tile].reshape(h, tile, w, tile).permute(0, 2, 1, 3).reshape(-1, tile, tile)
-    tiles = tiles - tiles.mean(dim=(1, 2), keepdim=True)
-    hann = torch.hann_window(tile, periodic=False, dtype=torch.float64)
-    power = torch.fft.fft2(tiles * hann[:, None] * hann[None, :]).abs().pow(2)
+    power = _tile_power(y, tile, h, w)
     f = torch.fft.fftfreq(tile, dtype=torch.float64)
     fy, fx = torch.meshgrid(f, f, indexing="ij")
     radius = torch.hypot(fx, fy)
@@ -115,10 +121,7 @@ def _lattice_peakiness(t: Tensor, period: int, tile: int) -> float:
     h, w = y.shape[0] // tile, y.shape[1] // tile
     if h == 0 or w == 0:
         return math.nan
-    tiles = y[: h * tile, : w * tile].reshape(h, tile, w, tile).permute(0, 2, 1, 3).reshape(-1, tile, tile)
-    tiles = tiles - tiles.mean(dim=(1, 2), keepdim=True)
-    hann = torch.hann_window(tile, periodic=False, dtype=torch.float64)
-    power = torch.fft.fft2(tiles * hann[:, None] * hann[None, :]).abs().pow(2).mean(0)
+    power = _tile_power(y, tile, h, w).mean(0)
     step = tile // period  # bins between lattice frequencies
     idx = torch.arange(0, tile, step)
     u, v = torch.meshgrid(idx, idx, indexing="ij")
