@@ -59,6 +59,10 @@ class DecodingConfig:
         directly) above `unet_max_quality`, where the step costs more than it adds."""
         return 0 if self.unet_max_quality is not None and quality > self.unet_max_quality else 1
 
+    def steps_per_level(self, levels: int) -> list[bool]:
+        """Whether each quality level 1..`levels` decodes with the UNet step (`default_steps`)."""
+        return [self.default_steps(q) == 1 for q in range(1, levels + 1)]
+
     def pipeline_config(self) -> dict:
         """These settings as OSDiffPipeline's config keys (constructor or register_to_config)."""
         return dict(timestep=self.timestep, noise_seed=self.noise_seed, control_scale=self.control_scale,

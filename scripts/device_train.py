@@ -150,7 +150,7 @@ def with_autoencoder(model: Path, vae_dir: Path, work: Path) -> Path:
 
     pipe = OSDiffPipeline.from_pretrained(model)
     vae = TAESDAutoencoder.from_pretrained(vae_dir).to(pipe.vae.dtype)
-    if (vae.config.latent_mean, vae.config.latent_std) != (pipe.vae.config.latent_mean, pipe.vae.config.latent_std):
+    if not isinstance(pipe.vae, TAESDAutoencoder) or not pipe.vae.same_latent_space(vae):
         raise SystemExit(f"{vae_dir}: other latent statistics than {model}'s; the codec would not fit it")
     pipe.register_modules(vae=vae)
     pipe.save_pretrained(work / "base-model")

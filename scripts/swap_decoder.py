@@ -31,7 +31,7 @@ if str(vae_dir) == "taef2":  # the teacher's decoder, with this model's encoder 
 else:  # the donor's decoder (its shape and weights) behind this model's encoder
     donor = TAESDAutoencoder.from_pretrained(vae_dir)
     c = donor.config
-    if not (pipe.vae.config.latent_mean == c.latent_mean and pipe.vae.config.latent_std == c.latent_std):
+    if not pipe.vae.same_latent_space(donor):
         sys.exit(f"{vae_dir}: other latent statistics than {model_dir}'s; its decoder would not match the codec")
     vae = pipe.vae.with_decoder(c.decoder_channels, c.decoder_blocks, c.get("decoder_trunk", False),
                                 c.get("decoder_trunk_layers", TRUNK_LAYERS))

@@ -155,6 +155,13 @@ def test_grid_texture_sees_a_repeated_pattern_on_the_code_grid_even_blurred():
     assert spurious_texture(blur(gridded), ref) < 0.05  # which the all-band measure misses
     assert grid_texture(hatched, ref) < 0.0
     assert math.isnan(grid_texture(ref[..., :32, :32], ref[..., :32, :32]))  # under one 64-px tile
+    # the lattice families: an 8-px pattern lies on the even frequencies only, a 16-px one on both
+    blobs8 = torch.exp(-(((xx % 8) - 4) ** 2 + ((yy % 8) - 4) ** 2) / 4)
+    gridded8 = (ref + 0.04 * (blobs8 - blobs8.mean())).clamp(0, 1)
+    assert grid_texture(gridded8, ref, family="even") > 0.45 and abs(grid_texture(gridded8, ref, family="odd")) < 0.1
+    assert grid_texture(gridded, ref, family="odd") > 0.45
+    with pytest.raises(ValueError, match="family"):
+        grid_texture(ref, ref, family="diagonal")
 
 
 def test_one_psnr_for_tensors_and_8_bit_arrays():

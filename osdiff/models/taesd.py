@@ -239,6 +239,12 @@ class TAESDAutoencoder(ModelMixin, ConfigMixin):
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
+    def same_latent_space(self, other: "TAESDAutoencoder") -> bool:
+        """Whether `other` normalises latents with this one's per-channel statistics, so that a
+        codec trained on one fits the other's encoder or decoder."""
+        return (list(self.config.latent_mean), list(self.config.latent_std)) == \
+            (list(other.config.latent_mean), list(other.config.latent_std))
+
     def with_decoder(self, channels: tuple[int, ...] | None, blocks: tuple[int, ...] = (2, 2, 1, 1),
                      trunk: bool = False, trunk_layers: int = TRUNK_LAYERS) -> "TAESDAutoencoder":
         """A copy with this encoder and normalisation and a new (random) decoder of that shape

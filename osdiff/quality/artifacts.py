@@ -114,9 +114,14 @@ def spurious_texture(x: Tensor, ref: Tensor, tile: int = TEXTURE_TILE, bands: in
     return float((e_x - e_ref).clamp(min=0).sum()) / max(float(e_ref.sum()), floor)
 
 
-def _lattice_peakiness(t: Tensor, period: int, tile: int) -> float:
+LATTICE_FAMILIES = ("all", "odd", "even")
+
+
+def _lattice_peakiness(t: Tensor, period: int, tile: int, family: str = "all") -> float:
     """(1,3,H,W) -> the tile-averaged luma power spectrum's energy on the `period`-px lattice
-    (DC excluded) over the energy half a lattice step beside each lattice frequency."""
+    (DC excluded) over the energy half a lattice step beside each lattice frequency. `family`
+    "even" keeps the lattice frequencies that also lie on the `period`/2-px lattice (osdiff-tiny:
+    the 8-px latent grid, drawn by the latent decoder), "odd" the others (the 16-px code grid's own)."""
     y = luma(t)[0].double()
     h, w = y.shape[0] // tile, y.shape[1] // tile
     if h == 0 or w == 0:
@@ -126,17 +131,23 @@ def _lattice_peakiness(t: Tensor, period: int, tile: int) -> float:
     idx = torch.arange(0, tile, step)
     u, v = torch.meshgrid(idx, idx, indexing="ij")
     keep = (u + v) > 0
+    if family != "all":
+        even = (u // step % 2 == 0) & (v // step % 2 == 0)
+        keep &= even if family == "even" else ~even
     u, v = u[keep], v[keep]
     half = step // 2
     beside = sum(power[(u + du) % tile, (v + dv) % tile] for du, dv in ((half, 0), (-half, 0), (0, half), (0, -half))) / 4
     return float(power[u, v].sum() / beside.sum().clamp(min=1e-12))
 
 
-def grid_texture(x: Tensor, ref: Tensor, period: int = GRID_PERIOD, tile: int = GRID_TILE) -> float:
+def grid_texture(x: Tensor, ref: Tensor, period: int = GRID_PERIOD, tile: int = GRID_TILE, family: str = "all") -> float:
     """`x`'s lattice peakiness over `ref`'s, minus 1 (0: as periodic as the original; 1: twice
     the relative energy on the `period`-px lattice); nan for images under `tile` px a side. Texture
     redrawn at random phases moves it by about +-0.14 on a 256-px image; AVIF at 0.15 bpp scores
-    about -0.1 on photos."""
+    about -0.1 on photos. `family` ("all", "odd", "even"): which lattice frequencies count
+    (`_lattice_peakiness`)."""
     if tile % period or period % 2:
         raise ValueError("grid_texture: tile must be a multiple of an even period")
-    return _lattice_peakiness(x, period, tile) / _lattice_peakiness(ref, period, tile) - 1.0
+    if family not in LATTICE_FAMILIES:
+        raise ValueError(f"grid_texture: family must be one of {LATTICE_FAMILIES}, got {family!r}")
+    return _lattice_peakiness(x, period, tile, family) / _lattice_peakiness(ref, period, tile, family) - 1.0

@@ -1,10 +1,14 @@
 """What the stages' validation logs: image metrics over lists of batches. PSNR is
-osdiff.quality.pixel's; LPIPS-Alex and DISTS (held out: never in a loss) come from osdiff.quality."""
+osdiff.quality.pixel's; LPIPS-Alex, DISTS and the artifact measures (held out: never in a loss)
+come from osdiff.quality."""
 from __future__ import annotations
+
+import math
 
 import piq
 from torch import Tensor, nn
 
+from ..quality.artifacts import grid_texture, spurious_texture
 from ..quality.pixel import colour_shift, detail_retention, psnr
 
 _HELD_OUT: dict[str, nn.Module] = {}
@@ -28,14 +32,19 @@ def held_out_metrics(device) -> dict[str, nn.Module]:
 
 def image_metrics(preds: list[Tensor], targets: list[Tensor]) -> dict[str, float]:
     """Mean LPIPS-Alex and DISTS (the held-out metrics runs are chosen by; absent when their
-    backbones are not on the machine), PSNR (dB), HaarPSI, detail retention and colour shift
-    (8-bit levels) over the images of lists of batches (any sizes, in [0,1])."""
+    backbones are not on the machine), PSNR (dB), HaarPSI, detail retention, colour shift
+    (8-bit levels), added texture (`spurious_texture`) and the lattice pattern (`grid_texture`,
+    over the images of at least one 64-px tile; nan if none) over the images of lists of
+    batches (any sizes, in [0,1])."""
     pairs = image_pairs(preds, targets)
     out = {name: mean_over(pairs, lambda p, t, net=net: net(p, t).item()) for name, net in held_out_metrics(pairs[0][0].device).items()}
+    grids = [g for g in (grid_texture(p.float().cpu(), t.float().cpu()) for p, t in pairs) if not math.isnan(g)]
     return {**out, "psnr": mean_over(pairs, psnr),
             "haarpsi": mean_over(pairs, lambda p, t: piq.haarpsi(p, t, data_range=1.0).item()),
             "detail": mean_over(pairs, detail_retention),
-            "colour_shift": mean_over(pairs, colour_shift)}
+            "colour_shift": mean_over(pairs, colour_shift),
+            "texture": mean_over(pairs, lambda p, t: spurious_texture(p.float().cpu(), t.float().cpu())),
+            "grid": sum(grids) / len(grids) if grids else math.nan}
 
 
 def mean_psnr(preds: list[Tensor], targets: list[Tensor]) -> float:

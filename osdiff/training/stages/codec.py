@@ -133,7 +133,7 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
     a0 = decoding_alpha_bar(scheduler, t0, start)
     # per level: whether decoding takes the UNet step (above decoding.unet_max_quality the model
     # decodes the hint directly, so the losses there are taken on the hint's decoding)
-    takes_step = torch.tensor([cfg.decoding.default_steps(q + 1) == 1 for q in range(len(lambdas))], device=run.device)
+    takes_step = torch.tensor(cfg.decoding.steps_per_level(len(lambdas)), device=run.device)
 
     needs_unet = losses.latent_mse > 0 or losses.adversarial > 0 or pixel_loss
     channel_weights = torch.ones(1, 1, 1, 1, device=run.device)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...config import DecodingConfig
 from ...errors import OSDiffError
 from ...models.taesd import TRUNK_LAYERS, TAESDAutoencoder
 from ...quality.pixel import psnr_tensor
@@ -59,7 +60,7 @@ def train(run: TrainingRun, index: int, stage: DecoderStage) -> bool:
         levels = codec.compressor.config.num_quality_levels
         # per level: whether the model decodes with the UNet step (above its unet_max_quality it
         # decodes the hint directly, so the decoder learns the hint there)
-        takes_step = torch.tensor([codec.default_steps(q + 1) == 1 for q in range(levels)], device=run.device)
+        takes_step = torch.tensor(DecodingConfig.from_pipeline_config(codec.config).steps_per_level(levels), device=run.device)
     student.encoder.requires_grad_(False).eval()
     if stage.decoder_freeze_trunk:
         if student.trunk is None:
