@@ -242,8 +242,10 @@ class TAESDAutoencoder(ModelMixin, ConfigMixin):
     def same_latent_space(self, other: "TAESDAutoencoder") -> bool:
         """Whether `other` normalises latents with this one's per-channel statistics, so that a
         codec trained on one fits the other's encoder or decoder."""
-        return (list(self.config.latent_mean), list(self.config.latent_std)) == \
-            (list(other.config.latent_mean), list(other.config.latent_std))
+        def stats(vae: "TAESDAutoencoder") -> tuple:
+            return tuple(None if v is None else tuple(v) for v in (vae.config.latent_mean, vae.config.latent_std))
+
+        return stats(self) == stats(other)
 
     def with_decoder(self, channels: tuple[int, ...] | None, blocks: tuple[int, ...] = (2, 2, 1, 1),
                      trunk: bool = False, trunk_layers: int = TRUNK_LAYERS) -> "TAESDAutoencoder":

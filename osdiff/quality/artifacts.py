@@ -34,7 +34,7 @@ COLOUR_WINDOW = 16  # px
 SATURATED_CHROMA = 30.0  # CIELAB C*ab
 TEXTURE_TILE = 32  # px
 TEXTURE_BANDS = 4  # radial and orientation bands each
-GRID_PERIOD = 16  # px: osdiff-tiny's code grid (1/16 resolution); its 8-px latent grid lies on it
+GRID_PERIOD = 16  # px: osdiff-tiny's code grid (1/16 resolution) and, on it, its 8-px latent grid
 GRID_TILE = 64  # px, a multiple of GRID_PERIOD
 
 
