@@ -264,8 +264,9 @@ class LossConfig:
     pixel_adversarial: float = 0.0
     adversarial_start: int = 200  # codec steps before the adversarial term switches on
     latent_l2: float = 1e-3  # autoencoder stage: keeps the latent near unit scale
-    # decoder stage: loss = L1 + decoder_features * taesd-features + decoder_gradient * L1 of the
-    # horizontal and vertical pixel differences (edges; cheap where the feature distance is not)
+    # decoder stage: loss = decoder_l1 * L1 + decoder_features * taesd-features + decoder_gradient * L1
+    # of the horizontal and vertical pixel differences (edges; cheap where the feature distance is not)
+    decoder_l1: float = 1.0
     decoder_features: float = 0.1
     decoder_gradient: float = 0.0
     decoder_mse: float = 0.0  # decoder stage: + decoder_mse * pixel MSE (images in [0,1])

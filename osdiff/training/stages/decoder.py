@@ -79,7 +79,7 @@ def train(run: TrainingRun, index: int, stage: DecoderStage) -> bool:
     lpips = PerceptualLoss("lpips", lpips_net=losses.lpips_net).to(run.device) if losses.decoder_lpips else None
     pairs = run.latent_sampler(index, stage, model.encoder, codec.compressor.latent_multiple if codec is not None else 1)
     std = model.std
-    extra_terms = {  # loss = L1 + the sum of weight * term
+    extra_terms = {  # loss = decoder_l1 * L1 + the sum of weight * term
         "mse": (losses.decoder_mse, F.mse_loss),
         "colour": (losses.decoder_colour, low_pass_mse),
         "features": (losses.decoder_features, lambda p, t: features(p, t).mean()),
@@ -92,7 +92,7 @@ def train(run: TrainingRun, index: int, stage: DecoderStage) -> bool:
         with run.accumulate(student):
             pred = (model.decode_raw(raw) + 1) / 2
             l1 = (pred - target).abs().mean()
-            loss = l1
+            loss = losses.decoder_l1 * l1
             logs = {"l1": l1.detach()}
             for name, (weight, term) in extra_terms.items():
                 if weight:
