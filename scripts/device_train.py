@@ -24,8 +24,10 @@ logs.tar (every log/val CSV and the configs used), summary.json, conformance-cud
 output of `osdiff conformance --device cuda`, run first) and, in continue mode, students trained
 beside the codec run on the same GPU (SIDE_RUNS), each as an autoencoder folder (`vae/`):
 encoder-vae.tar with --encoder-batch (the slim student encoder, configs/tiny-v3-encoder-cpu.yaml),
-decoder-vae.tar with --decoder-batch (the fast decoder, configs/tiny-v3.4-fastdec-cpu.yaml;
-scripts/swap_decoder.py puts it into the trained model).
+decoder-vae.tar with --decoder-batch (--decoder-recipe fast: the fast decoder,
+configs/tiny-v3.4-fastdec-cpu.yaml; photo: TAEF2's decoder fine-tuned toward the photos on the
+codec's outputs, configs/tiny-v3.4-photodec-cpu.yaml; scripts/swap_decoder.py puts it into the
+trained model).
 --device cpu is a dry run (a few steps of each stage, small crops) that checks the whole path;
 without .carry/data (scripts/prepare_device_carry.py makes it) it trains and validates on the
 config's held-out photo folders (../shared/data/images/...).
@@ -123,16 +125,21 @@ SIDE_RUNS = {  # students trained beside the codec run: name -> recipe
     "encoder": "tiny-v3-encoder-cpu.yaml",  # the slim student of TAEF2's encoder
     "decoder": "tiny-v3.4-fastdec-cpu.yaml",  # the fast decoder, toward TAEF2's decoding of the base model's outputs
 }
+DECODER_RECIPES = {  # --decoder-recipe -> the decoder side run's recipe
+    "fast": SIDE_RUNS["decoder"],
+    "photo": "tiny-v3.4-photodec-cpu.yaml",  # TAEF2's decoder, toward the photos on the base model's outputs
+}
 
 
 def side_config(name: str, folders: dict, work: Path, base_model: Path, batch: int, steps: int, minutes: float | None,
-                lpips_net: str | None = None):
-    """SIDE_RUNS[name]'s recipe on the carried photos, from `base_model` (its TAEF2 encoder's
-    student, or its codec's outputs for the decoder): `batch` crops of 256 px (the carried photos'
-    shorter side is 272 px) for `minutes` (None: a dry run's 3 steps)."""
+                lpips_net: str | None = None, recipe: str | None = None):
+    """SIDE_RUNS[name]'s recipe (or `recipe`, a file in configs/) on the carried photos, from
+    `base_model` (its TAEF2 encoder's student, or its codec's outputs for the decoder): `batch`
+    crops of 256 px (the carried photos' shorter side is 272 px) for `minutes` (None: a dry run's
+    3 steps)."""
     from osdiff.training.config import load_config
 
-    cfg = load_config(ROOT / "configs" / SIDE_RUNS[name])
+    cfg = load_config(ROOT / "configs" / (recipe or SIDE_RUNS[name]))
     stage = dataclasses.replace(cfg.stages[0], batch_size=batch if minutes else 2, crop=256,
                                 max_minutes=minutes, steps=steps if minutes else 3, warmup_steps=min(cfg.stages[0].warmup_steps, 100) if minutes else 1)
     losses = dataclasses.replace(cfg.losses, lpips_net=lpips_net) if lpips_net else cfg.losses
@@ -211,7 +218,10 @@ def main() -> int:
     parser.add_argument("--decoder-batch", type=int, default=0,
                         help="continue: beside the codec run, distil the fast decoder (configs/tiny-v3.4-fastdec-cpu.yaml) "
                              "toward TAEF2's decoding of the base model's outputs, this many crops per step, e.g. 16 (0: not)")
-    parser.add_argument("--decoder-steps", type=int, default=20000, help="continue: the fast decoder's steps (its cosine schedule)")
+    parser.add_argument("--decoder-steps", type=int, default=20000, help="continue: the decoder side run's steps (its cosine schedule)")
+    parser.add_argument("--decoder-recipe", choices=sorted(DECODER_RECIPES), default="fast",
+                        help="the decoder side run: fast (the fast decoder, toward TAEF2's decoding; default) or photo "
+                             "(TAEF2's decoder fine-tuned toward the photos, configs/tiny-v3.4-photodec-cpu.yaml)")
     parser.add_argument("--taesd", default=None, help="a folder with taef2_encoder.pth / taef2_decoder.pth (default: the packaged copy)")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/osdiff-device-out"))
@@ -334,8 +344,11 @@ def main() -> int:
         for name, batch, steps in (("encoder", args.encoder_batch, args.encoder_steps), ("decoder", args.decoder_batch, args.decoder_steps)):
             if batch > 0:
                 side = side_config(name, folders, work, base_model, batch, steps, None if dry else minutes,
-                                   cfg.losses.lpips_net if name == "decoder" else None)
+                                   cfg.losses.lpips_net if name == "decoder" else None,
+                                   DECODER_RECIPES[args.decoder_recipe] if name == "decoder" else None)
                 sides[name] = (side, train(side, work, name, args.device))
+        if args.decoder_batch > 0:
+            summary["decoder_recipe"] = args.decoder_recipe
     if not succeeded(train(variant, work, "final", args.device), work, "final"):
         summary["final_failed"] = True  # ship what the earlier stage saved, if anything
     for name, (side, proc) in sides.items():  # each returns its autoencoder folder as NAME-vae.tar

@@ -207,12 +207,20 @@ def test_device_script_dry_run_writes_a_loadable_model(tmp_path):
     out2 = tmp_path / "out2"
     proc = subprocess.run(
         ["bash", "scripts/device_train.sh", "--device", "cpu", "--data", str(carry / "data"),
-         "--init-model", str(tmp_path / "unpacked" / "model"), "--init-vae", str(tmp_path / "student" / "vae")],
+         "--init-model", str(tmp_path / "unpacked" / "model"), "--init-vae", str(tmp_path / "student" / "vae"),
+         "--decoder-batch", "2", "--decoder-recipe", "photo"],
         cwd=ROOT, env={**env, "OUT": str(out2)}, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary2 = json.loads((out2 / "summary.json").read_text())
     assert summary2["mode"] == "continue" and summary2["train_encoder"] is True
+    # beside it, TAEF2's decoder tuned toward the photos (configs/tiny-v3.4-photodec-cpu.yaml)
+    assert summary2["decoder_recipe"] == "photo" and summary2["decoder_failed"] is False
+    assert "grid_one_step" in summary2["decoder_val"]  # validated on the photos, grid_texture held out
+    with tarfile.open(out2 / "decoder-vae.tar") as t:
+        t.extractall(tmp_path / "photo-decoder", filter="data")
+    tuned = TAESDAutoencoder.from_pretrained(tmp_path / "photo-decoder" / "vae")
+    assert tuned.config.decoder_channels is None and tuned.slim_encoder  # TAEF2's decoder layout, the model's encoder
     with tarfile.open(out2 / "logs.tar") as t:
         config = t.extractfile(next(n for n in t.getnames() if n.endswith("final.yaml"))).read().decode()
     assert "train_encoder: true" in config
