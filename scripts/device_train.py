@@ -216,8 +216,8 @@ def main() -> int:
                              "(0: not; on an H200 it slowed the codec run from 3.9 to 3.1 steps/s and ran 3.8 steps/s itself)")
     parser.add_argument("--encoder-steps", type=int, default=20000, help="continue: the student's steps (its cosine schedule)")
     parser.add_argument("--decoder-batch", type=int, default=0,
-                        help="continue: beside the codec run, distil the fast decoder (configs/tiny-v3.4-fastdec-cpu.yaml) "
-                             "toward TAEF2's decoding of the base model's outputs, this many crops per step, e.g. 16 (0: not)")
+                        help="continue: beside the codec run, train a decoder (--decoder-recipe) on the base model's "
+                             "outputs, this many crops per step, e.g. 16 (0: not)")
     parser.add_argument("--decoder-steps", type=int, default=20000, help="continue: the decoder side run's steps (its cosine schedule)")
     parser.add_argument("--decoder-recipe", choices=sorted(DECODER_RECIPES), default="fast",
                         help="the decoder side run: fast (the fast decoder, toward TAEF2's decoding; default) or photo "
