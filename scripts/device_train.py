@@ -22,7 +22,7 @@ Run through scripts/device_train.sh (it installs the carried wheels first). Two 
 $OUT receives: model.tar.part-* (the trained model folder, float16, split below 15 MiB),
 logs.tar (every log/val CSV and the configs used), summary.json, conformance-cuda.txt (the
 output of `osdiff conformance --device cuda`, run first) and, in continue mode, students trained
-beside the codec run on the same GPU (SIDE_RUNS), each as an autoencoder folder (`vae/`):
+beside the codec run on the same GPU, each as an autoencoder folder (`vae/`):
 encoder-vae.tar with --encoder-batch (the slim student encoder, configs/tiny-v3-encoder-cpu.yaml),
 decoder-vae.tar with --decoder-batch (--decoder-recipe fast: the fast decoder,
 configs/tiny-v3.4-fastdec-cpu.yaml; photo: TAEF2's decoder fine-tuned toward the photos on the
@@ -121,25 +121,22 @@ def lpips_backbone() -> str | None:
     return None
 
 
-SIDE_RUNS = {  # students trained beside the codec run: name -> recipe
-    "encoder": "tiny-v3-encoder-cpu.yaml",  # the slim student of TAEF2's encoder
-    "decoder": "tiny-v3.4-fastdec-cpu.yaml",  # the fast decoder, toward TAEF2's decoding of the base model's outputs
-}
+ENCODER_RECIPE = "tiny-v3-encoder-cpu.yaml"  # the encoder side run: the slim student of TAEF2's encoder
 DECODER_RECIPES = {  # --decoder-recipe -> the decoder side run's recipe
-    "fast": SIDE_RUNS["decoder"],
+    "fast": "tiny-v3.4-fastdec-cpu.yaml",  # the fast decoder, toward TAEF2's decoding of the base model's outputs
     "photo": "tiny-v3.4-photodec-cpu.yaml",  # TAEF2's decoder, toward the photos on the base model's outputs
 }
 
 
-def side_config(name: str, folders: dict, work: Path, base_model: Path, batch: int, steps: int, minutes: float | None,
-                lpips_net: str | None = None, recipe: str | None = None):
-    """SIDE_RUNS[name]'s recipe (or `recipe`, a file in configs/) on the carried photos, from
+def side_config(name: str, recipe: str, folders: dict, work: Path, base_model: Path, batch: int, steps: int,
+                minutes: float | None, lpips_net: str | None = None):
+    """The side run `name`'s `recipe` (a file in configs/) on the carried photos, from
     `base_model` (its TAEF2 encoder's student, or its codec's outputs for the decoder): `batch`
     crops of 256 px (the carried photos' shorter side is 272 px) for `minutes` (None: a dry run's
     3 steps)."""
     from osdiff.training.config import load_config
 
-    cfg = load_config(ROOT / "configs" / (recipe or SIDE_RUNS[name]))
+    cfg = load_config(ROOT / "configs" / recipe)
     stage = dataclasses.replace(cfg.stages[0], batch_size=batch if minutes else 2, crop=256,
                                 max_minutes=minutes, steps=steps if minutes else 3, warmup_steps=min(cfg.stages[0].warmup_steps, 100) if minutes else 1)
     losses = dataclasses.replace(cfg.losses, lpips_net=lpips_net) if lpips_net else cfg.losses
@@ -341,11 +338,12 @@ def main() -> int:
         variant = dataclasses.replace(variant, decoding=DecodingConfig.from_pipeline_config(base_pipe.config))
     sides = {}  # side runs beside the codec on the same GPU: name -> (config, process)
     if mode == "continue":
-        for name, batch, steps in (("encoder", args.encoder_batch, args.encoder_steps), ("decoder", args.decoder_batch, args.decoder_steps)):
+        side_runs = (  # name, recipe, crops per step, steps, LPIPS network (the decoder's: the one carried)
+            ("encoder", ENCODER_RECIPE, args.encoder_batch, args.encoder_steps, None),
+            ("decoder", DECODER_RECIPES[args.decoder_recipe], args.decoder_batch, args.decoder_steps, cfg.losses.lpips_net))
+        for name, recipe, batch, steps, lpips_net in side_runs:
             if batch > 0:
-                side = side_config(name, folders, work, base_model, batch, steps, None if dry else minutes,
-                                   cfg.losses.lpips_net if name == "decoder" else None,
-                                   DECODER_RECIPES[args.decoder_recipe] if name == "decoder" else None)
+                side = side_config(name, recipe, folders, work, base_model, batch, steps, None if dry else minutes, lpips_net)
                 sides[name] = (side, train(side, work, name, args.device))
         if args.decoder_batch > 0:
             summary["decoder_recipe"] = args.decoder_recipe

@@ -305,7 +305,8 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
         data=DataConfig(train_folders=[str(image_folder)], val_folders=[str(image_folder)], max_side=128,
                         latent_cache=str(tmp_path / "cache")),
         losses=LossConfig(rate_lambdas=[0.5, 1.0, 2.0, 4.0], adversarial_start=0, perceptual=0.0, hint_mse=2.0,
-                          decoder_l1=0.5, decoder_features=0.0, decoder_gradient=1.0),
+                          decoder_l1=0.5, decoder_features=0.0, decoder_gradient=1.0,
+                          decoder_detail=0.5),
         stages=[DecoderStage(decoder_target="photo", steps=3, batch_size=2, crop=64, lr=1e-3, warmup_steps=1),
                 DenoiserStage(steps=2, batch_size=2, crop=64, warmup_steps=1),
                 CodecStage(steps=3, batch_size=2, crop=64, warmup_steps=1, train_unet=True)],
@@ -315,8 +316,10 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     with open(out / "log-0-decoder.csv") as f:
         rows = list(csv.DictReader(f))
     assert "psnr_photo" in rows[0] and "gradient" in rows[0] and "features" not in rows[0]
-    for row in rows:  # loss = decoder_l1 * L1 + decoder_gradient * gradient
-        assert float(row["loss"]) == pytest.approx(0.5 * float(row["l1"]) + float(row["gradient"]), abs=2e-6)
+    assert all(float(row["detail"]) > 0 for row in rows)
+    for row in rows:  # loss = decoder_l1 * L1 + decoder_gradient * gradient + decoder_detail * detail
+        expected = 0.5 * float(row["l1"]) + float(row["gradient"]) + 0.5 * float(row["detail"])
+        assert float(row["loss"]) == pytest.approx(expected, abs=2e-6)
     with open(out / "log-2-codec.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and "psnr" not in rows[0] and float(rows[-1]["hint_mse"]) > 0

@@ -272,6 +272,9 @@ class LossConfig:
     decoder_mse: float = 0.0  # decoder stage: + decoder_mse * pixel MSE (images in [0,1])
     decoder_colour: float = 0.0  # decoder stage: + decoder_colour * MSE of 16x16 block means (colour casts)
     decoder_lpips: float = 0.0  # decoder stage: + decoder_lpips * LPIPS on lpips_net (the decoded image, its target)
+    # decoder stage: + decoder_detail * local_detail_loss (as the codec stage's `detail`, in
+    # detail_window-pixel windows): smoothing and added texture cost alike
+    decoder_detail: float = 0.0
     # decoder stage: + decoder_adversarial * non-saturating GAN loss of a HiFiC-style conditional
     # patch discriminator (real: the photo, fake: the decoded image, both given the decoded latent)
     decoder_adversarial: float = 0.0

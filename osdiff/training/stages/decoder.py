@@ -13,7 +13,7 @@ from ...quality.pixel import psnr_tensor
 from ...verbosity import progress
 from ..config import DecoderStage
 from ..discriminator import frozen_generator_loss
-from ..losses import PerceptualLoss, discriminator_adversarial, low_pass_mse
+from ..losses import PerceptualLoss, discriminator_adversarial, local_detail_loss, low_pass_mse
 from ..parts import init_model, patch_discriminator, teacher_autoencoder
 from ..run import TrainingRun
 from ..validation import image_metrics, mean_psnr
@@ -85,6 +85,7 @@ def train(run: TrainingRun, index: int, stage: DecoderStage) -> bool:
         "features": (losses.decoder_features, lambda p, t: features(p, t).mean()),
         "gradient": (losses.decoder_gradient, gradient_l1),
         "lpips": (losses.decoder_lpips, lambda p, t: lpips(p, t).mean()),
+        "detail": (losses.decoder_detail, lambda p, t: local_detail_loss(p, t, losses.detail_window).mean()),
     }
 
     def step_fn(step: int) -> dict:
