@@ -124,7 +124,7 @@ def lpips_backbone() -> str | None:
 ENCODER_RECIPE = "tiny-v3-encoder-cpu.yaml"  # the encoder side run: the slim student of TAEF2's encoder
 DECODER_RECIPES = {  # --decoder-recipe -> the decoder side run's recipe
     "fast": "tiny-v3.4-fastdec-cpu.yaml",  # the fast decoder, toward TAEF2's decoding of the base model's outputs
-    "photo": "tiny-v3.4-photodec-cpu.yaml",  # TAEF2's decoder, toward the photos on the base model's outputs
+    "photo": "tiny-v3.4-photodec-cpu.yaml",  # the base model's own (TAEF2-layout) decoder, toward the photos on its outputs
 }
 
 
