@@ -165,6 +165,13 @@ def trunk_decoder(latent_channels: int, midblock_gn: bool, channels: tuple[int, 
     return nn.Sequential(*layers)
 
 
+def decoder_shape(channels, blocks, trunk, trunk_layers=TRUNK_LAYERS) -> tuple:
+    """A TAEF2 student decoder's shape, comparable between a vae config and a recipe (widths
+    None: the teacher's own decoder)."""
+    trunk = bool(trunk) and channels is not None
+    return (None if channels is None else tuple(channels), tuple(blocks), trunk, int(trunk_layers) if trunk else None)
+
+
 class TAESDAutoencoder(ModelMixin, ConfigMixin):
     """Frozen pretrained TAESD-family autoencoder with per-channel latent normalisation.
 
@@ -296,6 +303,13 @@ class TAESDAutoencoder(ModelMixin, ConfigMixin):
             raise ValueError("load_trunk: this decoder has no teacher trunk")
         depth = self.config.decoder_trunk_layers
         self.decoder[:depth].load_state_dict(teacher.decoder[:depth].state_dict())
+
+    @property
+    def decoder_layout(self) -> tuple:
+        """This decoder's `decoder_shape`."""
+        c = self.config
+        return decoder_shape(c.decoder_channels, c.decoder_blocks, c.get("decoder_trunk", False),
+                             c.get("decoder_trunk_layers", TRUNK_LAYERS))
 
     @property
     def trunk(self) -> nn.Module | None:

@@ -2,7 +2,7 @@
 model, or a codec, decoder or encoder stage's checkpoint mid-training (to evaluate it before the end).
 
 From a checkpoint: the parts it holds (compressor and controlled UNet of a codec stage, the vae
-of a decoder or encoder stage: with the latter's student encoder), every other part from a base model folder (the run's init_from unless
+of a decoder or encoder stage: with its student decoder or encoder), every other part from a base model folder (the run's init_from unless
 given), and the run's decoding settings (timestep, start, noise seed, control scale) when it
 trained the UNet. A checkpoint with more quality levels than the base gets them as new lowest
 levels, as the run did.
@@ -18,6 +18,7 @@ import torch
 
 from ..config import DecodingConfig
 from ..errors import OSDiffError
+from ..models.taesd import TRUNK_LAYERS, decoder_shape
 
 EXPORTABLE = ("codec", "decoder", "encoder")  # stages whose checkpoints complete a base model
 
@@ -78,6 +79,15 @@ def _export_checkpoint(ckpt: Path, output: Path, base: str | Path | None) -> int
         pipe.register_modules(vae=pipe.vae.with_encoder(tuple(tiny["student_encoder_channels"]),
                                                         tuple(tiny["student_encoder_blocks"]),
                                                         bool(tiny.get("student_encoder_tail", False))))
+    if name == "decoder":  # the base's vae with a decoder of the run's student shape
+        tiny = state["config"]["tiny"]
+        channels = tiny.get("student_decoder_channels")
+        shape = decoder_shape(channels, tiny["student_decoder_blocks"], tiny.get("student_decoder_trunk", False),
+                              tiny.get("student_decoder_trunk_layers", TRUNK_LAYERS))
+        if shape != pipe.vae.decoder_layout:
+            pipe.register_modules(vae=pipe.vae.with_decoder(channels, tuple(tiny["student_decoder_blocks"]),
+                                                            bool(tiny.get("student_decoder_trunk", False)),
+                                                            int(tiny.get("student_decoder_trunk_layers", TRUNK_LAYERS))))
     if "compressor" in modules:
         extra = modules["compressor"]["y_gain"].shape[0] - pipe.compressor.config.num_quality_levels
         if extra > 0:

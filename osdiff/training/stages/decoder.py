@@ -8,7 +8,7 @@ from torch import nn
 
 from ...config import DecodingConfig
 from ...errors import OSDiffError
-from ...models.taesd import TRUNK_LAYERS, TAESDAutoencoder
+from ...models.taesd import TAESDAutoencoder, decoder_shape
 from ...quality.pixel import psnr_tensor
 from ...verbosity import progress
 from ..config import DecoderStage
@@ -33,9 +33,7 @@ def train(run: TrainingRun, index: int, stage: DecoderStage) -> bool:
     if init is not None:
         if not isinstance(init.vae, TAESDAutoencoder):
             raise OSDiffError(f"init_from {cfg.init_from}: its autoencoder is not a TAEF2 one")
-        c = init.vae.config
-        continues = decoder_shape(c.decoder_channels, c.decoder_blocks, c.get("decoder_trunk", False),
-                                  c.get("decoder_trunk_layers", TRUNK_LAYERS)) == decoder_shape(**shape)
+        continues = init.vae.decoder_layout == decoder_shape(**shape)
     needs_teacher = not (photo and continues)
     teacher = teacher_autoencoder(run).to(run.device).requires_grad_(False).eval() if needs_teacher else None
     if init is not None:
@@ -208,10 +206,3 @@ def gradient_l1(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
     dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
     return (dx(pred) - dx(target)).abs().mean() + (dy(pred) - dy(target)).abs().mean()
-
-
-def decoder_shape(channels, blocks, trunk, trunk_layers=TRUNK_LAYERS) -> tuple:
-    """A TAEF2 student decoder's shape, comparable between a vae config and a recipe (widths
-    None: the teacher's own decoder)."""
-    trunk = bool(trunk) and channels is not None
-    return (None if channels is None else tuple(channels), tuple(blocks), trunk, int(trunk_layers) if trunk else None)
