@@ -384,10 +384,18 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     # frozen, its conv + pixel shuffle head fitted in closed form and then trained with the pixel
     # MSE, colour and adversarial terms, on whole photos (crop 0), learning to decode the codec's
     # one-step outputs as the teacher does (the sharp recipe)
+    # the teacher may be a model folder's TAEF2-layout autoencoder (a fine-tuned decoder, as v3.5's):
+    # its layers start the trunk
+    fine_tuned = osdiff.load(tmp_path / "full")
+    with torch.no_grad():
+        for p in fine_tuned.vae.decoder.parameters():
+            p.add_(0.01)
+    fine_tuned.save_pretrained(tmp_path / "teacher-model")
     trunked = tmp_path / "trunked"
     arch3 = dataclasses.replace(arch, student_decoder_channels=(), student_decoder_blocks=(), student_decoder_trunk=True,
                                 student_decoder_trunk_layers=15)
     cfg3 = dataclasses.replace(cfg, output_dir=str(trunked), init_from=str(tuned / "model"), tiny=arch3, val_every=2,
+                               taesd_weights=str(tmp_path / "teacher-model"),
                                losses=dataclasses.replace(cfg.losses, decoder_mse=5.0, decoder_colour=10.0, decoder_adversarial=0.1,
                                                          decoder_lpips=0.5, lpips_net="alex"),
                                stages=[DecoderStage(decoder_target="teacher", decoder_inputs="codec",
@@ -395,7 +403,7 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
                                                    warmup_steps=1)])
     assert Trainer(cfg3).run() == trunked / "model"
     new = osdiff.load(trunked / "model")
-    teacher = TAESDAutoencoder.from_pretrained(ROOT / "osdiff" / "weights" / "taef2" / "vae")
+    teacher = osdiff.load(tmp_path / "teacher-model").vae
     assert new.vae.config.decoder_trunk and new.vae.config.latent_mean == before.vae.config.latent_mean
     for a, b in zip(new.vae.trunk.state_dict().values(), teacher.decoder[:15].state_dict().values()):
         assert torch.equal(a.float(), b.float())
@@ -418,6 +426,11 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     assert exported.vae.decoder_layout == new.vae.decoder_layout != osdiff.load(tuned / "model").vae.decoder_layout
     assert all(torch.equal(a.float(), b.float()) for a, b in zip(exported.vae.decoder.state_dict().values(),
                                                                  new.vae.decoder.state_dict().values()))
+    from osdiff.errors import OSDiffError
+
+    not_taef2 = dataclasses.replace(cfg3, output_dir=str(tmp_path / "not-taef2"), taesd_weights=str(tuned / "model"))
+    with pytest.raises(OSDiffError, match="not of TAEF2's layout"):
+        Trainer(not_taef2).run()
     report = subprocess.run([sys.executable, "scripts/decoder_diagnosis.py", str(trunked / "model"), "--images", str(image_folder),
                              "--limit", "1"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
     assert "teacher(z)" in report and "L4 model(one step)" in report

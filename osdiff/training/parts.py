@@ -51,12 +51,18 @@ def patch_discriminator(run: TrainingRun, latent_channels: int, stage: StageConf
 
 
 def teacher_autoencoder(run: TrainingRun) -> TAESDAutoencoder:
-    """TAEF2 (encoder and decoder): the packaged copy, or the released .pth pair."""
+    """TAEF2 (encoder and decoder): the packaged copy, the released .pth pair, or a model
+    folder's autoencoder of TAEF2's layout (e.g. a shipped model's fine-tuned decoder)."""
     if run.config.taesd_weights is None:
         from ..hub import WEIGHTS_DIR
 
         return TAESDAutoencoder.from_pretrained(WEIGHTS_DIR / "taef2" / "vae").float()
     folder = run.path(run.config.taesd_weights)
+    if (folder / "vae" / "config.json").is_file():
+        vae = TAESDAutoencoder.from_pretrained(folder / "vae").float()
+        if vae.config.decoder_channels is not None or vae.slim_encoder:
+            raise OSDiffError(f"{folder}: its autoencoder is not of TAEF2's layout, so it cannot be the teacher")
+        return vae
     files = [folder / "taef2_encoder.pth", folder / "taef2_decoder.pth"]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
