@@ -26,8 +26,9 @@ beside the codec run on the same GPU, each as an autoencoder folder (`vae/`):
 encoder-vae.tar with --encoder-batch (the slim student encoder, configs/tiny-v3-encoder-cpu.yaml),
 decoder-vae.tar with --decoder-batch (--decoder-recipe fast: the fast decoder,
 configs/tiny-v3.4-fastdec-cpu.yaml; photo: TAEF2's decoder fine-tuned toward the photos on the
-codec's outputs, configs/tiny-v3.4-photodec-cpu.yaml; scripts/swap_decoder.py puts it into the
-trained model).
+codec's outputs, configs/tiny-v3.4-photodec-cpu.yaml; fast14: the base model's first 14 decoder
+layers + a head fitted in closed form, taught by its decoder, configs/tiny-v3.5-fastdec14-cpu.yaml;
+scripts/swap_decoder.py puts it into the trained model).
 --device cpu is a dry run (a few steps of each stage, small crops) that checks the whole path;
 without .carry/data (scripts/prepare_device_carry.py makes it) it trains and validates on the
 config's held-out photo folders (../shared/data/images/...).
@@ -125,6 +126,9 @@ ENCODER_RECIPE = "tiny-v3-encoder-cpu.yaml"  # the encoder side run: the slim st
 DECODER_RECIPES = {  # --decoder-recipe -> the decoder side run's recipe
     "fast": "tiny-v3.4-fastdec-cpu.yaml",  # the fast decoder, toward TAEF2's decoding of the base model's outputs
     "photo": "tiny-v3.4-photodec-cpu.yaml",  # the base model's own (TAEF2-layout) decoder, toward the photos on its outputs
+    # the base model's decoder's first 14 layers + a head fitted in closed form, taught by that
+    # decoder (0.99 s decodes at 512x768 on 2 cores; docs/tiny-v3.md)
+    "fast14": "tiny-v3.5-fastdec14-cpu.yaml",
 }
 
 
@@ -139,10 +143,15 @@ def side_config(name: str, recipe: str, folders: dict, work: Path, base_model: P
     cfg = load_config(ROOT / "configs" / recipe)
     stage = dataclasses.replace(cfg.stages[0], batch_size=batch if minutes else 2, crop=256,
                                 max_minutes=minutes, steps=steps if minutes else 3, warmup_steps=min(cfg.stages[0].warmup_steps, 100) if minutes else 1)
+    if not minutes and getattr(stage, "decoder_head_fit", 0):
+        stage = dataclasses.replace(stage, decoder_head_fit=2)
     losses = dataclasses.replace(cfg.losses, lpips_net=lpips_net) if lpips_net else cfg.losses
+    # a recipe whose teacher is a model folder (fast14: the shipped model's own decoder) is taught by
+    # the base model's decoder here; the others by the packaged TAEF2
+    teacher = str(base_model) if cfg.taesd_weights else None
     return dataclasses.replace(
         cfg, output_dir=str(work / "runs" / name), init_from=str(base_model), checkpoint_minutes=1.0, threads=0,
-        taesd_weights=None, val_every=500 if minutes else 2, stages=[stage], losses=losses,
+        taesd_weights=teacher, val_every=500 if minutes else 2, stages=[stage], losses=losses,
         data=dataclasses.replace(cfg.data, **folders, latent_cache=str(work / f"latents-{name}")))
 
 
@@ -217,8 +226,10 @@ def main() -> int:
                              "outputs, this many crops per step, e.g. 16 (0: not)")
     parser.add_argument("--decoder-steps", type=int, default=20000, help="continue: the decoder side run's steps (its cosine schedule)")
     parser.add_argument("--decoder-recipe", choices=sorted(DECODER_RECIPES), default="fast",
-                        help="the decoder side run: fast (the fast decoder, toward TAEF2's decoding; default) or photo "
-                             "(TAEF2's decoder fine-tuned toward the photos, configs/tiny-v3.4-photodec-cpu.yaml)")
+                        help="the decoder side run: fast (the fast decoder, toward TAEF2's decoding; default), photo "
+                             "(TAEF2's decoder fine-tuned toward the photos, configs/tiny-v3.4-photodec-cpu.yaml) or fast14 "
+                             "(the base model's first 14 decoder layers + a fitted head, taught by its decoder, "
+                             "configs/tiny-v3.5-fastdec14-cpu.yaml)")
     parser.add_argument("--taesd", default=None, help="a folder with taef2_encoder.pth / taef2_decoder.pth (default: the packaged copy)")
     args = parser.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/osdiff-device-out"))

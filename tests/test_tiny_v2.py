@@ -246,6 +246,28 @@ class _CountingPool(torch.nn.Module):
         return torch.nn.functional.conv2d(torch.nn.functional.avg_pool2d(x, 8), self.weight)
 
 
+def test_device_fast14_side_run_is_taught_by_the_base_models_decoder(tmp_path):
+    """scripts/device_train.py --decoder-recipe fast14: the recipe names a model folder (v3.5) as its
+    teacher; on the device the base model being trained teaches instead, and a dry run fits the
+    head on 2 batches, not the recipe's 24. The other recipes keep the packaged TAEF2."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("device_train", ROOT / "scripts" / "device_train.py")
+    device_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(device_train)
+    folders = dict(train_folders=[str(tmp_path / "train")], val_folders=[str(tmp_path / "val")])
+    base = tmp_path / "base-model"
+    recipe = device_train.DECODER_RECIPES["fast14"]
+    dry = device_train.side_config("decoder", recipe, folders, tmp_path, base, 16, 100, None, "alex")
+    assert dry.taesd_weights == dry.init_from == str(base) and dry.losses.lpips_net == "alex"
+    assert dry.stages[0].decoder_head_fit == 2 and dry.tiny.student_decoder_trunk_layers == 14
+    timed = device_train.side_config("decoder", recipe, folders, tmp_path, base, 16, 100, 5.0, None)
+    assert timed.stages[0].decoder_head_fit == 24 and timed.stages[0].batch_size == 16 and timed.taesd_weights == str(base)
+    for name in ("fast", "photo"):
+        other = device_train.side_config("decoder", device_train.DECODER_RECIPES[name], folders, tmp_path, base, 16, 100, None, None)
+        assert other.taesd_weights is None
+
+
 def test_latent_cache_is_computed_once_and_crops_stay_aligned(tmp_path, image_folder):
     from osdiff.errors import OSDiffError
     from osdiff.training.data import find_images, load_images
