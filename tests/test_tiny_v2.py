@@ -451,7 +451,7 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     from osdiff.errors import OSDiffError
 
     not_taef2 = dataclasses.replace(cfg3, output_dir=str(tmp_path / "not-taef2"), taesd_weights=str(tuned / "model"))
-    with pytest.raises(OSDiffError, match="not of TAEF2's layout"):
+    with pytest.raises(OSDiffError, match="decoder is not of TAEF2's layout"):
         Trainer(not_taef2).run()
     report = subprocess.run([sys.executable, "scripts/decoder_diagnosis.py", str(trunked / "model"), "--images", str(image_folder),
                              "--limit", "1"], cwd=ROOT, check=True, capture_output=True, text=True).stdout

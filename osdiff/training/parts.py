@@ -52,7 +52,7 @@ def patch_discriminator(run: TrainingRun, latent_channels: int, stage: StageConf
 
 def teacher_autoencoder(run: TrainingRun) -> TAESDAutoencoder:
     """TAEF2 (encoder and decoder): the packaged copy, the released .pth pair, or a model
-    folder's autoencoder of TAEF2's layout (e.g. a shipped model's fine-tuned decoder)."""
+    folder's autoencoder whose decoder has TAEF2's layout (e.g. a shipped model's fine-tuned one)."""
     if run.config.taesd_weights is None:
         from ..hub import WEIGHTS_DIR
 
@@ -60,8 +60,8 @@ def teacher_autoencoder(run: TrainingRun) -> TAESDAutoencoder:
     folder = run.path(run.config.taesd_weights)
     if (folder / "vae" / "config.json").is_file():
         vae = TAESDAutoencoder.from_pretrained(folder / "vae").float()
-        if vae.config.decoder_channels is not None or vae.slim_encoder:
-            raise OSDiffError(f"{folder}: its autoencoder is not of TAEF2's layout, so it cannot be the teacher")
+        if vae.config.decoder_channels is not None:  # only its decoder teaches (whatever its encoder)
+            raise OSDiffError(f"{folder}: its decoder is not of TAEF2's layout, so it cannot be the teacher")
         return vae
     files = [folder / "taef2_encoder.pth", folder / "taef2_decoder.pth"]
     missing = [str(f) for f in files if not f.is_file()]
