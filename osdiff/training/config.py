@@ -306,7 +306,7 @@ class TrainConfig:
     device: str = "auto"  # auto (accelerate's choice: a GPU if there is one) | cpu
     # decoder stage: the TAEF2 teacher. None: the copy shipped in the package (osdiff/weights/taef2);
     # else a folder holding the released taef2_encoder.pth / taef2_decoder.pth, or a model folder
-    # whose autoencoder has TAEF2's layout (its decoder then teaches, e.g. v3.5's fine-tuned one)
+    # whose decoder has TAEF2's layout (it then teaches, e.g. v3.5's fine-tuned one)
     taesd_weights: str | None = None
     # codec stage: start from earlier weights instead of fresh ones: a model folder (e.g. the
     # shipped osdiff/weights/osdiff-tiny: its autoencoder, conditioning, UNet, control and
