@@ -442,7 +442,7 @@ def test_cpu_recipe_stages_run_on_cached_latents(tmp_path, image_folder):
     assert float(row["detail_one_step"]) > 0 and float(row["psnr_vs_teacher_one_step"]) > 0
     image, data = new(np.zeros((64, 64, 3), np.uint8), quality=2)
     assert image.size == (64, 64)
-    # its checkpoint exported as mid-run: the base (init_from, TAEF2's decoder layout) takes the student's shape
+    # its checkpoint exported as mid-run: the base (init_from, a decoder of another shape) takes the student's shape
     assert export_run(trunked, tmp_path / "trunk-export", stage=0)[1] == 2
     exported = osdiff.load(tmp_path / "trunk-export")
     assert exported.vae.decoder_layout == new.vae.decoder_layout != osdiff.load(tuned / "model").vae.decoder_layout

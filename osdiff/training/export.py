@@ -81,13 +81,11 @@ def _export_checkpoint(ckpt: Path, output: Path, base: str | Path | None) -> int
                                                         bool(tiny.get("student_encoder_tail", False))))
     if name == "decoder":  # the base's vae with a decoder of the run's student shape
         tiny = state["config"]["tiny"]
-        channels = tiny.get("student_decoder_channels")
-        shape = decoder_shape(channels, tiny["student_decoder_blocks"], tiny.get("student_decoder_trunk", False),
-                              tiny.get("student_decoder_trunk_layers", TRUNK_LAYERS))
-        if shape != pipe.vae.decoder_layout:
-            pipe.register_modules(vae=pipe.vae.with_decoder(channels, tuple(tiny["student_decoder_blocks"]),
-                                                            bool(tiny.get("student_decoder_trunk", False)),
-                                                            int(tiny.get("student_decoder_trunk_layers", TRUNK_LAYERS))))
+        shape = dict(channels=tiny.get("student_decoder_channels"), blocks=tuple(tiny["student_decoder_blocks"]),
+                     trunk=bool(tiny.get("student_decoder_trunk", False)),
+                     trunk_layers=int(tiny.get("student_decoder_trunk_layers", TRUNK_LAYERS)))
+        if decoder_shape(**shape) != pipe.vae.decoder_layout:
+            pipe.register_modules(vae=pipe.vae.with_decoder(**shape))
     if "compressor" in modules:
         extra = modules["compressor"]["y_gain"].shape[0] - pipe.compressor.config.num_quality_levels
         if extra > 0:
