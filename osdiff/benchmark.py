@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from .errors import OSDiffError
 from .imageio import pad_right_bottom
@@ -57,6 +58,7 @@ class BenchResult:
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
     bits_per_pixel: float = 0.0
     deterministic: bool = True  # ComputeConfig.deterministic while measuring
+    precision: str = "float32"  # what the autoencoder and UNet computed in (the codec's network_dtype)
     note: str = ""
 
     def to_json(self) -> dict:
@@ -152,6 +154,7 @@ def _coded_test_image(codec, size, dev, dtype, model_label, random_weights):
         model=model_label, device=_device_name(dev), dtype=dtype, size=size, threads=torch.get_num_threads(),
         torch_version=torch.__version__, random_weights=random_weights,
         bits_per_pixel=len(data) * 8 / (size[0] * size[1]), deterministic=codec.compute.deterministic,
+        precision=str(codec.network_dtype).removeprefix("torch."),
         note="weights are random: timings do not depend on weight values" if random_weights else "",
     )
     return image, data, result
@@ -194,9 +197,20 @@ def _measure(codec, size, steps, device, dtype, repeat, warmup, model_label, ran
     comp = codec.compressor
     gains = comp.coding_gains(level)
     y = comp.g_a(latent)
-    result.encode["autoencoder_encode"] = time_it(lambda: encode_latent(codec.vae, to_channels_last(x)))
+    autocast = codec.precision_context  # the autoencoder and the UNet run in it, as in compress/decompress
+
+    def encode_image() -> Tensor:
+        with autocast():
+            return encode_latent(codec.vae, to_channels_last(x))
+
+    result.encode["autoencoder_encode"] = time_it(encode_image)
     result.encode["analysis"] = time_it(lambda: comp.g_a(latent))
-    result.encode["entropy_encode"] = time_it(lambda: comp.latent_codec.compress(y, *gains))
+
+    def entropy_encode() -> dict:
+        with comp.coding_context():  # the exact entropy parameters, as compress runs them
+            return comp.latent_codec.compress(y, *gains)
+
+    result.encode["entropy_encode"] = time_it(entropy_encode)
     result.encode["total"] = time_it(lambda: codec.compress(image))
     with mem.measure(result.peak_memory_mb, "encode"):  # a separate, untimed run: sampling costs CPU
         codec.compress(image)
@@ -211,12 +225,25 @@ def _measure(codec, size, steps, device, dtype, repeat, warmup, model_label, ran
     t = int(codec.config.timestep)
     x_t = codec.start_latent(hint)
     x_t, hint_cl = to_channels_last(x_t), to_channels_last(hint)  # as decode_hint feeds the networks
-    result.decode["entropy_decode"] = time_it(lambda: comp.latent_codec.decompress(nested, shapes, gains[2], gains[3]))
+
+    def entropy_decode() -> dict:
+        with comp.coding_context():
+            return comp.latent_codec.decompress(nested, shapes, gains[2], gains[3])
+
+    result.decode["entropy_decode"] = time_it(entropy_decode)
     result.decode["synthesis"] = time_it(lambda: comp.g_s(y_hat))
-    result.decode["unet_step"] = time_it(lambda: codec.unet(
-        x_t, t, encoder_hidden_states=context, controlnet_cond=hint_cl,
-        conditioning_scale=codec.config.control_scale).sample)
-    result.decode["autoencoder_decode"] = time_it(lambda: decode_latent(codec.vae, hint_cl))
+
+    def unet_step() -> Tensor:
+        with autocast():
+            return codec.unet(x_t, t, encoder_hidden_states=context, controlnet_cond=hint_cl,
+                              conditioning_scale=codec.config.control_scale).sample
+
+    def decode_image() -> Tensor:
+        with autocast():
+            return decode_latent(codec.vae, hint_cl)
+
+    result.decode["unet_step"] = time_it(unet_step)
+    result.decode["autoencoder_decode"] = time_it(decode_image)
     u = result.decode["unet_step"].median_s
     rest = sum(result.decode[k].median_s for k in ("entropy_decode", "synthesis", "autoencoder_decode"))
 
@@ -284,7 +311,8 @@ def _device_name(dev: torch.device) -> str:
 def format_table(r: BenchResult) -> str:
     h, w = r.size
     mode = "deterministic" if r.deterministic else "fast"
-    lines = [f"osdiff bench: {r.model} | {h}x{w} px | {r.device} | {r.dtype} | {mode} | torch {r.torch_version} | {r.bits_per_pixel:.4f} bpp"]
+    lines = [f"osdiff bench: {r.model} | {h}x{w} px | {r.device} | {r.dtype} weights, {r.precision} compute | {mode} | "
+             f"torch {r.torch_version} | {r.bits_per_pixel:.4f} bpp"]
     if r.note:
         lines.append(f"note: {r.note}")
     row = "{:<28}{:>12}{:>12}{:>12}{:>12}"

@@ -80,6 +80,7 @@ class ImageCodecPipeline(DiffusionPipeline):
 
     hashed_components: tuple[str, ...] = ()
     entropy_coder: str = ""
+    autocast_networks: bool = False  # whether ComputeConfig.precision applies (precision_context)
 
     def __init__(self) -> None:
         super().__init__()
@@ -208,6 +209,25 @@ class ImageCodecPipeline(DiffusionPipeline):
                 yield
         finally:
             torch.set_num_threads(before)
+
+    @property
+    def network_dtype(self) -> torch.dtype:
+        """What `precision_context` computes the networks in here: float32 for a codec whose
+        networks it does not wrap (`autocast_networks` False), else ComputeConfig.precision
+        ('auto': bfloat16 on a CPU that multiplies it natively, osdiff.kernels.native_bf16)."""
+        from .kernels import native_bf16
+
+        precision = self.compute.precision if self.autocast_networks else "float32"
+        if precision == "auto":
+            precision = "bfloat16" if self.device.type == "cpu" and native_bf16() else "float32"
+        return torch.bfloat16 if precision == "bfloat16" else torch.float32
+
+    def precision_context(self):
+        """torch.autocast to `network_dtype` when that is bfloat16, else nothing. A subclass wraps
+        its latent autoencoder and denoiser in it, never its entropy networks."""
+        if self.network_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.network_dtype)
 
     # ---- encoding -----------------------------------------------------------------------
     def compress(self, image: ImageInput, quality: int | float | None = None, *, target_bpp: float | None = None,

@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -136,9 +136,15 @@ def kernel_differences(here: dict, recorded: dict) -> list[str]:
 
 
 def decode_recording(pipe, data: bytes) -> tuple[np.ndarray, list[Tensor]]:
-    """Decode `.osd` bytes -> (pixels (H,W,3) uint8, entropy-decoded symbols)."""
-    with record_symbols(getattr(pipe, pipe.entropy_coder)) as symbols:
-        image = pipe.decompress(data)
+    """Decode `.osd` bytes -> (pixels (H,W,3) uint8, entropy-decoded symbols), in float32 (the
+    reference arithmetic, whatever `pipe.compute.precision` says: vectors are recorded and checked in it)."""
+    saved = pipe.compute
+    pipe.compute = replace(saved, precision="float32")
+    try:
+        with record_symbols(getattr(pipe, pipe.entropy_coder)) as symbols:
+            image = pipe.decompress(data)
+    finally:
+        pipe.compute = saved
     return np.asarray(image), list(symbols)
 
 

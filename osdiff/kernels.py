@@ -82,6 +82,18 @@ def unpin() -> None:
     _set_by_osdiff.clear()
 
 
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # Linux names of x86's bfloat16 multiply instructions
+ONEDNN_BF16_ISAS = ("BF16", "FP16", "AMX", "ALL")  # ONEDNN_MAX_CPU_ISA caps that still reach them
+
+
+def native_bf16() -> bool:
+    """Whether oneDNN multiplies bfloat16 in hardware here: an x86 CPU with AMX-BF16 or
+    AVX512-BF16 (/proc/cpuinfo, so Linux only) and no ONEDNN_MAX_CPU_ISA cap below them (the
+    AVX2 pin is one). Elsewhere torch emulates bfloat16, slower than float32."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    return bool(set(BF16_FLAGS) & cpu_flags()) and any(name in isa for name in ONEDNN_BF16_ISAS)
+
+
 def capability() -> str:
     """The ATen kernels in force (AVX512, AVX2, DEFAULT, ...); asking fixes them for the process."""
     import torch
@@ -112,4 +124,4 @@ def in_force() -> dict[str, str]:
             "blas": blas}
 
 
-__all__ = ["PIN", "PINNED_CAPABILITY", "can_pin", "capability", "in_force", "pin", "state", "unpin"]
+__all__ = ["PIN", "PINNED_CAPABILITY", "can_pin", "capability", "in_force", "native_bf16", "pin", "state", "unpin"]

@@ -48,6 +48,7 @@ class OSDiffPipeline(ImageCodecPipeline):
     model_cpu_offload_seq = "vae->compressor->unet"
     hashed_components = ("vae", "compressor", "unet", "conditioning")
     entropy_coder = "compressor"
+    autocast_networks = True  # the latent autoencoder and the UNet step (encode_image, decode_hint)
 
     def __init__(
         self,
@@ -126,7 +127,7 @@ class OSDiffPipeline(ImageCodecPipeline):
 
     def encode_analysed(self, latent: Tensor, quality: int | float) -> list[bytes]:
         """Latent -> strings at the checked 1-based `quality`."""
-        return self.compressor.compress(latent.to(self.compressor.dtype), level_index(quality))["strings"]
+        return self.compressor.compress(latent.to(self.compressor.dtype), level_index(quality), hint=False)["strings"]
 
     # ---- decoding -----------------------------------------------------------------------
     def default_steps(self, quality: int | float) -> int:
@@ -145,7 +146,12 @@ class OSDiffPipeline(ImageCodecPipeline):
     def encode_image(self, image: Tensor) -> Tensor:
         """Padded image (1,3,H,W) in [-1,1] -> latent (1,4,H/8,W/8); large images in tiles."""
         t = self.tiling
-        return run_tiled(lambda x: encode_latent(self.vae, to_channels_last(x)), [image], Fraction(1, LATENT_DOWNSCALE),
+
+        def encode(x: Tensor) -> Tensor:
+            with self.precision_context():
+                return encode_latent(self.vae, to_channels_last(x)).float()
+
+        return run_tiled(encode, [image], Fraction(1, LATENT_DOWNSCALE),
                          t.tile * LATENT_DOWNSCALE, t.overlap * LATENT_DOWNSCALE, t.align * LATENT_DOWNSCALE)
 
     def decode_hint(self, hint: Tensor, steps: int = 1) -> Tensor:
@@ -157,13 +163,16 @@ class OSDiffPipeline(ImageCodecPipeline):
         t = self.tiling
 
         def to_image(latent: Tensor) -> Tensor:
-            return decode_latent(self.vae, to_channels_last(latent.to(self.vae.dtype))).float()
+            with self.precision_context():
+                return decode_latent(self.vae, to_channels_last(latent.to(self.vae.dtype))).float()
 
         if steps == 0:  # no noise to draw
             return run_tiled(to_image, [hint], LATENT_DOWNSCALE, t.tile, t.overlap, t.align)
 
         def decode(x_t: Tensor, hint_tile: Tensor) -> Tensor:
-            return to_image(self.denoise(to_channels_last(hint_tile), steps=steps, x_t=to_channels_last(x_t)))
+            with self.precision_context():
+                latent = self.denoise(to_channels_last(hint_tile), steps=steps, x_t=to_channels_last(x_t))
+            return to_image(latent)
 
         return run_tiled(decode, [self.start_latent(hint), hint], LATENT_DOWNSCALE, t.tile, t.overlap, t.align)
 

@@ -50,6 +50,8 @@ torch.set_num_threads(int(sys.argv[1]))
 import osdiff
 from PIL import Image
 codec = osdiff.load(sys.argv[2])
+from osdiff.config import ComputeConfig
+codec.compute = ComputeConfig(precision=sys.argv[-1])
 if sys.argv[3] == "encode":
     quality = None if sys.argv[6] == "default" else float(sys.argv[6])
     open(sys.argv[5], "wb").write(codec.compress(Image.open(sys.argv[4]), quality=quality))
@@ -62,22 +64,25 @@ def _run(*args):
     subprocess.run([sys.executable, "-c", SCRIPT, *map(str, args)], check=True, capture_output=True)
 
 
-@pytest.mark.parametrize("model, quality", [("osdiff-tiny", "default"), ("osdiff-tiny", "1.75")])
-def test_cross_process_and_thread_count(tmp_path, model, quality):
-    """At a whole level and between levels (interpolated gains, osdiff.entropy.gains)."""
+@pytest.mark.parametrize("model, quality, precision", [("osdiff-tiny", "default", "float32"), ("osdiff-tiny", "1.75", "float32"),
+                                                       ("osdiff-tiny", "default", "bfloat16")])
+def test_cross_process_and_thread_count(tmp_path, model, quality, precision):
+    """At a whole level and between levels (interpolated gains, osdiff.entropy.gains); in float32
+    and in bfloat16 (ComputeConfig.precision; emulated where the CPU lacks it)."""
+    run = lambda *args: _run(*args, precision)  # noqa: E731
     rng = np.random.default_rng(3)
     y, x = np.mgrid[0:120, 0:170]
     img = np.stack([np.sin(x / 9) * 90 + 128, np.cos(y / 7) * 90 + 128, (x + y) % 256], -1) + rng.normal(0, 12, (120, 170, 3))
     src = tmp_path / "img.png"
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(src)
-    _run(1, model, "encode", src, tmp_path / "a.osd", quality)
-    _run(2, model, "encode", src, tmp_path / "b.osd", quality)
+    run(1, model, "encode", src, tmp_path / "a.osd", quality)
+    run(2, model, "encode", src, tmp_path / "b.osd", quality)
     assert (tmp_path / "a.osd").read_bytes() == (tmp_path / "b.osd").read_bytes()
     assert (tmp_path / "a.osd").read_bytes()[4] == (1 if quality == "default" else 2)  # format version
-    _run(2, model, "decode", tmp_path / "a.osd", tmp_path / "two.png")
-    _run(1, model, "decode", tmp_path / "a.osd", tmp_path / "one.png")
-    _run(1, model, "decode", tmp_path / "a.osd", tmp_path / "one_again.png")
-    _run(3, model, "decode", tmp_path / "a.osd", tmp_path / "three.png")
+    run(2, model, "decode", tmp_path / "a.osd", tmp_path / "two.png")
+    run(1, model, "decode", tmp_path / "a.osd", tmp_path / "one.png")
+    run(1, model, "decode", tmp_path / "a.osd", tmp_path / "one_again.png")
+    run(3, model, "decode", tmp_path / "a.osd", tmp_path / "three.png")
     one, two, three = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("one", "two", "three"))
     assert np.array_equal(one, np.asarray(Image.open(tmp_path / "one_again.png"), dtype=int))
     # The entropy decoding is exact, so the latent is identical; the UNet and the latent

@@ -299,7 +299,7 @@ def test_integer_quality_files_are_those_of_the_stored_vector_path(tiny_codec, p
         latent = tiny_codec.encode_image(pad_right_bottom(x, pad_w, pad_h) * 2 - 1)
         y = tiny_codec.compressor.g_a(latent)
         for q in range(1, tiny_codec.num_quality_levels + 1):
-            with tiny_codec.compressor._coding_context():
+            with tiny_codec.compressor.coding_context():
                 out = tiny_codec.compressor.latent_codec.compress(y, *tiny_codec.compressor._gains(q - 1))
             strings = [s[0] for s in out["strings"]]
             name = tiny_codec.config.model_name.encode()

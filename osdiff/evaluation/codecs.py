@@ -83,18 +83,27 @@ def classical_codec(name: str) -> Codec:
 CLASSICAL = ("jpeg", "webp", "avif", "jxl")
 
 
-def learned_codec(name: str, model=None, verbose: bool = False, steps: int | None = None) -> Codec:
+def learned_codec(name: str, model=None, verbose: bool = False, steps: int | None = None,
+                  precision: str | None = None) -> Codec:
     """A learned codec (osdiff or a baseline such as elic-tiny); `model` is a shipped name, a
     folder or a loaded pipeline (default: the shipped model called `name`); `verbose` as in
     `osdiff.load`; `steps`: the decoding option `osdiff decompress --steps` (None: the default;
-    0 decodes the hint latent without the UNet)."""
+    0 decodes the hint latent without the UNet); `precision`: ComputeConfig.precision (None:
+    the pipeline's). The identity names bfloat16 when the networks run in it, so a results
+    folder never mixes it with float32 rows."""
+    import torch
+
     from ..codec_pipeline import ImageCodecPipeline
     from ..hub import load
 
     pipe = model if isinstance(model, ImageCodecPipeline) else load(model or name, verbose=verbose)
+    if precision is not None:
+        pipe.compute = replace(pipe.compute, precision=precision)
     levels = pipe.num_quality_levels
     decode = pipe.decompress if steps is None else (lambda data: pipe.decompress(data, steps=steps))
     identity = f"{pipe.config.model_name} {pipe.model_hash.hex()}" + ("" if steps is None else f" steps={steps}")
+    if pipe.network_dtype != torch.float32:
+        identity += f" {str(pipe.network_dtype).removeprefix('torch.')}"
     return Codec(name, list(range(1, levels + 1)), lambda image, quality: pipe.compress(image, quality=quality),
                  decode, (1, levels), "application/x-osdiff", ".osd", learned=True,
                  continuous=pipe.continuous_quality, identity=identity)
@@ -131,18 +140,26 @@ def with_qualities(codec: Codec, qualities: list[int | float]) -> Codec:
 def make_codec(spec: str, model: str | None = None, verbose: bool = False) -> Codec:
     """`spec`: a classical codec (jpeg, webp, avif, jxl), a learned model's name (shipped, or
     loaded from `model`), or NAME=FOLDER for a learned model in FOLDER shown as NAME; a learned
-    one may end in a decoding option, `:steps=N` (e.g. osdiff-tiny:steps=0), kept in its name."""
-    base, steps = spec, None
-    if ":" in spec:
-        base, option = spec.rsplit(":", 1)
+    one may end in coding options, `:steps=N` and `:precision=P` (ComputeConfig.precision; e.g.
+    osdiff-tiny:steps=0, osdiff-tiny:precision=float32), kept in its name."""
+    from ..config import PRECISIONS
+
+    base, options = spec, {}
+    while ":" in base and base.rsplit(":", 1)[1].partition("=")[0] in ("steps", "precision"):
+        base, option = base.rsplit(":", 1)
         key, _, value = option.partition("=")
-        if key != "steps" or not value.isdigit():
+        if key == "steps" and not value.isdigit():
             raise OSDiffError(f"{spec!r}: the decoding option must be ':steps=N' (N = 0, 1, 2, ...)")
-        steps = int(value)
+        if key == "precision" and value not in PRECISIONS:
+            raise OSDiffError(f"{spec!r}: ':precision' must be one of {', '.join(PRECISIONS)}")
+        options.setdefault(key, value)
+    if ":" in base and "=" in base.rsplit(":", 1)[1]:
+        raise OSDiffError(f"{spec!r}: a coding option must be ':steps=N' or ':precision=P'")
     name, _, folder = base.partition("=")
-    label = name if steps is None else f"{name}:steps={steps}"
+    label = name + "".join(f":{k}={options[k]}" for k in ("steps", "precision") if k in options)
     if name in CLASSICAL:
-        if steps is not None:
-            raise OSDiffError(f"{spec!r}: ':steps' is an option of learned codecs")
+        if options:
+            raise OSDiffError(f"{spec!r}: ':steps' and ':precision' are options of learned codecs")
         return classical_codec(name)
-    return learned_codec(label, folder or model or name, verbose, steps)
+    steps = int(options["steps"]) if "steps" in options else None
+    return learned_codec(label, folder or model or name, verbose, steps, options.get("precision"))

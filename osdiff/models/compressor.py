@@ -231,7 +231,9 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
         context, checkerboard context and parameter aggregation of every group."""
         return channel_group_entropy_networks(self.latent_codec)
 
-    def _coding_context(self):
+    def coding_context(self):
+        """Within the block the entropy parameter networks run as `compress`/`decompress` run
+        them: in exact fixed point if the config says `exact_entropy_parameters`."""
         if self.config.exact_entropy_parameters:
             return exact_modules(self.entropy_parameter_modules())
         return contextlib.nullcontext()
@@ -336,16 +338,19 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
 
     # ---- coding ---------------------------------------------------------------------------
     @torch.no_grad()
-    def compress(self, latent: Tensor, level: float) -> dict:
+    def compress(self, latent: Tensor, level: float, hint: bool = True) -> dict:
         """Latent (1,C,h,w) -> {"strings": list of `num_strings()` bytes, "hint": (1,C,h,w)};
-        `level`: 0-based, fractional in 1/256 steps (see `coding_gains`)."""
+        `level`: 0-based, fractional in 1/256 steps (see `coding_gains`); `hint` False: strings
+        only (an encoder does not need the decoder's hint; 15 ms at 512x768)."""
         if latent.shape[0] != 1:
             raise ValueError("compress codes one latent at a time")
         self._check_latent(latent.shape[-2:])
         y = self.g_a(latent)
-        with self._coding_context():
+        with self.coding_context():
             out = self.latent_codec.compress(y, *self.coding_gains(level))
         strings = [s[0] for s in out["strings"]]
+        if not hint:
+            return {"strings": strings}
         return {"strings": strings, "hint": self.g_s(out["y_hat"].to(y.dtype).contiguous())}
 
     @torch.no_grad()
@@ -353,7 +358,7 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
         """Strings from `compress` and the latent (h, w) -> hint (1,C,h,w)."""
         _, _, y_gain_inv, z_gain_inv = self.coding_gains(level)
         symbols = self.max_symbols_per_string(latent_hw)
-        with self._coding_context():
+        with self.coding_context():
             out = self.latent_codec.decompress(
                 [[pad_for_rans(s, symbols)] for s in strings], self.code_shapes(latent_hw), y_gain_inv, z_gain_inv
             )

@@ -24,6 +24,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
+from .fused_conv import conv_add_relu, conv_relu, fusable
+
 
 def _conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
     return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
@@ -42,19 +44,22 @@ class Block(nn.Module):
 
     def __init__(self, n_in: int, n_out: int, midblock_gn: bool = False) -> None:
         super().__init__()
-        self.conv = nn.Sequential(_conv(n_in, n_out), nn.ReLU(), _conv(n_out, n_out), nn.ReLU(), _conv(n_out, n_out))
+        self.conv = nn.Sequential(_conv(n_in, n_out), nn.ReLU(inplace=True), _conv(n_out, n_out), nn.ReLU(inplace=True), _conv(n_out, n_out))
         self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
-        self.fuse = nn.ReLU()
+        self.fuse = nn.ReLU(inplace=True)
         self.pool = None
         if midblock_gn:
             wide = n_in * 4
             self.pool = nn.Sequential(
-                nn.Conv2d(n_in, wide, 1, bias=False), nn.GroupNorm(4, wide), nn.ReLU(), nn.Conv2d(wide, n_in, 1, bias=False)
+                nn.Conv2d(n_in, wide, 1, bias=False), nn.GroupNorm(4, wide), nn.ReLU(inplace=True), nn.Conv2d(wide, n_in, 1, bias=False)
             )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.pool is not None:
             x = x + self.pool(x)
+        if fusable(x):  # bfloat16 inference on the CPU: ReLUs and the sum inside the convolutions
+            h = conv_relu(self.conv[2], conv_relu(self.conv[0], x))
+            return conv_add_relu(self.conv[4], h, self.skip(x))
         return self.fuse(self.conv(x) + self.skip(x))
 
 
@@ -79,7 +84,7 @@ def slim_encoder(latent_channels: int, channels: tuple[int, ...], blocks: tuple[
         raise ValueError("slim encoder: need 2 widths and 2 block counts (1/4 and 1/8 resolution)")
     (w4, w8), (b4, b8) = channels, blocks
     return nn.Sequential(
-        nn.PixelUnshuffle(4), _conv(48, w4), nn.ReLU(), *[Block(w4, w4) for _ in range(b4)],
+        nn.PixelUnshuffle(4), _conv(48, w4), nn.ReLU(inplace=True), *[Block(w4, w4) for _ in range(b4)],
         _conv(w4, w8, stride=2, bias=False), *[Block(w8, w8) for _ in range(b8)],
         _conv(w8, latent_channels),
     )
@@ -102,8 +107,8 @@ def tail_encoder(latent_channels: int, midblock_gn: bool, channels: tuple[int, .
         raise ValueError("tail encoder: need 1 width and 1 block count (1/4 resolution)")
     (width,), (count,) = channels, blocks
     return nn.Sequential(
-        nn.PixelUnshuffle(4), _conv(48, width), nn.ReLU(), *[Block(width, width) for _ in range(count)],
-        _conv(width, 64), nn.ReLU(), *taesd_encoder(latent_channels, midblock_gn)[ENCODER_TAIL_FROM:],
+        nn.PixelUnshuffle(4), _conv(48, width), nn.ReLU(inplace=True), *[Block(width, width) for _ in range(count)],
+        _conv(width, 64), nn.ReLU(inplace=True), *taesd_encoder(latent_channels, midblock_gn)[ENCODER_TAIL_FROM:],
     )
 
 
@@ -112,7 +117,7 @@ def taesd_decoder(latent_channels: int, midblock_gn: bool) -> nn.Sequential:
     gn = dict(midblock_gn=midblock_gn)
     up = lambda: [nn.Upsample(scale_factor=2), _conv(64, 64, bias=False)]  # noqa: E731
     return nn.Sequential(
-        Clamp(), _conv(latent_channels, 64), nn.ReLU(),
+        Clamp(), _conv(latent_channels, 64), nn.ReLU(inplace=True),
         Block(64, 64, **gn), Block(64, 64, **gn), Block(64, 64, **gn), *up(),
         Block(64, 64), Block(64, 64), Block(64, 64), *up(),
         Block(64, 64), Block(64, 64), Block(64, 64), *up(),
@@ -125,7 +130,7 @@ def slim_decoder(latent_channels: int, channels: tuple[int, ...], blocks: tuple[
     `blocks[i]` are the width and TAESD block count at 1/8, 1/4, 1/2 and full resolution."""
     if len(channels) != 4 or len(blocks) != 4:
         raise ValueError("slim decoder: need 4 widths and 4 block counts (1/8, 1/4, 1/2, 1/1 resolution)")
-    layers: list[nn.Module] = [Clamp(), _conv(latent_channels, channels[0]), nn.ReLU()]
+    layers: list[nn.Module] = [Clamp(), _conv(latent_channels, channels[0]), nn.ReLU(inplace=True)]
     for level, (width, count) in enumerate(zip(channels, blocks)):
         layers += [Block(width, width) for _ in range(count)]
         if level < 3:
