@@ -384,3 +384,27 @@ def test_low_pass_mse_sees_colour_casts_not_texture():
     x = torch.rand(1, 3, 32, 32, generator=gen)
     checker = (torch.arange(32)[:, None] + torch.arange(32)[None]) % 2 * 0.2 - 0.1  # zero-mean per 16x16 block
     assert low_pass_mse(x + checker, x) < 1e-10 < low_pass_mse(x + torch.tensor([0.1, 0, 0]).view(1, 3, 1, 1), x)
+
+
+def test_codec_stage_pixel_autocast_decodes_in_bfloat16_and_still_trains(tmp_path, pretrained_run, image_folder, monkeypatch):
+    """pixel_autocast bf16: the training step's latent decoding (and perceptual loss) run under
+    torch.autocast(bfloat16), with gradients; other values are refused with one line."""
+    from osdiff.training.stages import codec as codec_stage
+
+    cfg = _codec_config(pretrained_run, tmp_path / "run", image_folder, steps=1)
+    cfg = replace(cfg, pixel_autocast="bf16", losses=replace(cfg.losses, colour=10.0))
+    seen = []
+    original = codec_stage.decode_latent
+
+    def spy(vae, z):
+        out = original(vae, z)
+        seen.append((torch.is_autocast_enabled("cpu"), out.dtype, torch.is_grad_enabled()))
+        return out
+
+    monkeypatch.setattr(codec_stage, "decode_latent", spy)
+    Trainer(cfg).run()
+    assert (True, torch.bfloat16, True) in seen
+    row = _log(tmp_path / "run", "2-codec")[0]
+    assert float(row["colour"]) > 0 and float(row["loss"]) == float(row["loss"])  # finite, not NaN
+    with pytest.raises(OSDiffError, match="pixel_autocast"):
+        Trainer(replace(cfg, pixel_autocast="fp16")).run()

@@ -27,6 +27,7 @@ gives exactly the result of an uninterrupted run on as many processes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -72,6 +73,8 @@ class TrainingRun:
             torch.set_num_threads(config.threads)
         if config.device not in ("auto", "cpu"):
             raise OSDiffError(f"device must be 'auto' or 'cpu', got {config.device!r}")
+        if config.pixel_autocast not in ("no", "bf16"):
+            raise OSDiffError(f"pixel_autocast must be 'no' or 'bf16', got {config.pixel_autocast!r}")
         self.accelerator = Accelerator(
             cpu=config.device == "cpu",
             mixed_precision=config.mixed_precision,
@@ -255,6 +258,13 @@ class TrainingRun:
 
     def unwrap(self, module: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(module)
+
+    def pixel_autocast(self):
+        """Context for the latent decoder and the pixel losses: torch.autocast(bfloat16) if the
+        config's `pixel_autocast` says bf16, else nothing."""
+        if self.config.pixel_autocast == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def accumulate(self, *modules: nn.Module):
         """Context for one micro-batch of gradient accumulation."""

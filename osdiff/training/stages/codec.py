@@ -183,10 +183,11 @@ def train(run: TrainingRun, index: int, stage: CodecStage) -> bool:
                 distortion = distortion + losses.encoder_anchor * anchor
             pixel_logs = {}
             if pixel_loss:
-                x_hat = (decode_latent(vae, z_hat) + 1) / 2
+                with run.pixel_autocast():
+                    x_hat = ((decode_latent(vae, z_hat) + 1) / 2).float()
+                    perc = perceptual(x_hat, x).float() if perceptual is not None else None
                 pixel_logs["psnr"] = psnr_tensor(x_hat, x)
-                if perceptual is not None:
-                    perc = perceptual(x_hat, x)
+                if perc is not None:
                     distortion = distortion + losses.perceptual * perc
                     pixel_logs["perceptual"] = perc.detach().mean()
                 if losses.detail > 0:
