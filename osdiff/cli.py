@@ -22,7 +22,7 @@ EXIT_USAGE = 2
 VERBOSE_HELP = "also show the libraries' model-loading progress bars, log messages and warnings"
 FAST_HELP = "torch's default CPU kernels and threads: faster, but decoded pixels may differ by a level between thread counts"
 PRECISION_HELP = ("what the autoencoder and the UNet step compute in: auto (default) = bfloat16 on a CPU that multiplies it "
-                  "in hardware (AMX or AVX512-BF16; ~3x faster), else float32; float32 = the reference arithmetic")
+                  "in hardware (AMX or AVX512-BF16; coding ~2.5x faster), else float32; float32 = the reference arithmetic")
 
 
 class _Parser(argparse.ArgumentParser):

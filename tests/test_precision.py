@@ -128,6 +128,13 @@ def test_auto_is_the_default():
     assert ComputeConfig().precision == "auto"
 
 
+def _onednn_bf16() -> bool:
+    from osdiff.models.fused_conv import onednn_bf16
+
+    return onednn_bf16()
+
+
+@pytest.mark.skipif(not _onednn_bf16(), reason="oneDNN has no bfloat16 convolutions on this CPU (AVX2 only)")
 def test_fused_taesd_blocks_match_the_plain_modules_in_bfloat16(monkeypatch):
     """osdiff.models.fused_conv: the one-call convolution + ReLU (+ residual) that TAESD blocks use
     in bfloat16 inference gives the plain modules' result to bfloat16 rounding, and is closer to
