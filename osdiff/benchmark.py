@@ -58,7 +58,7 @@ class BenchResult:
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
     bits_per_pixel: float = 0.0
     deterministic: bool = True  # ComputeConfig.deterministic while measuring
-    precision: str = "float32"  # what the autoencoder and UNet computed in (the codec's network_dtype)
+    precision: str = "float32"  # what the autoencoder and UNet computed in (the codec's network_precision)
     note: str = ""
 
     def to_json(self) -> dict:
@@ -154,7 +154,7 @@ def _coded_test_image(codec, size, dev, dtype, model_label, random_weights):
         model=model_label, device=_device_name(dev), dtype=dtype, size=size, threads=torch.get_num_threads(),
         torch_version=torch.__version__, random_weights=random_weights,
         bits_per_pixel=len(data) * 8 / (size[0] * size[1]), deterministic=codec.compute.deterministic,
-        precision=str(codec.network_dtype).removeprefix("torch."),
+        precision=codec.network_precision,
         note="weights are random: timings do not depend on weight values" if random_weights else "",
     )
     return image, data, result

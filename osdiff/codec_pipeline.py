@@ -211,23 +211,24 @@ class ImageCodecPipeline(DiffusionPipeline):
             torch.set_num_threads(before)
 
     @property
-    def network_dtype(self) -> torch.dtype:
-        """What `precision_context` computes the networks in here: float32 for a codec whose
-        networks it does not wrap (`autocast_networks` False), else ComputeConfig.precision
-        ('auto': bfloat16 on a CPU that multiplies it natively, osdiff.kernels.native_bf16)."""
+    def network_precision(self) -> str:
+        """What `precision_context` runs the networks in here, 'float32' or 'bfloat16': float32
+        for a codec whose networks it does not wrap (`autocast_networks` False), else
+        ComputeConfig.precision ('auto': bfloat16 on a CPU that multiplies it natively,
+        osdiff.kernels.native_bf16)."""
         from .kernels import native_bf16
 
         precision = self.compute.precision if self.autocast_networks else "float32"
         if precision == "auto":
             precision = "bfloat16" if self.device.type == "cpu" and native_bf16() else "float32"
-        return torch.bfloat16 if precision == "bfloat16" else torch.float32
+        return precision
 
     def precision_context(self):
-        """torch.autocast to `network_dtype` when that is bfloat16, else nothing. A subclass wraps
-        its latent autoencoder and denoiser in it, never its entropy networks."""
-        if self.network_dtype == torch.float32:
+        """torch.autocast to bfloat16 when `network_precision` says so, else nothing. A subclass
+        wraps its latent autoencoder and denoiser in it, never its entropy networks."""
+        if self.network_precision == "float32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.network_dtype)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # ---- encoding -----------------------------------------------------------------------
     def compress(self, image: ImageInput, quality: int | float | None = None, *, target_bpp: float | None = None,

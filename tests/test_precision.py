@@ -44,14 +44,14 @@ def codec(tiny_codec):
 def test_auto_follows_the_cpu_and_only_the_osdiff_networks_take_it(codec, monkeypatch):
     monkeypatch.setattr(kernels, "native_bf16", lambda: True)
     codec.compute = ComputeConfig(precision="auto")
-    assert codec.network_dtype == torch.bfloat16
+    assert codec.network_precision == "bfloat16"
     codec.compute = ComputeConfig(precision="float32")
-    assert codec.network_dtype == torch.float32
+    assert codec.network_precision == "float32"
     monkeypatch.setattr(kernels, "native_bf16", lambda: False)
     codec.compute = ComputeConfig(precision="auto")
-    assert codec.network_dtype == torch.float32
+    assert codec.network_precision == "float32"
     codec.compute = ComputeConfig(precision="bfloat16")  # asked for: also where it is emulated
-    assert codec.network_dtype == torch.bfloat16
+    assert codec.network_precision == "bfloat16"
 
     from osdiff.baseline_pipeline import BaselinePipeline
 

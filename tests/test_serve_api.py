@@ -39,7 +39,7 @@ def test_info_and_page(client, tiny_codec):
     info = client.get("/api/info").json()
     assert info["model"] == "tiny-test" and info["quality_levels"] == tiny_codec.num_quality_levels
     assert info["max_upload_bytes"] == 200_000 and info["max_pixels"] == 100_000
-    assert info["precision"] == str(tiny_codec.network_dtype).removeprefix("torch.") and info["precision"] in ("float32", "bfloat16")
+    assert info["precision"] == tiny_codec.network_precision and info["precision"] in ("float32", "bfloat16")
     page = client.get("/")
     assert page.status_code == 200 and "split position" in page.text
     assert client.get("/static/app.js").status_code == 200 and client.get("/static/style.css").status_code == 200

@@ -91,8 +91,6 @@ def learned_codec(name: str, model=None, verbose: bool = False, steps: int | Non
     0 decodes the hint latent without the UNet); `precision`: ComputeConfig.precision (None:
     the pipeline's). The identity names bfloat16 when the networks run in it, so a results
     folder never mixes it with float32 rows."""
-    import torch
-
     from ..codec_pipeline import ImageCodecPipeline
     from ..hub import load
 
@@ -102,8 +100,8 @@ def learned_codec(name: str, model=None, verbose: bool = False, steps: int | Non
     levels = pipe.num_quality_levels
     decode = pipe.decompress if steps is None else (lambda data: pipe.decompress(data, steps=steps))
     identity = f"{pipe.config.model_name} {pipe.model_hash.hex()}" + ("" if steps is None else f" steps={steps}")
-    if pipe.network_dtype != torch.float32:
-        identity += f" {str(pipe.network_dtype).removeprefix('torch.')}"
+    if pipe.network_precision != "float32":
+        identity += f" {pipe.network_precision}"
     return Codec(name, list(range(1, levels + 1)), lambda image, quality: pipe.compress(image, quality=quality),
                  decode, (1, levels), "application/x-osdiff", ".osd", learned=True,
                  continuous=pipe.continuous_quality, identity=identity)

@@ -151,7 +151,7 @@ def create_app(pipe: ImageCodecPipeline, limits: ServeLimits = ServeLimits()) ->
     async def info() -> dict:
         return {
             "model": pipe.config.model_name, "model_hash": pipe.model_hash.hex(),
-            "precision": str(pipe.network_dtype).removeprefix("torch."),  # what the autoencoder and UNet compute in
+            "precision": pipe.network_precision,  # what the autoencoder and UNet compute in
             "quality_levels": pipe.num_quality_levels, "default_quality": pipe.config.default_quality,
             "continuous_quality": pipe.continuous_quality, "quality_step": 1 / QUALITY_STEPS if pipe.continuous_quality else 1,
             "max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels,
