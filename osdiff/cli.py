@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="denoising steps (1 = one-step decoding; >1 uses DDIM; "
                    "0 = no UNet, the compressed latent decoded directly: faster, smoother; default: the model's "
                    "choice for the file's quality, one step or, above the model's unet_max_quality, none)")
+    d.add_argument("--realism", type=float, default=None, metavar="R",
+                   help="with the UNet step: how much of the step's change to the compressed latent to keep, from 0 "
+                   "(the latent as decoded with --steps 0) to 1 (the step's output); lower = less added texture, "
+                   "closer colours; default: the model's (osdiff-tiny: 1)")
     d.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
     d.add_argument("--fast", action="store_true", help=FAST_HELP)
 
@@ -381,6 +385,8 @@ def cmd_decompress(args) -> int:
         check_writable(dst, args.force)
     if args.steps is not None and not 0 <= args.steps <= 1000:
         raise OSDiffError("--steps must be from 0 to 1000")
+    if args.realism is not None and not 0.0 <= args.realism <= 1.0:
+        raise OSDiffError(f"--realism must be from 0 to 1, got {args.realism}")
     codecs: dict[str, object] = {}
 
     def work(src: Path, dst: Path) -> None:
@@ -391,6 +397,10 @@ def cmd_decompress(args) -> int:
         key = args.model or header.model_name
         if key not in codecs:
             codecs[key] = _load(key, args.fast, args.verbose, args.precision)
+            if args.realism is not None:
+                if not hasattr(codecs[key], "realism_override"):
+                    raise OSDiffError(f"--realism is a decoding option of osdiff models; {key} has no UNet step")
+                codecs[key].realism_override = args.realism
         image = codecs[key].decompress(data, steps=args.steps)
         fmt = (dst.suffix.lstrip(".") or "png").upper()
         fmt = {"JPG": "JPEG", "TIF": "TIFF"}.get(fmt, fmt)

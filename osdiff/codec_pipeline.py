@@ -56,8 +56,10 @@ def _onednn_on():
 # the model hash, so the earlier models keep theirs (a training run carries them over too)
 CODING_SETTINGS_SINCE_V2_1 = {"pad_multiple": None, "mean_colour": False}
 # settings the model hash leaves out at these values (those models had before the setting existed):
-# the coding settings above and the decoding setting `unet_max_quality` (osdiff-tiny v3.2)
-HASH_NEUTRAL_SETTINGS = {**CODING_SETTINGS_SINCE_V2_1, "unet_max_quality": None}
+# the coding settings above and the decoding settings `unet_max_quality` (osdiff-tiny v3.2) and `realism`
+HASH_NEUTRAL_SETTINGS = {**CODING_SETTINGS_SINCE_V2_1, "unet_max_quality": None, "realism": 1.0}
+# list-valued settings the model hash covers (other lists in a pipeline config name its components)
+HASHED_LIST_SETTINGS = ("realism",)
 
 
 def _hashed_config(config, neutral: dict) -> dict:
@@ -157,7 +159,7 @@ class ImageCodecPipeline(DiffusionPipeline):
         if self._model_hash is None:
             digest = hashlib.sha256()
             settings = {k: v for k, v in _hashed_config(self.config, HASH_NEUTRAL_SETTINGS).items()
-                        if not isinstance(v, (list, tuple))}
+                        if not isinstance(v, (list, tuple)) or k in HASHED_LIST_SETTINGS}  # lists: the components
             if settings.get("decoding_start") == "hint":  # the v1 procedure: v1 models keep their hash
                 del settings["decoding_start"]
             digest.update(json.dumps(settings, sort_keys=True, default=str).encode())

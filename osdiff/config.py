@@ -33,6 +33,36 @@ class CompressorArchitecture:
         return 2 ** (self.analysis_downsamples + self.hyper_downsamples)
 
 
+Realism = float | tuple[float, ...]  # one value, or one per quality level
+
+
+def check_realism(value: Any, what: str = "realism") -> Realism:
+    """`value` (a number from 0 to 1, or a list of them: one per quality level) as a float or a
+    tuple of floats; else ValueError naming `what`."""
+    def number(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"{what} must be a number from 0 to 1 or a list of them (one per quality level), got {value!r}")
+        return float(v)
+
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{what} must not be an empty list")
+        return tuple(number(v) for v in value)
+    return number(value)
+
+
+def realism_at(realism: Realism, quality: int | float, levels: int) -> float:
+    """The realism a file of `quality` (1 .. `levels`, fractional between levels) decodes with:
+    the single value, or the per-level values interpolated linearly in quality."""
+    if not isinstance(realism, tuple):
+        return realism
+    if len(realism) != levels:
+        raise ValueError(f"realism has {len(realism)} values for {levels} quality levels")
+    q = min(max(float(quality), 1.0), float(levels))
+    i = min(int(q), levels - 1)  # 1-based level below q (the last pair at the top level)
+    return realism[i - 1] + (q - i) * (realism[i] - realism[i - 1]) if levels > 1 else realism[0]
+
+
 @dataclass(frozen=True)
 class DecodingConfig:
     """One-step decoding. start="hint": the hint is noised to `timestep` with noise from
@@ -47,10 +77,16 @@ class DecodingConfig:
     # files of a higher quality decode the hint directly, without the UNet step (None: every quality
     # takes the step); `osdiff decompress --steps N` overrides it
     unet_max_quality: float | None = None
+    # the decoded latent is hint + realism x (step output - hint): 1 = the step's output, 0 = the
+    # hint; between, less of the texture the step adds. One value, or one per quality level
+    # (interpolated between levels). A decoder-side knob, not in the bitstream; `osdiff
+    # decompress --realism` overrides it
+    realism: Realism = 1.0
 
     def __post_init__(self) -> None:
         if self.start not in ("hint", "noise"):
             raise ValueError(f"decoding start must be 'hint' or 'noise', got {self.start!r}")
+        object.__setattr__(self, "realism", check_realism(self.realism, "decoding realism"))  # a YAML list -> tuple
         if self.unet_max_quality is not None and not self.unet_max_quality >= 1:
             raise ValueError(f"decoding unet_max_quality must be at least 1 (or null), got {self.unet_max_quality!r}")
 
@@ -66,14 +102,15 @@ class DecodingConfig:
     def pipeline_config(self) -> dict:
         """These settings as OSDiffPipeline's config keys (constructor or register_to_config)."""
         return dict(timestep=self.timestep, noise_seed=self.noise_seed, control_scale=self.control_scale,
-                    decoding_start=self.start, unet_max_quality=self.unet_max_quality)
+                    decoding_start=self.start, unet_max_quality=self.unet_max_quality,
+                    realism=list(self.realism) if isinstance(self.realism, tuple) else self.realism)
 
     @classmethod
     def from_pipeline_config(cls, config: Mapping[str, Any]) -> DecodingConfig:
         """The decoding settings of an OSDiffPipeline's config (inverse of `pipeline_config`)."""
         return cls(timestep=config["timestep"], noise_seed=config.get("noise_seed", 0),
                    control_scale=config.get("control_scale", 1.0), start=config.get("decoding_start", "hint"),
-                   unet_max_quality=config.get("unet_max_quality"))
+                   unet_max_quality=config.get("unet_max_quality"), realism=config.get("realism", 1.0))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from diffusers import DDIMScheduler, UNetControlNetXSModel
 from torch import Tensor
 
 from .codec_pipeline import DecodeResult, ImageCodecPipeline
-from .config import DecodingConfig
+from .config import DecodingConfig, Realism, check_realism, realism_at
 from .denoise import add_noise, ddim_timesteps, decoding_alpha_bar, decoding_x0_eps, fixed_noise
 from .entropy.bitstream import OSDHeader
 from .errors import OSDiffError
@@ -66,6 +66,7 @@ class OSDiffPipeline(ImageCodecPipeline):
         pad_multiple: int | None = None,
         mean_colour: bool = False,
         unet_max_quality: float | None = None,
+        realism: float | list[float] = 1.0,
     ) -> None:
         super().__init__()
         # channels-last convolutions (weights here, activations in encode_image/decode_hint): on 2
@@ -77,7 +78,11 @@ class OSDiffPipeline(ImageCodecPipeline):
             model_name=model_name, timestep=timestep, noise_seed=noise_seed,
             control_scale=control_scale, default_quality=default_quality, decoding_start=decoding_start,
             pad_multiple=pad_multiple, mean_colour=mean_colour, unet_max_quality=unet_max_quality,
+            realism=_as_config(check_realism(realism, "model config: realism")),
         )
+        # `osdiff decompress --realism`: overrides the config's `realism` for this pipeline's
+        # decoding without changing the model (its hash)
+        self.realism_override: float | list[float] | None = None
 
     # ---- properties ---------------------------------------------------------------------
     @property
@@ -130,6 +135,22 @@ class OSDiffPipeline(ImageCodecPipeline):
         return self.compressor.compress(latent.to(self.compressor.dtype), level_index(quality), hint=False)["strings"]
 
     # ---- decoding -----------------------------------------------------------------------
+    @property
+    def realism(self) -> Realism:
+        """How much of the UNet step's change to the hint a decoding keeps (DecodingConfig.realism,
+        one value or one per level): `realism_override` if set, else the model config's."""
+        if self.realism_override is not None:
+            return check_realism(self.realism_override)
+        return check_realism(self.config.get("realism", 1.0), "model config: realism")
+
+    def realism_for(self, quality: int | float) -> float:
+        """The realism a file of `quality` decodes with (per-level values interpolated)."""
+        realism = self.realism
+        try:
+            return realism_at(realism, quality, self.num_quality_levels)
+        except ValueError as exc:
+            raise OSDiffError(f"model config: {exc}") from None
+
     def default_steps(self, quality: int | float) -> int:
         """UNet steps a file of `quality` decodes with unless told (DecodingConfig.default_steps:
         1, or 0 above the config's `unet_max_quality`)."""
@@ -141,7 +162,8 @@ class OSDiffPipeline(ImageCodecPipeline):
             hint = self.compressor.decompress(strings, latent_hw, level_index(header.quality))
         except (RuntimeError, ValueError, IndexError) as exc:
             raise OSDiffError(f"corrupted entropy-coded data ({exc})") from None
-        return (self.decode_hint(hint.to(self.unet.dtype), steps=steps) + 1.0) / 2.0
+        realism = self.realism_for(header.quality)
+        return (self.decode_hint(hint.to(self.unet.dtype), steps=steps, realism=realism) + 1.0) / 2.0
 
     def encode_image(self, image: Tensor) -> Tensor:
         """Padded image (1,3,H,W) in [-1,1] -> latent (1,4,H/8,W/8); large images in tiles."""
@@ -154,12 +176,13 @@ class OSDiffPipeline(ImageCodecPipeline):
         return run_tiled(encode, [image], Fraction(1, LATENT_DOWNSCALE),
                          t.tile * LATENT_DOWNSCALE, t.overlap * LATENT_DOWNSCALE, t.align * LATENT_DOWNSCALE)
 
-    def decode_hint(self, hint: Tensor, steps: int = 1) -> Tensor:
+    def decode_hint(self, hint: Tensor, steps: int = 1, realism: float = 1.0) -> Tensor:
         """Hint latent (1,4,h,w) -> image (1,3,8h,8w) in [-1,1] (float32): the UNet step(s) and the
         latent decoder, in overlapping tiles for large latents. The noise is drawn for the whole
         latent first, so a tile sees the same noise as it would untiled. `steps` 0: no UNet, the
         hint itself decoded (the method's ablation: faster and closer to the photo pixel by pixel,
-        without the texture the step adds)."""
+        without the texture the step adds). With the step, `realism` < 1 moves the step's output
+        back toward the hint: hint + realism x (step - hint) (DecodingConfig.realism)."""
         t = self.tiling
 
         def to_image(latent: Tensor) -> Tensor:
@@ -172,6 +195,8 @@ class OSDiffPipeline(ImageCodecPipeline):
         def decode(x_t: Tensor, hint_tile: Tensor) -> Tensor:
             with self.precision_context():
                 latent = self.denoise(to_channels_last(hint_tile), steps=steps, x_t=to_channels_last(x_t))
+                if realism != 1.0:  # back toward the hint: less of the texture the step adds
+                    latent = torch.lerp(hint_tile, latent.to(hint_tile.dtype), realism)
             return to_image(latent)
 
         return run_tiled(decode, [self.start_latent(hint), hint], LATENT_DOWNSCALE, t.tile, t.overlap, t.align)
@@ -209,6 +234,11 @@ class OSDiffPipeline(ImageCodecPipeline):
 
     def _to_model(self, x: Tensor) -> Tensor:
         return x.to(device=self.device, dtype=self.vae.dtype)
+
+
+def _as_config(realism: Realism) -> float | list[float]:
+    """A realism as a model config stores it (JSON: a list, not a tuple)."""
+    return list(realism) if isinstance(realism, tuple) else realism
 
 
 def to_channels_last(x: Tensor) -> Tensor:

@@ -4,6 +4,7 @@
     python scripts/ship_model.py ../runs/hific-tiny/model       # -> osdiff/weights/hific-tiny
     python scripts/ship_model.py ../runs/cpu2/levels/model --default-quality 3 --pad-multiple 32 --mean-colour
     python scripts/ship_model.py ../runs/v3/snapshots/model-562-taef2dec --unet-max-quality 4   # v3.2
+    python scripts/ship_model.py osdiff/weights/osdiff-tiny --realism 0.5,0.75,0.75,0.5,1   # per level
 """
 import argparse
 import shutil
@@ -24,6 +25,8 @@ parser.add_argument("--mean-colour", action="store_true", help="store the image'
                     "and match it when decoding (osdiff models)")
 parser.add_argument("--unet-max-quality", type=float, help="files of a higher quality decode without the UNet step "
                     "(osdiff models; `osdiff decompress --steps` still overrides)")
+parser.add_argument("--realism", help="how much of the UNet step's change to the hint decoding keeps (osdiff models): "
+                    "one number from 0 to 1, or one per quality level, comma-separated")
 args = parser.parse_args()
 source = Path(args.model)
 codec = osdiff.load(source)
@@ -40,6 +43,16 @@ if args.unet_max_quality is not None:
     if not 1 <= args.unet_max_quality <= codec.num_quality_levels:
         sys.exit(f"--unet-max-quality must be 1..{codec.num_quality_levels}")
     codec.register_to_config(unet_max_quality=args.unet_max_quality)
+if args.realism is not None:
+    from osdiff.config import check_realism, realism_at
+
+    try:
+        values = [float(v) for v in args.realism.split(",")]
+        realism = check_realism(values[0] if len(values) == 1 else values, "--realism")
+        realism_at(realism, 1, codec.num_quality_levels)  # one value per level
+    except ValueError as exc:
+        sys.exit(str(exc))
+    codec.register_to_config(realism=list(realism) if isinstance(realism, tuple) else realism)
 name = codec.config.model_name
 if name not in SHIPPABLE:
     sys.exit(f"{source} is model {name!r}; only {', '.join(SHIPPABLE)} ship inside the package")

@@ -89,6 +89,8 @@ def test_no_overwrite_without_force(images, tmp_path, capsys, tiny_codec_folder)
     (["info", "{corrupt}"], "CRC32"),
     (["decompress", "{good}", "--steps", "-1"], "--steps"),
     (["decompress", "{good}", "--steps", "1001"], "--steps"),
+    (["decompress", "{good}", "--realism", "1.5"], "--realism"),
+    (["decompress", "{good}", "--realism", "abc"], "invalid float value"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_one_line_error_no_output(argv, message, images, tmp_path, capsys, monkeypatch, tiny_codec_folder):

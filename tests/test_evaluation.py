@@ -282,9 +282,14 @@ def test_codec_decoding_option(tiny_codec_folder):
 
     hint = make_codec("osdiff-tiny:steps=0", str(tiny_codec_folder))
     assert hint.name == "osdiff-tiny:steps=0" and hint.learned
-    for bad in ("osdiff-tiny:step=0", "osdiff-tiny:steps=x", "webp:steps=0"):
+    for bad in ("osdiff-tiny:step=0", "osdiff-tiny:steps=x", "webp:steps=0", "osdiff-tiny:realism=1.5",
+                "osdiff-tiny:realism=x", "avif:realism=0.5"):
         with pytest.raises(OSDiffError):
             make_codec(bad, str(tiny_codec_folder))
+    plain, blended = (make_codec(f"osdiff-tiny{o}", str(tiny_codec_folder)) for o in ("", ":realism=0.5"))
+    assert blended.name == "osdiff-tiny:realism=0.5"
+    assert blended.identity == plain.identity + " realism=0.5"  # never mixed with the default's rows
+    assert make_codec("osdiff-tiny:realism=1", str(tiny_codec_folder)).identity == plain.identity
 
 
 def test_parse_qualities():

@@ -127,6 +127,59 @@ def test_unet_max_quality_skips_the_step_above_it_and_is_hashed(tiny_codec_folde
     assert [codec.default_steps(q) for q in (1, 1.5, 2)] == [1, 0, 0]
 
 
+def test_realism_blends_the_step_toward_the_hint_and_is_hashed_only_in_the_config(tiny_codec_folder, photo, monkeypatch):
+    codec = osdiff.load(tiny_codec_folder)
+    plain_hash = codec.model_hash
+    files = {plain_hash: codec.compress(photo, quality=1)}
+
+    def latent(**kw):  # the latent the image decoder is given
+        seen, data = [], files[codec.model_hash]
+        original = codec.vae.decode
+        with monkeypatch.context() as m:
+            m.setattr(codec.vae, "decode", lambda z, *a, **k: seen.append(z.float().clone()) or original(z, *a, **k))
+            codec.decompress_tensor(data, **kw)
+        return seen[0]
+
+    step, hint = latent(steps=1), latent(steps=0)
+    assert not torch.allclose(step, hint)
+    for r in (0.0, 0.3, 1.0):
+        codec.realism_override = r
+        assert codec.realism == r
+        assert torch.allclose(latent(), hint + r * (step - hint), atol=1e-5)
+        assert torch.equal(latent(steps=0), hint)  # no step, nothing to blend
+        assert codec.model_hash == plain_hash  # a decoding option: the files stay this model's
+    codec.realism_override = None
+    assert codec.realism == 1.0
+    for bad in (-0.1, 1.5, float("nan")):
+        codec.realism_override = bad
+        with pytest.raises(ValueError, match="realism"):
+            codec.decompress_tensor(files[plain_hash])
+    codec.realism_override = None
+    codec.register_to_config(realism=0.5)  # a model that ships another default: another model
+    codec._model_hash = None
+    assert codec.model_hash != plain_hash and codec.realism == 0.5
+    files[codec.model_hash] = codec.compress(photo, quality=1)
+    assert torch.allclose(latent(), hint + 0.5 * (step - hint), atol=1e-5)
+    with pytest.raises(ValueError, match="realism"):
+        osdiff.config.DecodingConfig(realism=2)
+    assert osdiff.config.DecodingConfig.from_pipeline_config(codec.config).realism == 0.5
+
+    levels = codec.num_quality_levels
+    per_level = [0.2] + [0.9] * (levels - 1)  # one value per level: a list, hashed too
+    codec.register_to_config(realism=per_level)
+    codec._model_hash = None
+    assert codec.model_hash not in files and codec.realism == tuple(per_level)
+    assert codec.realism_for(1) == 0.2 and codec.realism_for(1.5) == pytest.approx(0.55)
+    files[codec.model_hash] = codec.compress(photo, quality=1)
+    assert torch.allclose(latent(), hint + 0.2 * (step - hint), atol=1e-5)
+    assert osdiff.config.DecodingConfig.from_pipeline_config(codec.config).realism == tuple(per_level)
+    codec.register_to_config(realism=[0.2] * (levels + 1))
+    codec._model_hash = None
+    files[codec.model_hash] = codec.compress(photo, quality=1)
+    with pytest.raises(osdiff.OSDiffError, match="realism has"):
+        codec.decompress_tensor(files[codec.model_hash])
+
+
 def test_ddim_timesteps():
     from osdiff.denoise import ddim_timesteps
 

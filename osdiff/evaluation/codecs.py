@@ -81,27 +81,36 @@ def classical_codec(name: str) -> Codec:
 
 
 CLASSICAL = ("jpeg", "webp", "avif", "jxl")
+OPTIONS = ("steps", "precision", "realism")  # a learned codec's `:KEY=VALUE` options, in label order
 
 
 def learned_codec(name: str, model=None, verbose: bool = False, steps: int | None = None,
-                  precision: str | None = None) -> Codec:
+                  precision: str | None = None, realism: float | None = None) -> Codec:
     """A learned codec (osdiff or a baseline such as elic-tiny); `model` is a shipped name, a
     folder or a loaded pipeline (default: the shipped model called `name`); `verbose` as in
     `osdiff.load`; `steps`: the decoding option `osdiff decompress --steps` (None: the default;
     0 decodes the hint latent without the UNet); `precision`: ComputeConfig.precision (None:
-    the pipeline's). The identity names bfloat16 when the networks run in it, so a results
-    folder never mixes it with float32 rows."""
+    the pipeline's); `realism`: `osdiff decompress --realism` (None: the model's). The identity
+    names bfloat16 when the networks run in it and a realism other than the model's, so a
+    results folder never mixes them with the default rows."""
     from ..codec_pipeline import ImageCodecPipeline
+    from ..config import check_realism
     from ..hub import load
 
     pipe = model if isinstance(model, ImageCodecPipeline) else load(model or name, verbose=verbose)
     if precision is not None:
         pipe.compute = replace(pipe.compute, precision=precision)
+    if realism is not None:
+        if not hasattr(pipe, "realism_override"):
+            raise OSDiffError(f"{name!r}: ':realism' is a decoding option of osdiff models (with the UNet step)")
+        pipe.realism_override = realism
     levels = pipe.num_quality_levels
     decode = pipe.decompress if steps is None else (lambda data: pipe.decompress(data, steps=steps))
     identity = f"{pipe.config.model_name} {pipe.model_hash.hex()}" + ("" if steps is None else f" steps={steps}")
     if pipe.network_precision != "float32":
         identity += f" {pipe.network_precision}"
+    if realism is not None and realism != check_realism(pipe.config.get("realism", 1.0)):
+        identity += f" realism={realism:g}"
     return Codec(name, list(range(1, levels + 1)), lambda image, quality: pipe.compress(image, quality=quality),
                  decode, (1, levels), "application/x-osdiff", ".osd", learned=True,
                  continuous=pipe.continuous_quality, identity=identity)
@@ -138,26 +147,33 @@ def with_qualities(codec: Codec, qualities: list[int | float]) -> Codec:
 def make_codec(spec: str, model: str | None = None, verbose: bool = False) -> Codec:
     """`spec`: a classical codec (jpeg, webp, avif, jxl), a learned model's name (shipped, or
     loaded from `model`), or NAME=FOLDER for a learned model in FOLDER shown as NAME; a learned
-    one may end in coding options, `:steps=N` and `:precision=P` (ComputeConfig.precision; e.g.
-    osdiff-tiny:steps=0, osdiff-tiny:precision=float32), kept in its name."""
-    from ..config import PRECISIONS
+    one may end in coding options, `:steps=N`, `:precision=P` (ComputeConfig.precision) and
+    `:realism=R` (DecodingConfig.realism; e.g. osdiff-tiny:steps=0, osdiff-tiny:precision=float32,
+    osdiff-tiny:realism=0.8), kept in its name."""
+    from ..config import PRECISIONS, check_realism
 
     base, options = spec, {}
-    while ":" in base and base.rsplit(":", 1)[1].partition("=")[0] in ("steps", "precision"):
+    while ":" in base and base.rsplit(":", 1)[1].partition("=")[0] in OPTIONS:
         base, option = base.rsplit(":", 1)
         key, _, value = option.partition("=")
         if key == "steps" and not value.isdigit():
             raise OSDiffError(f"{spec!r}: the decoding option must be ':steps=N' (N = 0, 1, 2, ...)")
         if key == "precision" and value not in PRECISIONS:
             raise OSDiffError(f"{spec!r}: ':precision' must be one of {', '.join(PRECISIONS)}")
+        if key == "realism":
+            try:
+                check_realism(float(value))
+            except ValueError:
+                raise OSDiffError(f"{spec!r}: ':realism' must be a number from 0 to 1") from None
         options.setdefault(key, value)
     if ":" in base and "=" in base.rsplit(":", 1)[1]:
-        raise OSDiffError(f"{spec!r}: a coding option must be ':steps=N' or ':precision=P'")
+        raise OSDiffError(f"{spec!r}: a coding option must be ':steps=N', ':precision=P' or ':realism=R'")
     name, _, folder = base.partition("=")
-    label = name + "".join(f":{k}={options[k]}" for k in ("steps", "precision") if k in options)
+    label = name + "".join(f":{k}={options[k]}" for k in OPTIONS if k in options)
     if name in CLASSICAL:
         if options:
-            raise OSDiffError(f"{spec!r}: ':steps' and ':precision' are options of learned codecs")
+            raise OSDiffError(f"{spec!r}: ':steps', ':precision' and ':realism' are options of learned codecs")
         return classical_codec(name)
     steps = int(options["steps"]) if "steps" in options else None
-    return learned_codec(label, folder or model or name, verbose, steps, options.get("precision"))
+    realism = float(options["realism"]) if "realism" in options else None
+    return learned_codec(label, folder or model or name, verbose, steps, options.get("precision"), realism)
