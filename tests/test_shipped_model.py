@@ -96,9 +96,10 @@ def test_target_size_on_a_photo_lands_within_ten_percent_of_the_budget():
                                                   ("osdiff-tiny-v3.1.osd", "1ff957d163226c51"),
                                                   ("osdiff-tiny-v3.2.osd", "582b2c72ce728dac"),
                                                   ("osdiff-tiny-v3.3.osd", "ba46275e27e304be"),
-                                                  ("osdiff-tiny-v3.4.osd", "1c60557375960c87")])
+                                                  ("osdiff-tiny-v3.4.osd", "1c60557375960c87"),
+                                                  ("osdiff-tiny-v3.5.osd", "13a03f55e97cf999")])
 def test_a_file_of_a_replaced_model_is_one_clear_line(tmp_path, fixture, model_hash):
-    """osdiff-tiny v2 replaced v1, v2.1 v2.0, v2.2 v2.1, v2.3 v2.2, v2.4 v2.3, v2.5 v2.4, v2.6 v2.5, v3 v2.6, v3.1 v3 (the same bitstream, TAEF2's own decoder), v3.2 v3.1 (no UNet step above quality 4), v3.3 v3.2 (v3's objective on a GPU), v3.4 v3.3 (trained on) and v3.5 v3.4 (its TAEF2 decoder fine-tuned toward the photos), under the same name: their files
+    """osdiff-tiny v2 replaced v1, v2.1 v2.0, v2.2 v2.1, v2.3 v2.2, v2.4 v2.3, v2.5 v2.4, v2.6 v2.5, v3 v2.6, v3.1 v3 (the same bitstream, TAEF2's own decoder), v3.2 v3.1 (no UNet step above quality 4), v3.3 v3.2 (v3's objective on a GPU), v3.4 v3.3 (trained on), v3.5 v3.4 (its TAEF2 decoder fine-tuned toward the photos) and v3.6 v3.5 (a per-level realism: the step's output blended toward the hint), under the same name: their files
     (fixtures, made by each before the switch) are refused with one line naming the model hash;
     nothing is written."""
     from osdiff.cli import main
