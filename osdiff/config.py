@@ -80,7 +80,8 @@ class DecodingConfig:
     # the decoded latent is hint + realism x (step output - hint): 1 = the step's output, 0 = the
     # hint; between, less of the texture the step adds. One value, or one per quality level
     # (interpolated between levels). A decoder-side knob, not in the bitstream; `osdiff
-    # decompress --realism` overrides it
+    # decompress --realism` overrides it. Training trains and validates the step's output (1); a
+    # run's exported model takes the recipe's value: choose it again by `osdiff eval :realism=R`
     realism: Realism = 1.0
 
     def __post_init__(self) -> None:

@@ -50,6 +50,26 @@ def test_whole_multiples_code_exactly_as_compressai_does(compressor):
     torch.testing.assert_close(ours["params"], theirs["params"], rtol=0, atol=0)
 
 
+def test_encoding_takes_y_hat_from_its_symbols_as_decoding_its_strings_would(compressor, monkeypatch):
+    """SymbolGaussianConditionalLatentCodec skips compressai's decode of its own strings: the
+    strings and the hint are the same as with compressai's codec, also for values far outside the
+    entropy tables (coded by the escape path)."""
+    from compressai.latent_codecs import GaussianConditionalLatentCodec
+
+    from osdiff.models.compressor import SymbolGaussianConditionalLatentCodec
+
+    torch.manual_seed(1)
+    latent = torch.cat([torch.randn(1, 4, 16, 24) * 3, torch.randn(1, 4, 16, 24) * 300], dim=-1)
+    with torch.no_grad():
+        ours = [compressor.compress(latent, q) for q in (0, 1)]
+        monkeypatch.setattr(SymbolGaussianConditionalLatentCodec, "compress", GaussianConditionalLatentCodec.compress)
+        theirs = [compressor.compress(latent, q) for q in (0, 1)]
+    for a, b in zip(ours, theirs):
+        assert a["strings"] == b["strings"]
+        torch.testing.assert_close(a["hint"], b["hint"], rtol=0, atol=0)
+    assert ours[1]["strings"] != ours[0]["strings"]
+
+
 def test_latent_the_checkerboard_cannot_take_is_refused(compressor):
     assert compressor.min_latent_multiple == 4
     with pytest.raises(ValueError, match="multiples of 4"):

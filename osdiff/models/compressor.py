@@ -111,6 +111,21 @@ def _hyper_synthesis(n: int, m: int, upsamples: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class SymbolGaussianConditionalLatentCodec(GaussianConditionalLatentCodec):
+    """compressai's `GaussianConditionalLatentCodec` whose `compress` dequantizes the symbols it
+    codes instead of rANS-decoding its own strings: decoding them returns exactly those symbols
+    (out-of-table values are coded losslessly too), so the strings and y_hat are the same, and
+    encoding 512x768 skips ten decodes (~60 ms on 2 cores)."""
+
+    def compress(self, y: Tensor, ctx_params: Tensor) -> dict:
+        scales_hat, means_hat = self._chunk(self.entropy_parameters(ctx_params))
+        indexes = self.gaussian_conditional.build_indexes(scales_hat)
+        y_strings = self.gaussian_conditional.compress(y, indexes, means_hat)
+        symbols = self.gaussian_conditional.quantize(y, "symbols", means_hat)  # what `compress` codes
+        y_hat = self.gaussian_conditional.dequantize(symbols, means_hat)  # what decoding them returns
+        return {"strings": [y_strings], "shape": y.shape[2:4], "y_hat": y_hat}
+
+
 class CroppingGainHyperLatentCodec(GainHyperLatentCodec):
     """compressai's `GainHyperLatentCodec` for a y of any size: y is padded (replicate, right and
     bottom) to a multiple of `multiple` before `h_a`, and the parameters `h_s` returns are cropped
@@ -189,7 +204,7 @@ class LatentCompressor(EntropyTablesMixin, CompressionModel, ModelMixin, ConfigM
         groups_codec = {
             f"y{k}": CheckerboardLatentCodec(
                 latent_codec={
-                    "y": GaussianConditionalLatentCodec(
+                    "y": SymbolGaussianConditionalLatentCodec(
                         scale_table=get_scale_table().tolist(), quantizer="ste", chunks=("means", "scales")
                     )
                 },
