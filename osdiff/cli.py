@@ -399,7 +399,7 @@ def cmd_decompress(args) -> int:
             codecs[key] = _load(key, args.fast, args.verbose, args.precision)
             if args.realism is not None:
                 if not hasattr(codecs[key], "realism_override"):
-                    raise OSDiffError(f"--realism is a decoding option of osdiff models; {key} has no UNet step")
+                    raise OSDiffError(f"--realism is a decoding option of osdiff's own models; {key} does not take it")
                 codecs[key].realism_override = args.realism
         image = codecs[key].decompress(data, steps=args.steps)
         fmt = (dst.suffix.lstrip(".") or "png").upper()

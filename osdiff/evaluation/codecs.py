@@ -102,7 +102,7 @@ def learned_codec(name: str, model=None, verbose: bool = False, steps: int | Non
         pipe.compute = replace(pipe.compute, precision=precision)
     if realism is not None:
         if not hasattr(pipe, "realism_override"):
-            raise OSDiffError(f"{name!r}: ':realism' is a decoding option of osdiff models (with the UNet step)")
+            raise OSDiffError(f"{name!r}: ':realism' is a decoding option of osdiff's own models; this one does not take it")
         pipe.realism_override = realism
     levels = pipe.num_quality_levels
     decode = pipe.decompress if steps is None else (lambda data: pipe.decompress(data, steps=steps))
