@@ -51,6 +51,11 @@ def check_realism(value: Any, what: str = "realism") -> Realism:
     return number(value)
 
 
+def realism_as_config(realism: Realism) -> float | list[float]:
+    """A realism as a model config stores it (JSON: a list, not a tuple)."""
+    return list(realism) if isinstance(realism, tuple) else realism
+
+
 def realism_at(realism: Realism, quality: int | float, levels: int) -> float:
     """The realism a file of `quality` (1 .. `levels`, fractional between levels) decodes with:
     the single value, or the per-level values interpolated linearly in quality."""
@@ -104,7 +109,7 @@ class DecodingConfig:
         """These settings as OSDiffPipeline's config keys (constructor or register_to_config)."""
         return dict(timestep=self.timestep, noise_seed=self.noise_seed, control_scale=self.control_scale,
                     decoding_start=self.start, unet_max_quality=self.unet_max_quality,
-                    realism=list(self.realism) if isinstance(self.realism, tuple) else self.realism)
+                    realism=realism_as_config(self.realism))
 
     @classmethod
     def from_pipeline_config(cls, config: Mapping[str, Any]) -> DecodingConfig:

@@ -28,7 +28,7 @@ from diffusers import DDIMScheduler, UNetControlNetXSModel
 from torch import Tensor
 
 from .codec_pipeline import DecodeResult, ImageCodecPipeline
-from .config import DecodingConfig, Realism, check_realism, realism_at
+from .config import DecodingConfig, Realism, check_realism, realism_as_config, realism_at
 from .denoise import add_noise, ddim_timesteps, decoding_alpha_bar, decoding_x0_eps, fixed_noise
 from .entropy.bitstream import OSDHeader
 from .errors import OSDiffError
@@ -78,7 +78,7 @@ class OSDiffPipeline(ImageCodecPipeline):
             model_name=model_name, timestep=timestep, noise_seed=noise_seed,
             control_scale=control_scale, default_quality=default_quality, decoding_start=decoding_start,
             pad_multiple=pad_multiple, mean_colour=mean_colour, unet_max_quality=unet_max_quality,
-            realism=_as_config(check_realism(realism, "model config: realism")),
+            realism=realism_as_config(check_realism(realism, "model config: realism")),
         )
         # `osdiff decompress --realism`: overrides the config's `realism` for this pipeline's
         # decoding without changing the model (its hash)
@@ -234,11 +234,6 @@ class OSDiffPipeline(ImageCodecPipeline):
 
     def _to_model(self, x: Tensor) -> Tensor:
         return x.to(device=self.device, dtype=self.vae.dtype)
-
-
-def _as_config(realism: Realism) -> float | list[float]:
-    """A realism as a model config stores it (JSON: a list, not a tuple)."""
-    return list(realism) if isinstance(realism, tuple) else realism
 
 
 def to_channels_last(x: Tensor) -> Tensor:

@@ -44,7 +44,7 @@ if args.unet_max_quality is not None:
         sys.exit(f"--unet-max-quality must be 1..{codec.num_quality_levels}")
     codec.register_to_config(unet_max_quality=args.unet_max_quality)
 if args.realism is not None:
-    from osdiff.config import check_realism, realism_at
+    from osdiff.config import check_realism, realism_as_config, realism_at
 
     try:
         values = [float(v) for v in args.realism.split(",")]
@@ -52,7 +52,7 @@ if args.realism is not None:
         realism_at(realism, 1, codec.num_quality_levels)  # one value per level
     except ValueError as exc:
         sys.exit(str(exc))
-    codec.register_to_config(realism=list(realism) if isinstance(realism, tuple) else realism)
+    codec.register_to_config(realism=realism_as_config(realism))
 name = codec.config.model_name
 if name not in SHIPPABLE:
     sys.exit(f"{source} is model {name!r}; only {', '.join(SHIPPABLE)} ship inside the package")
